@@ -1,0 +1,82 @@
+"""Private key files of the CA: created 0600, optionally encrypted, refused when too open.
+
+What it is for: one place that reads and writes private keys so that every key the project keeps on
+disk gets the same treatment (mode 0600 from creation, PKCS#8 encryption with a passphrase when one is
+configured, and a refusal to use a file that group or others may read).
+
+What it must not do: print or log key material or passphrases; create a key file with a wider mode
+even for an instant (files are opened with O_EXCL and mode 0600).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import asyncssh
+
+
+class CAKeyError(Exception):
+    """A CA key file cannot be used; the message names the file and what to do."""
+
+
+def check_private_mode(path: Path) -> None:
+    """Refuse a private key file that group or others may read or write.
+
+    Args:
+        path: the key file.
+
+    Raises:
+        CAKeyError: naming the file and its mode when ``mode & 0o077`` is not zero.
+    """
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise CAKeyError(
+            f"{path}: private key is accessible by group or others (mode {mode:04o}); "
+            f"run 'chmod 600 {path}' and start again"
+        )
+
+
+def write_private_key(path: Path, key: asyncssh.SSHKey, passphrase: bytes | None = None) -> None:
+    """Write ``key`` to a new file with mode 0600 (PKCS#8 PEM, encrypted when a passphrase is given,
+    OpenSSH format otherwise) and its public half to ``path.pub``.
+
+    Raises:
+        FileExistsError: when ``path`` already exists (keys are never overwritten).
+    """
+    if passphrase:
+        data = key.export_private_key("pkcs8-pem", passphrase=passphrase)
+    else:
+        data = key.export_private_key("openssh")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+
+
+def load_or_create_key(path: Path, passphrase: bytes | None = None,
+                       algorithm: str = "ssh-ed25519") -> asyncssh.SSHKey:
+    """Load the private key at ``path``, creating an ``algorithm`` key there first if it is missing.
+
+    Args:
+        path: key file; its directory is created with mode 0700 when missing.
+        passphrase: bytes to encrypt a new key with and to decrypt an existing one, or None.
+        algorithm: the asyncssh algorithm name for a new key.
+
+    Raises:
+        CAKeyError: the file is readable by group/others, cannot be decrypted, or is not a key.
+    """
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private_key(path, asyncssh.generate_private_key(algorithm), passphrase)
+    check_private_mode(path)
+    try:
+        return asyncssh.import_private_key(path.read_bytes(), passphrase)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        hint = " (is the passphrase file right?)" if passphrase else \
+            " (encrypted? set ca.passphrase_file)"
+        raise CAKeyError(f"{path}: cannot load private key: {exc}{hint}") from None

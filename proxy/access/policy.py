@@ -1,0 +1,90 @@
+"""Policy decisions: may this person request this, approve that, revoke this, use that grant?
+
+What it is for: answering each question with a ``Decision`` whose ``reason`` is the sentence shown
+to the person (and audited), from the configuration and explicit facts.
+
+What it must not do: I/O, or read the clock (``now`` is passed in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.access.duration import format_duration
+from proxy.access.model import AccessRequest, Grant, RequestStatus
+from proxy.config import Config, Permissions, Policy
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+    policy: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+def decide_request(config: Config, user: str, target: str, login: str, duration: int,
+                   reason: str) -> Decision:
+    """May ``user`` ask for ``login`` on ``target`` for ``duration`` seconds?
+
+    The first policy (in file order) that names the user as requester, the target and the login, and
+    whose ``max_duration`` covers ``duration``, decides; its name is returned in ``policy``.
+    """
+    if target not in config.targets:
+        return Decision(False, f"unknown target {target!r}; 'targets' lists them")
+    if not reason.strip():
+        return Decision(False, "a reason is required (--reason TEXT)")
+    matching = [p for p in config.policies
+                if target in p.targets and login in p.logins and config.matches(user, p.requesters)]
+    if not matching:
+        return Decision(False, f"no policy lets {user} request {login}@{target}")
+    for policy in matching:
+        if duration <= policy.max_duration:
+            return Decision(True, f"allowed by policy {policy.name}", policy.name)
+    longest = max(p.max_duration for p in matching)
+    return Decision(False, f"duration {format_duration(duration)} exceeds the maximum of "
+                           f"{format_duration(longest)} for {login}@{target}")
+
+
+def policy_named(config: Config, name: str) -> Policy | None:
+    return next((p for p in config.policies if p.name == name), None)
+
+
+def decide_approval(config: Config, approver: str, request: AccessRequest) -> Decision:
+    """May ``approver`` approve (or deny) ``request``? Requesters never decide their own."""
+    if request.status is not RequestStatus.PENDING:
+        return Decision(False, f"request {request.id} is {request.status.value}, not pending")
+    if approver == request.requester:
+        return Decision(False, "you cannot approve or deny your own request")
+    policy = policy_named(config, request.policy)
+    if policy is None:
+        return Decision(False, f"policy {request.policy!r} of request {request.id} no longer exists")
+    if not config.matches(approver, policy.approvers):
+        return Decision(False, f"{approver} is not an approver for policy {policy.name}")
+    return Decision(True, f"approver under policy {policy.name}", policy.name)
+
+
+def decide_revoke(config: Config, actor: str, grant: Grant) -> Decision:
+    """The grant's own user may give it up; the policy's approvers may take it away."""
+    if actor == grant.user:
+        return Decision(True, "own grant")
+    policy = policy_named(config, grant.policy)
+    if policy is not None and config.matches(actor, policy.approvers):
+        return Decision(True, f"approver under policy {policy.name}")
+    return Decision(False, f"{actor} may not revoke grant {grant.id}")
+
+
+def permissions(config: Config, grant: Grant) -> Permissions:
+    """What the grant's policy allows beyond a plain session; nothing when the policy is gone."""
+    policy = policy_named(config, grant.policy)
+    return policy.allow if policy is not None else Permissions()
+
+
+def find_live_grant(grants: list[Grant], user: str, target: str, login: str,
+                    now: float) -> Grant | None:
+    """The live grant (ending last) covering ``user`` as ``login`` on ``target`` at ``now``."""
+    live = [g for g in grants
+            if g.user == user and g.target == target and g.login == login and g.is_live(now)]
+    return max(live, key=lambda g: g.ends_at, default=None)

@@ -1,0 +1,141 @@
+"""The hash-chained audit log (JSON Lines).
+
+Each line is one JSON object: ``ts`` (RFC 3339 UTC), ``type`` (dotted lowercase, e.g.
+``access.request.created``), ``actor``, the event's own fields, ``prev`` (the previous line's
+``hash``, 64 zeros for the first line) and ``hash``: the SHA-256 (hex) of the line's canonical JSON
+without ``hash`` (keys sorted, no spaces, UTF-8).
+
+What it is for: writing events durably in order and verifying a log file.
+What it must not do: accept secrets as fields (callers never pass them; ``emit`` refuses field names
+that look like secrets), or rewrite anything already written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.clock import Clock, rfc3339
+
+GENESIS = "0" * 64
+_EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+_SECRET_FIELD = re.compile(r"pass(word|phrase)|secret|private|token", re.I)
+
+
+def canonical(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _hash(event: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(event)).hexdigest()
+
+
+def _last_hash(path: Path) -> str:
+    """The ``hash`` of the file's last line (reading only its tail), or GENESIS when empty."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        block = 65536
+        pos = size
+        tail = b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+            lines = tail.rstrip(b"\n").split(b"\n")
+            if len(lines) > 1 or pos == 0:
+                last = lines[-1]
+                if not last:
+                    return GENESIS
+                return json.loads(last)["hash"]
+    return GENESIS
+
+
+class AuditLog:
+    """Appends events to ``path`` (created 0600). Not thread-safe: use from the event loop."""
+
+    def __init__(self, path: Path, clock: Clock):
+        self.path = Path(path)
+        self._clock = clock
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file = os.fdopen(fd, "ab", buffering=0)
+        self._prev = _last_hash(self.path)
+
+    def emit(self, type: str, actor: str, **fields: Any) -> dict[str, Any]:
+        """Append one event and return it (with ``prev`` and ``hash``).
+
+        Args:
+            type: dotted lowercase event type.
+            actor: who caused it (a user name, ``system``, or ``policy``).
+            fields: JSON-serialisable values; none may be named like a secret.
+        Raises:
+            ValueError: a malformed type or a secret-looking field name (a programming error).
+        """
+        if not _EVENT_TYPE.match(type):
+            raise ValueError(f"audit event type {type!r} is not dotted lowercase")
+        for name in fields:
+            if _SECRET_FIELD.search(name):
+                raise ValueError(f"audit field {name!r} looks like a secret; never log secrets")
+        event: dict[str, Any] = {"ts": rfc3339(self._clock.now()), "type": type, "actor": actor}
+        event.update(fields)
+        event["prev"] = self._prev
+        event["hash"] = _hash(event)
+        self._file.write(canonical(event) + b"\n")
+        self._prev = event["hash"]
+        return event
+
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    lines: int
+    bad_line: int | None = None
+    problem: str | None = None
+
+
+def verify_log(path: Path) -> VerifyResult:
+    """Check every line's hash and its link to the previous line.
+
+    Returns:
+        ``VerifyResult(ok=True, lines=N)``, or ``ok=False`` with the first bad line number
+        (1-based) and what is wrong with it.
+    Raises:
+        OSError: the file cannot be read.
+    """
+    prev = GENESIS
+    n = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                return VerifyResult(False, n, n, "line is incomplete (no newline)")
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                return VerifyResult(False, n, n, "line is not valid JSON")
+            if not isinstance(event, dict) or "hash" not in event or "prev" not in event:
+                return VerifyResult(False, n, n, "line lacks 'prev' or 'hash'")
+            claimed = event.pop("hash")
+            if event["prev"] != prev:
+                return VerifyResult(False, n, n, "chain broken: 'prev' is not the previous "
+                                                 "line's hash (a line was removed or reordered)")
+            if canonical({**event, "hash": claimed}) + b"\n" != raw:
+                return VerifyResult(False, n, n, "line is not in canonical form (edited)")
+            if _hash(event) != claimed:
+                return VerifyResult(False, n, n, "hash does not match the line's content")
+            prev = claimed
+    return VerifyResult(True, n)

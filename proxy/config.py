@@ -1,0 +1,305 @@
+"""The configuration file: pydantic models of the YAML and a loader whose errors name key and line.
+
+What it is for: turning one YAML file into a frozen, fully validated ``Config`` (types, durations,
+public keys, and references between sections such as a policy naming a target or a group), or into a
+``ConfigError`` whose every message reads ``FILE:LINE: key.path: what is wrong``.
+
+What it must not do: touch anything outside the file it reads (no key generation, no directories);
+hold secrets (passphrases and passwords are referenced by file path, never inlined).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import asyncssh
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
+
+from proxy.access.duration import parse_duration
+
+NAME_PATTERN = r"^[a-z_][a-z0-9_.-]{0,63}$"
+
+
+def _duration(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 15m, 2h")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("a duration must be longer than 0s")
+        return value
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError("expected a duration like 30s, 15m, 2h")
+
+
+Duration = Annotated[int, BeforeValidator(_duration)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def _public_key(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected an OpenSSH public key line")
+    try:
+        asyncssh.import_public_key(value)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise ValueError(f"not an OpenSSH public key: {exc}") from None
+    return value.strip()
+
+
+PublicKey = Annotated[str, BeforeValidator(_public_key)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SSHListener(_Model):
+    listen_address: str = "0.0.0.0"
+    listen_port: int = Field(2222, ge=0, le=65535)
+    host_names: list[str] = Field(default_factory=lambda: ["jit-proxy", "localhost"], min_length=1)
+    login_grace_time: Duration = 30
+    max_sessions_per_connection: int = Field(10, ge=1, le=1000)
+
+
+class CASettings(_Model):
+    passphrase_file: Path | None = None
+    clock_skew: Duration = 120
+    host_certificate_validity: Duration = 86400
+
+
+class AuditSettings(_Model):
+    log: Path | None = None  # default: STATE_DIR/audit.jsonl
+
+
+class RecordingSettings(_Model):
+    dir: Path | None = None  # default: STATE_DIR/recordings
+    terminal: bool = True
+
+
+class User(_Model):
+    keys: list[PublicKey] = Field(min_length=1)
+    full_name: str | None = None
+
+
+class Group(_Model):
+    members: list[Name] = Field(default_factory=list)
+    description: str | None = None
+
+
+class SSHTarget(_Model):
+    kind: Literal["ssh"] = "ssh"
+    address: str
+    port: int = Field(22, ge=1, le=65535)
+    host_key: PublicKey | None = None
+    host_ca: PublicKey | None = None
+    description: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError("expected a host name or IP address")
+        return v
+
+    @model_validator(mode="after")
+    def _trust(self) -> "SSHTarget":
+        if (self.host_key is None) == (self.host_ca is None):
+            raise ValueError("give exactly one of host_key (a pinned key) or host_ca "
+                             "(a CA whose host certificates are trusted)")
+        return self
+
+
+class Permissions(_Model):
+    agent_forwarding: bool = False
+    port_forwarding: bool = False
+    x11_forwarding: bool = False
+
+
+class Policy(_Model):
+    name: Name
+    targets: list[Name] = Field(min_length=1)
+    logins: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")]] = \
+        Field(min_length=1)
+    requesters: list[str] = Field(min_length=1)
+    approvers: list[str] = Field(min_length=1)
+    max_duration: Duration = 3600
+    allow: Permissions = Permissions()
+
+
+class Config(_Model):
+    state_dir: Path = Path("/var/lib/jit-proxy")
+    ssh: SSHListener = SSHListener()
+    ca: CASettings = CASettings()
+    audit: AuditSettings = AuditSettings()
+    recording: RecordingSettings = RecordingSettings()
+    users: dict[Name, User] = Field(default_factory=dict)
+    groups: dict[Name, Group] = Field(default_factory=dict)
+    targets: dict[Name, SSHTarget] = Field(default_factory=dict)
+    policies: list[Policy] = Field(default_factory=list)
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.audit.log or self.state_dir / "audit.jsonl"
+
+    @property
+    def recording_dir(self) -> Path:
+        return self.recording.dir or self.state_dir / "recordings"
+
+    def groups_of(self, user: str) -> set[str]:
+        return {g for g, group in self.groups.items() if user in group.members}
+
+    def matches(self, user: str, refs: list[str]) -> bool:
+        """Whether ``user`` is named by ``refs`` (``alice``, ``user:alice`` or ``group:sre``)."""
+        groups = self.groups_of(user)
+        for ref in refs:
+            kind, _, name = ref.rpartition(":")
+            if kind == "group" and name in groups:
+                return True
+            if kind in ("", "user") and name == user:
+                return True
+        return False
+
+
+class ConfigError(Exception):
+    """The file is not a valid configuration; ``messages`` are ``FILE:LINE: key: problem`` lines."""
+
+    def __init__(self, messages: list[str]):
+        super().__init__("\n".join(messages))
+        self.messages = messages
+
+
+# --- YAML with line numbers ------------------------------------------------------------------
+
+Path_ = tuple[Any, ...]
+
+
+def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], errors: list[tuple]) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.SafeLoader(  # scalar keys only
+                "").construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                errors.append((path, key_node.start_mark.line + 1, "keys must be plain strings"))
+                continue
+            key = str(key)
+            if key in out:
+                errors.append((path + (key,), key_node.start_mark.line + 1,
+                               f"duplicate key (first at line {lines[path + (key,)]})"))
+                continue
+            out[key] = _construct(value_node, path + (key,), lines, errors)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, path + (i,), lines, errors) for i, item in enumerate(node.value)]
+    return yaml.SafeLoader("").construct_object(node)
+
+
+def format_path(path: Path_) -> str:
+    """``('policies', 0, 'targets', 1)`` as ``policies[0].targets[1]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _line_for(path: Path_, lines: dict[Path_, int]) -> int:
+    for i in range(len(path), -1, -1):
+        if path[:i] in lines:
+            return lines[path[:i]]
+    return 1
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate the YAML configuration at ``path``.
+
+    Returns:
+        the frozen ``Config``.
+    Raises:
+        ConfigError: every problem found, each as ``FILE:LINE: key.path: message``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Validate YAML ``text``; ``filename`` is only used in messages. Raises ``ConfigError``."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{filename}:{line}: not valid YAML: {problem}"]) from None
+    lines: dict[Path_, int] = {}
+    errors: list[tuple] = []
+    data = {} if root is None else _construct(root, (), lines, errors)
+    messages = [f"{filename}:{line}: {format_path(p)}: {msg}" for p, line, msg in errors]
+    if messages:
+        raise ConfigError(messages)
+    if not isinstance(data, dict):
+        raise ConfigError([f"{filename}:1: (top level): expected a mapping of settings"])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            messages.append(f"{filename}:{_line_for(loc, lines)}: {format_path(loc)}: {msg}")
+        raise ConfigError(messages) from None
+    for loc, msg in _reference_problems(config):
+        messages.append(f"{filename}:{_line_for(loc, lines)}: {format_path(loc)}: {msg}")
+    if messages:
+        raise ConfigError(messages)
+    return config
+
+
+def _reference_problems(config: Config) -> list[tuple[Path_, str]]:
+    """Problems that need the whole file: names that point at nothing."""
+    problems: list[tuple[Path_, str]] = []
+    users, groups, targets = set(config.users), set(config.groups), set(config.targets)
+
+    def known(names: set[str]) -> str:
+        return ", ".join(sorted(names)) or "none defined"
+
+    for gname, group in config.groups.items():
+        for i, member in enumerate(group.members):
+            if member not in users:
+                problems.append((("groups", gname, "members", i),
+                                 f"unknown user {member!r} (known: {known(users)})"))
+    seen: set[str] = set()
+    for p, policy in enumerate(config.policies):
+        if policy.name in seen:
+            problems.append((("policies", p, "name"), f"duplicate policy name {policy.name!r}"))
+        seen.add(policy.name)
+        for i, t in enumerate(policy.targets):
+            if t not in targets:
+                problems.append((("policies", p, "targets", i),
+                                 f"unknown target {t!r} (known: {known(targets)})"))
+        for field in ("requesters", "approvers"):
+            for i, ref in enumerate(getattr(policy, field)):
+                kind, _, name = ref.rpartition(":")
+                loc = ("policies", p, field, i)
+                if kind == "group":
+                    if name not in groups:
+                        problems.append((loc, f"unknown group {name!r} (known: {known(groups)})"))
+                elif kind in ("", "user"):
+                    if name not in users:
+                        problems.append((loc, f"unknown user {name!r} (known: {known(users)})"))
+                else:
+                    problems.append((loc, f"expected 'user:NAME', 'group:NAME' or a user name, "
+                                          f"got {ref!r}"))
+    return problems

@@ -1,0 +1,128 @@
+"""The daemon's lifecycle: open the CA, store and audit log, listen, sweep expiries, stop cleanly.
+
+What it is for: ``jit-proxy serve``, and the in-process proxy of ``jit-proxy sandbox``.
+What it must not do: start when a CA key is too open or the configuration is invalid (it says which
+file or key, and exits non-zero), or leave the audit log unflushed on a normal stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from ca import SSHCertificateAuthority, load_or_create_key
+from proxy.audit.log import AuditLog
+from proxy.clock import Clock, SystemClock
+from proxy.config import Config
+from proxy.runtime.service import AccessService
+from proxy.ssh.server import FrontDoor
+from proxy.store.sqlite import SQLiteStore
+
+log = logging.getLogger("jit_proxy.daemon")
+
+SWEEP_INTERVAL = 0.25   # seconds between expiry checks (sessions close within this of the end)
+RENEW_INTERVAL = 600.0  # seconds between host certificate renewal checks
+
+
+def read_passphrase(path: Path | None) -> bytes | None:
+    """The CA passphrase from ``path`` (first line, without its newline), or None."""
+    if path is None:
+        return None
+    data = Path(path).read_bytes().split(b"\n", 1)[0].rstrip(b"\r")
+    if not data:
+        raise ValueError(f"{path}: passphrase file is empty")
+    return data
+
+
+class Daemon:
+    def __init__(self, config: Config, clock: Clock | None = None):
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.service: AccessService | None = None
+        self.door: FrontDoor | None = None
+        self.address: tuple[str, int] | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> tuple[str, int]:
+        """Open everything and listen; returns the SSH listener's (address, port).
+
+        Raises:
+            ca.CAKeyError: a CA or host key file is too open or cannot be read.
+            OSError: the state directory or the listen address is unusable.
+        """
+        cfg = self.config
+        state = Path(cfg.state_dir)
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        passphrase = read_passphrase(cfg.ca.passphrase_file)
+        ca = SSHCertificateAuthority.open(state / "ca", passphrase)
+        host_key = load_or_create_key(state / "host_key", passphrase)
+        store = await SQLiteStore.open(state / "jit-proxy.db")
+        audit = AuditLog(cfg.audit_log_path, self.clock)
+        self.service = AccessService(cfg, store, audit, self.clock, ca, host_key)
+        await self.service.start()
+        self.door = FrontDoor(self.service)
+        self.address = await self.door.listen()
+        audit.emit("proxy.started", "system", pid=os.getpid(),
+                   ssh_listen=f"{self.address[0]}:{self.address[1]}")
+        self._tasks = [asyncio.get_running_loop().create_task(self._sweep()),
+                       asyncio.get_running_loop().create_task(self._renew())]
+        log.info("listening for SSH on %s:%d", *self.address)
+        return self.address
+
+    async def _sweep(self) -> None:
+        assert self.service is not None
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.service.expire_due()
+            except Exception:  # keep sweeping; the failure is logged with its grant
+                log.exception("expiry sweep failed")
+
+    async def _renew(self) -> None:
+        assert self.door is not None
+        while True:
+            await asyncio.sleep(RENEW_INTERVAL)
+            try:
+                await self.door.renew_host_certificate()
+            except Exception:
+                log.exception("host certificate renewal failed")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.door is not None:
+            self.door.close()
+        if self.service is not None:
+            self.service.audit.emit("proxy.stopped", "system", pid=os.getpid())
+            self.service.audit.close()
+            await self.service.store.close()
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit status."""
+    daemon = Daemon(config)
+    await daemon.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await daemon.stop()
+    return 0
+
+
+def run(coro) -> int:
+    """Run ``coro`` on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

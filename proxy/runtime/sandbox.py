@@ -1,0 +1,294 @@
+"""``jit-proxy sandbox``: a complete local playground, and the throwaway sshd the tests use too.
+
+What it is for: in one command, a newcomer gets the proxy (in this process), a real OpenSSH sshd as
+target ``web1`` trusting the proxy's user CA, two users (alice requests, bob approves) with keys,
+an ``ssh_config`` and ``known_hosts`` that make stock ``ssh`` work, and ``sandbox.json`` describing
+it. ``TargetSSHD`` starts and stops such an sshd on 127.0.0.1 with an OS-chosen port.
+
+What it must not do: touch the user's own ~/.ssh, listen beyond 127.0.0.1, or leave a process
+behind after SIGINT/SIGTERM. As root it creates one login account (``deploy``) when missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from ca.keys import write_private_key
+
+SANDBOX_LOGIN_AS_ROOT = "deploy"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS just handed out (for programs that need it up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_sshd(install: bool = True) -> str:
+    """The absolute path of sshd; installs Debian's openssh-server when missing and root.
+
+    Raises:
+        RuntimeError: sshd is missing and cannot be installed here.
+    """
+    for candidate in (shutil.which("sshd"), "/usr/sbin/sshd"):
+        if candidate and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+    if install and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("jit-proxy: installing openssh-server (apt-get) ...", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server", "openssh-client"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        return find_sshd(install=False)
+    raise RuntimeError("sshd not found: install OpenSSH's server (Debian: apt-get install "
+                       "openssh-server)")
+
+
+def ensure_login(name: str) -> str:
+    """As root: make sure account ``name`` exists (created with a home, shell /bin/bash, and an
+    unusable but unlocked password ``*`` so sshd accepts certificate logins). Otherwise: the
+    current user. Returns the login to use."""
+    if os.geteuid() != 0:
+        return getpass.getuser()
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-p", "*", "-s", "/bin/bash", name], check=True)
+    return name
+
+
+@dataclass
+class TargetSSHD:
+    """A real OpenSSH sshd on 127.0.0.1 that trusts ``user_ca`` for certificate logins."""
+
+    directory: Path
+    user_ca: str
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def host_key_path(self) -> Path:
+        return self.directory / "ssh_host_ed25519_key"
+
+    def prepare(self) -> str:
+        """Create the host key (once) and config; returns the host public key line."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.host_key_path.exists():
+            write_private_key(self.host_key_path, asyncssh.generate_private_key("ssh-ed25519"))
+        (self.directory / "user_ca.pub").write_text(self.user_ca.strip() + "\n")
+        self.port = self.port or free_port()
+        d = self.directory
+        (d / "sshd_config").write_text(textwrap.dedent(f"""\
+            # written by jit-proxy: a throwaway target that trusts the proxy's user CA only
+            Port {self.port}
+            ListenAddress 127.0.0.1
+            HostKey {self.host_key_path}
+            PidFile {d / 'sshd.pid'}
+            TrustedUserCAKeys {d / 'user_ca.pub'}
+            AuthorizedKeysFile none
+            PubkeyAuthentication yes
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            UsePAM no
+            StrictModes no
+            PermitRootLogin no
+            AcceptEnv LANG LC_* JIT_*
+            X11Forwarding no
+            Subsystem sftp internal-sftp
+            LogLevel VERBOSE
+            """))
+        return (d / "ssh_host_ed25519_key.pub").read_text().strip()
+
+    def start(self, log_path: Path | None = None) -> None:
+        """Start ``sshd -D -e`` in its own process group and wait until it accepts connections.
+
+        Raises:
+            RuntimeError: sshd exited or did not listen within 10 s (its log is in the message).
+        """
+        sshd = find_sshd()
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        log_path = log_path or self.directory / "sshd.log"
+        log = open(log_path, "ab")
+        self.process = subprocess.Popen([sshd, "-D", "-e", "-f", str(self.directory / "sshd_config")],
+                                        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        log.close()
+        import time
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sshd exited: {log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"sshd did not listen on port {self.port}")
+
+    def stop(self) -> None:
+        """Terminate sshd and every session process it started (its whole process group)."""
+        if self.process is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.process = None
+
+
+def _user_key(keys: Path, name: str) -> str:
+    path = keys / name
+    if not path.exists():
+        write_private_key(path, asyncssh.generate_private_key("ssh-ed25519"))
+    return (keys / f"{name}.pub").read_text().strip()
+
+
+def sandbox_config(d: Path, target_port: int, target_host_key: str, alice: str, bob: str,
+                   login: str) -> str:
+    return textwrap.dedent(f"""\
+        # jit-proxy sandbox configuration (see config/jit-proxy.example.yaml for every key)
+        state_dir: {d / 'state'}
+        ssh:
+          listen_address: 127.0.0.1
+          listen_port: 0
+          host_names: [jit-proxy, localhost, 127.0.0.1]
+        users:
+          alice:
+            keys: ["{alice}"]
+          bob:
+            keys: ["{bob}"]
+        groups:
+          dev: {{members: [alice]}}
+          sre: {{members: [bob]}}
+        targets:
+          web1:
+            address: 127.0.0.1
+            port: {target_port}
+            host_key: "{target_host_key}"
+            description: throwaway OpenSSH server of the sandbox
+        policies:
+          - name: web1-access
+            targets: [web1]
+            logins: [{login}]
+            requesters: ["group:dev"]
+            approvers: ["group:sre"]
+            max_duration: 4h
+        """)
+
+
+def client_files(d: Path, proxy_port: int, known_hosts_line: str) -> Path:
+    """Write DIR/ssh_config and DIR/known_hosts for stock OpenSSH; returns the ssh_config path."""
+    (d / "known_hosts").write_text(known_hosts_line + "\n")
+    path = d / "ssh_config"
+    path.write_text(textwrap.dedent(f"""\
+        # ssh -F {path} alice@jit-proxy help
+        Host jit-proxy
+          HostName 127.0.0.1
+          Port {proxy_port}
+          HostKeyAlias jit-proxy
+        Match originalhost jit-proxy user alice
+          IdentityFile {d / 'keys' / 'alice'}
+        Match originalhost jit-proxy user bob
+          IdentityFile {d / 'keys' / 'bob'}
+        Match all
+          IdentitiesOnly yes
+          IdentityAgent none
+          UserKnownHostsFile {d / 'known_hosts'}
+          GlobalKnownHostsFile /dev/null
+          StrictHostKeyChecking yes
+          UpdateHostKeys no
+        """))
+    return path
+
+
+async def _run_sandbox(d: Path) -> int:
+    from proxy.config import load_config
+    from proxy.runtime.daemon import Daemon
+
+    d = d.resolve()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (d / "keys").mkdir(exist_ok=True, mode=0o700)
+    alice, bob = _user_key(d / "keys", "alice"), _user_key(d / "keys", "bob")
+    login = ensure_login(SANDBOX_LOGIN_AS_ROOT)
+    # the CA is created by the daemon; the target is configured after the first start
+    target = TargetSSHD(d / "target", user_ca="")
+    target_host_key = None
+    if target.host_key_path.exists():
+        target_host_key = (target.directory / "ssh_host_ed25519_key.pub").read_text().strip()
+    else:
+        target.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private_key(target.host_key_path, asyncssh.generate_private_key("ssh-ed25519"))
+        target_host_key = (target.directory / "ssh_host_ed25519_key.pub").read_text().strip()
+    target.port = free_port()
+    config_path = d / "jit-proxy.yaml"
+    config_path.write_text(sandbox_config(d, target.port, target_host_key, alice, bob, login))
+    daemon = Daemon(load_config(config_path))
+    _, proxy_port = await daemon.start()
+    assert daemon.service is not None
+    try:
+        target.user_ca = daemon.service.ca.user_ca_public
+        target.prepare()
+        target.start()
+        ssh_config = client_files(d, proxy_port, daemon.service.ca.known_hosts_line())
+        (d / "sandbox.json").write_text(json.dumps({
+            "ssh_config": str(ssh_config), "proxy_port": proxy_port, "target": "web1",
+            "target_port": target.port, "login": login, "config": str(config_path),
+            "audit_log": str(daemon.config.audit_log_path),
+            "recordings": str(daemon.config.recording_dir), "pid": os.getpid(),
+        }, indent=2) + "\n")
+        print(textwrap.dedent(f"""\
+            jit-proxy sandbox is running (proxy on 127.0.0.1:{proxy_port}, target web1 on
+            127.0.0.1:{target.port}). In another terminal, try:
+
+              S={ssh_config}
+              ssh -F $S alice@jit-proxy request web1 --login {login} --for 10m --reason "INC-1: check disk"
+              ssh -F $S bob@jit-proxy requests --pending
+              ssh -F $S bob@jit-proxy approve 1 --comment ok
+              ssh -F $S -J alice@jit-proxy {login}@web1
+
+            Recordings: {daemon.config.recording_dir}
+            Audit log:  {daemon.config.audit_log_path}  (jit-proxy audit verify FILE)
+            Stop with Ctrl-C."""), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        target.stop()
+        await daemon.stop()
+    print("jit-proxy sandbox stopped.", flush=True)
+    return 0
+
+
+def main(d: Path) -> int:
+    from proxy.runtime.daemon import run
+    try:
+        find_sshd()
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"jit-proxy sandbox: {exc}", file=sys.stderr)
+        return 1
+    return run(_run_sandbox(d))

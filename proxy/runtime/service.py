@@ -1,0 +1,271 @@
+"""The access workflow: requests, approvals, grants, certificates and grant teardown.
+
+What it is for: carrying out each workflow action for an authenticated actor — asking
+``proxy.access.policy`` whether it is allowed, recording it in the store, auditing it (allowed or
+refused), and, when a grant ends, closing every live connection under it.
+
+What it must not do: speak a protocol (callers in ``proxy.ssh`` render results), or read the time
+except through the injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import asyncssh
+
+from ca import SSHCertificateAuthority, UserCertificateSpec
+from proxy.access import policy
+from proxy.access.duration import format_duration
+from proxy.access.model import AccessRequest, Grant, GrantStatus, RequestStatus
+from proxy.audit.log import AuditLog
+from proxy.clock import Clock, rfc3339
+from proxy.config import Config
+from proxy.store import Store
+
+log = logging.getLogger("jit_proxy.service")
+
+
+class AccessError(Exception):
+    """An action was refused; the message is the sentence shown to the person."""
+
+
+class Terminable(Protocol):
+    """A live connection under a grant that the service can end."""
+
+    async def terminate(self, line: str) -> None: ...
+
+
+@dataclass
+class _HostCert:
+    cert: asyncssh.SSHCertificate
+    renew_at: float
+
+
+@dataclass
+class AccessService:
+    config: Config
+    store: Store
+    audit: AuditLog
+    clock: Clock
+    ca: SSHCertificateAuthority
+    host_key: asyncssh.SSHKey
+    active: dict[int, Grant] = field(default_factory=dict)
+    connections: dict[int, set[Terminable]] = field(default_factory=dict)
+    _host_certs: dict[str, _HostCert] = field(default_factory=dict)
+    _ending: set[int] = field(default_factory=set)
+
+    async def start(self) -> None:
+        """Load active grants; end sessions a previous process left open; expire what is due."""
+        for grant in await self.store.list_grants(status=GrantStatus.ACTIVE, limit=1_000_000):
+            self.active[grant.id] = grant
+        n = await self.store.close_orphan_sessions(now=self.clock.now(), reason="proxy restarted")
+        if n:
+            self.audit.emit("ssh.session.orphaned", "system", count=n)
+        await self.expire_due()
+
+    # --- requests --------------------------------------------------------------------------------
+
+    async def request(self, actor: str, target: str, login: str, duration: int,
+                      reason: str) -> AccessRequest:
+        decision = policy.decide_request(self.config, actor, target, login, duration, reason)
+        if not decision:
+            self.audit.emit("access.request.refused", actor, target=target, login=login,
+                            duration=duration, reason=reason, why=decision.reason)
+            raise AccessError(decision.reason)
+        req = await self.store.create_request(requester=actor, target=target, login=login,
+                                              duration=duration, reason=reason,
+                                              policy=decision.policy or "", now=self.clock.now())
+        self.audit.emit("access.request.created", actor, request=req.id, target=target,
+                        login=login, duration=duration, reason=reason, policy=req.policy)
+        return req
+
+    async def _pending(self, actor: str, request_id: int, what: str) -> AccessRequest:
+        req = await self.store.get_request(request_id)
+        if req is None:
+            self.audit.emit(f"access.{what}.refused", actor, request=request_id,
+                            why="no such request")
+            raise AccessError(f"no request {request_id}")
+        decision = policy.decide_approval(self.config, actor, req)
+        if not decision:
+            self.audit.emit(f"access.{what}.refused", actor, request=request_id,
+                            why=decision.reason)
+            raise AccessError(decision.reason)
+        return req
+
+    async def approve(self, actor: str, request_id: int, comment: str | None) -> Grant:
+        req = await self._pending(actor, request_id, "approval")
+        now = self.clock.now()
+        try:
+            grant = await self.store.decide_request(req.decided("approve", actor, now, comment),
+                                                    grant_ends_at=now + req.duration, now=now)
+        except LookupError as exc:
+            raise AccessError(str(exc)) from None
+        assert grant is not None
+        self.active[grant.id] = grant
+        self.audit.emit("access.request.approved", actor, request=req.id, comment=comment,
+                        requester=req.requester)
+        self.audit.emit("access.grant.created", actor, grant=grant.id, request=req.id,
+                        user=grant.user, target=grant.target, login=grant.login,
+                        starts_at=rfc3339(grant.starts_at), ends_at=rfc3339(grant.ends_at))
+        return grant
+
+    async def deny(self, actor: str, request_id: int, reason: str) -> AccessRequest:
+        if not reason.strip():
+            raise AccessError("a reason is required (--reason TEXT)")
+        req = await self._pending(actor, request_id, "denial")
+        decided = req.decided("deny", actor, self.clock.now(), reason)
+        try:
+            await self.store.decide_request(decided, grant_ends_at=None, now=self.clock.now())
+        except LookupError as exc:
+            raise AccessError(str(exc)) from None
+        self.audit.emit("access.request.denied", actor, request=req.id, reason=reason,
+                        requester=req.requester)
+        return decided
+
+    def visible_to(self, actor: str, requester: str, policy_name: str) -> bool:
+        if actor == requester:
+            return True
+        p = policy.policy_named(self.config, policy_name)
+        return p is not None and self.config.matches(actor, p.approvers)
+
+    async def list_requests(self, actor: str, pending_only: bool) -> list[AccessRequest]:
+        reqs = await self.store.list_requests(
+            status=RequestStatus.PENDING if pending_only else None, limit=200)
+        return [r for r in reqs if self.visible_to(actor, r.requester, r.policy)]
+
+    # --- grants ----------------------------------------------------------------------------------
+
+    async def list_grants(self, actor: str, active_only: bool) -> list[Grant]:
+        grants = await self.store.list_grants(
+            status=GrantStatus.ACTIVE if active_only else None, limit=200)
+        return [g for g in grants if self.visible_to(actor, g.user, g.policy)]
+
+    async def revoke(self, actor: str, grant_id: int) -> Grant:
+        grant = self.active.get(grant_id) or await self.store.get_grant(grant_id)
+        if grant is None:
+            self.audit.emit("access.revoke.refused", actor, grant=grant_id, why="no such grant")
+            raise AccessError(f"no grant {grant_id}")
+        decision = policy.decide_revoke(self.config, actor, grant)
+        if not decision:
+            self.audit.emit("access.revoke.refused", actor, grant=grant_id, why=decision.reason)
+            raise AccessError(decision.reason)
+        if grant.status is not GrantStatus.ACTIVE:
+            raise AccessError(f"grant {grant_id} is already {grant.status.value}")
+        return await self.end_grant(grant, "revoke", actor)
+
+    def live_grant(self, user: str, target: str, login: str) -> Grant | None:
+        return policy.find_live_grant(list(self.active.values()), user, target, login,
+                                      self.clock.now())
+
+    def live_grants_on(self, user: str, target: str) -> list[Grant]:
+        now = self.clock.now()
+        return [g for g in self.active.values()
+                if g.user == user and g.target == target and g.is_live(now)]
+
+    async def expire_due(self) -> list[Grant]:
+        """End every active grant whose end has passed. Safe to call often (the sweep does)."""
+        now = self.clock.now()
+        due = [g for g in self.active.values() if g.ends_at <= now and g.id not in self._ending]
+        ended = []
+        for grant in due:
+            try:
+                ended.append(await self.end_grant(grant, "expire", "system"))
+            except Exception:  # one grant's failure never blocks the others
+                log.exception("ending grant %s failed; will retry", grant.id)
+        return ended
+
+    async def end_grant(self, grant: Grant, event: str, actor: str) -> Grant:
+        """Refuse new sessions at once, record the end, then close live connections with a line
+        saying which access ended and when."""
+        self._ending.add(grant.id)
+        try:
+            now = self.clock.now()
+            ended = grant.ended(event, actor, now)
+            self.active.pop(grant.id, None)  # refuse new sessions from here on
+            await self.store.end_grant(ended)
+            how = "was revoked by " + actor if event == "revoke" else "expired"
+            self.audit.emit(f"access.grant.{'revoked' if event == 'revoke' else 'expired'}", actor,
+                            grant=grant.id, user=grant.user, target=grant.target,
+                            login=grant.login, ends_at=rfc3339(grant.ends_at))
+            line = (f"jit-proxy: access to {grant.login}@{grant.target} ended at "
+                    f"{rfc3339(now)} (grant {grant.id} {how})")
+            conns = list(self.connections.pop(grant.id, ()))
+            if conns:
+                await asyncio.gather(*(c.terminate(line) for c in conns), return_exceptions=True)
+                self.audit.emit("ssh.grant.sessions_closed", "system", grant=grant.id,
+                                connections=len(conns))
+            return ended
+        finally:
+            self._ending.discard(grant.id)
+
+    def attach(self, grant_id: int, conn: Terminable) -> None:
+        self.connections.setdefault(grant_id, set()).add(conn)
+
+    def detach(self, grant_id: int, conn: Terminable) -> None:
+        conns = self.connections.get(grant_id)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.connections[grant_id]
+
+    # --- certificates ----------------------------------------------------------------------------
+
+    async def user_certificate(self, grant: Grant, public_key: asyncssh.SSHKey
+                               ) -> asyncssh.SSHCertificate:
+        """Mint the certificate the proxy presents to the target for ``grant``: principal = the
+        grant's login, valid from now minus the clock skew until the grant's end."""
+        now = self.clock.now()
+        valid_after = int(now - self.config.ca.clock_skew)
+        valid_before = int(grant.ends_at)
+        allow = policy.permissions(self.config, grant)
+        rec = await self.store.record_certificate(
+            kind="user", key_id_prefix=(f"jit-proxy user={grant.user} grant={grant.id} "
+                                        f"request={grant.request_id}"),
+            principals=[grant.login], valid_after=valid_after, valid_before=valid_before,
+            grant_id=grant.id, now=now)
+        cert = self.ca.issue_user_certificate(public_key, UserCertificateSpec(
+            serial=rec.serial, key_id=rec.key_id, principal=grant.login,
+            valid_after=valid_after, valid_before=valid_before,
+            permit_agent_forwarding=allow.agent_forwarding,
+            permit_port_forwarding=allow.port_forwarding,
+            permit_x11_forwarding=allow.x11_forwarding))
+        self.audit.emit("ca.certificate.issued", "system", kind="user", serial=rec.serial,
+                        key_id=rec.key_id, principals=[grant.login], grant=grant.id,
+                        valid_after=rfc3339(valid_after), valid_before=rfc3339(valid_before))
+        return cert
+
+    async def host_certificate(self, name: str, principals: list[str]) -> asyncssh.SSHCertificate:
+        """The proxy host key's certificate for ``principals`` (cached, renewed at half-life)."""
+        now = self.clock.now()
+        cached = self._host_certs.get(name)
+        if cached is not None and now < cached.renew_at:
+            return cached.cert
+        validity = self.config.ca.host_certificate_validity
+        valid_after = int(now - self.config.ca.clock_skew)
+        valid_before = int(now + validity)
+        rec = await self.store.record_certificate(
+            kind="host", key_id_prefix=f"jit-proxy host={name}", principals=principals,
+            valid_after=valid_after, valid_before=valid_before, grant_id=None, now=now)
+        cert = self.ca.issue_host_certificate(
+            self.host_key, serial=rec.serial, key_id=rec.key_id, principals=principals,
+            valid_after=valid_after, valid_before=valid_before)
+        self.audit.emit("ca.certificate.issued", "system", kind="host", serial=rec.serial,
+                        key_id=rec.key_id, principals=principals,
+                        valid_after=rfc3339(valid_after), valid_before=rfc3339(valid_before))
+        self._host_certs[name] = _HostCert(cert, now + validity / 2)
+        return cert
+
+    def describe_denial(self, user: str, target: str, login: str | None) -> str:
+        """The sentence telling a user which grant is missing and how to ask for it."""
+        who = f"{login}@{target}" if login else target
+        login_arg = login or "LOGIN"
+        return (f"jit-proxy: {user} has no active grant for {who}. Request one with:\n"
+                f"  ssh jit-proxy request {target} --login {login_arg} --for 1h "
+                f"--reason \"...\"")
+
+    def max_duration_text(self, seconds: int) -> str:
+        return format_duration(seconds)

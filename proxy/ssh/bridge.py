@@ -1,0 +1,418 @@
+"""The jump bridge: terminate ``ssh -J jit-proxy LOGIN@TARGET`` and relay it to the real target.
+
+What it is for: one ``JumpConnection`` per direct-tcpip channel to a configured target. The proxy
+runs an SSH server (asyncssh) directly on that channel, presenting a host certificate for TARGET; it
+lets the user in as LOGIN only under a live grant, opens its own connection to the target with a
+freshly minted user certificate (host key verified: pinned key or host CA), and bridges each session
+channel to a target channel: shell, exec, subsystem (sftp), pty and resizes, environment, signals,
+break, EOF, exit status or signal, with flow control in both directions. Terminal sessions are
+recorded as asciicast v2; every session's start and end (with byte counts, recording path and
+SHA-256) are audited.
+
+What it must not do: connect anywhere but the configured target, skip host key verification,
+forward agents or X11, relay port forwardings the grant's policy does not allow, or record keystrokes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+from asyncssh.connection import SSHServerConnection
+
+from proxy.access import policy
+from proxy.audit.recording import AsciicastRecorder
+from proxy.config import SSHTarget
+from proxy.runtime.service import AccessService
+from proxy.store import SessionRecord
+
+log = logging.getLogger("jit_proxy.bridge")
+
+# AES-GCM runs inside OpenSSL; chacha20-poly1305 costs Python work per packet in asyncssh.
+PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                     "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
+UPSTREAM_CONNECT_TIMEOUT = 15.0
+CLOSE_GRACE = 1.0
+
+
+def upstream_known_hosts(target: SSHTarget) -> tuple[list, list, list]:
+    """asyncssh's (trusted host keys, trusted host CA keys, revoked keys) for ``target``."""
+    if target.host_key:
+        return ([asyncssh.import_public_key(target.host_key)], [], [])
+    assert target.host_ca is not None
+    return ([], [asyncssh.import_public_key(target.host_ca)], [])
+
+
+class JumpConnection(asyncssh.SSHServer):
+    """The inner SSH server of one jump connection, and the upstream connection it owns."""
+
+    def __init__(self, service: AccessService, user: str, target_name: str, peer: str):
+        self.service = service
+        self.user = user
+        self.target_name = target_name
+        self.target: SSHTarget = service.config.targets[target_name]
+        self.peer = peer
+        self.login: str | None = None
+        self.grant = None
+        self.conn: SSHServerConnection | None = None
+        self.sessions: set[BridgeSession] = set()
+        self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self._closed = False
+
+    # --- asyncssh.SSHServer ----------------------------------------------------------------------
+
+    def connection_made(self, conn: SSHServerConnection) -> None:
+        self.conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        grant = self.service.live_grant(self.user, self.target_name, username)
+        if grant is None:
+            self.service.audit.emit("ssh.session.refused", self.user, target=self.target_name,
+                                    login=username, peer=self.peer, why="no active grant")
+            assert self.conn is not None
+            self.conn.send_auth_banner(
+                self.service.describe_denial(self.user, self.target_name, username) + "\n")
+            return True  # every method then fails: "Permission denied"
+        self.login, self.grant = username, grant
+        self.service.attach(grant.id, self)
+        self.service.audit.emit("ssh.connection.start", self.user, target=self.target_name,
+                                login=username, grant=grant.id, peer=self.peer)
+        self._upstream = asyncio.get_running_loop().create_task(self._connect_upstream())
+        return False  # the outer connection already authenticated the user
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False
+
+    def session_requested(self) -> "BridgeSession | bool":
+        if self.grant is None or self.grant.id not in self.service.active:
+            return False
+        return BridgeSession(self)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Any:
+        allowed = (self.grant is not None and
+                   policy.permissions(self.service.config, self.grant).port_forwarding)
+        self.service.audit.emit("ssh.forward." + ("opened" if allowed else "refused"), self.user,
+                                target=self.target_name, login=self.login, dest_host=dest_host,
+                                dest_port=dest_port)
+        if not allowed:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                "jit-proxy: port forwarding is not allowed by this grant's policy")
+        return self.upstream()  # asyncssh forwards the channel over the upstream connection
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self.service.audit.emit("ssh.forward.refused", self.user, target=self.target_name,
+                                login=self.login, listen_host=listen_host,
+                                listen_port=listen_port, why="remote forwarding")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.grant is not None:
+            self.service.detach(self.grant.id, self)
+            self.service.audit.emit("ssh.connection.end", self.user, target=self.target_name,
+                                    login=self.login, grant=self.grant.id)
+        self._drop_upstream()
+
+    # --- upstream ---------------------------------------------------------------------------------
+
+    async def upstream(self) -> asyncssh.SSHClientConnection:
+        assert self._upstream is not None
+        return await asyncio.shield(self._upstream)
+
+    async def _connect_upstream(self) -> asyncssh.SSHClientConnection:
+        assert self.grant is not None and self.login is not None
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        cert = await self.service.user_certificate(self.grant, key)
+        try:
+            return await asyncssh.connect(
+                self.target.address, self.target.port, username=self.login,
+                client_keys=[(key, cert)], known_hosts=upstream_known_hosts(self.target),
+                config=None, agent_path=None, preferred_auth="publickey",
+                encryption_algs=PREFERRED_CIPHERS, connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
+                keepalive_interval=60)
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            self.service.audit.emit("ssh.upstream.failed", self.user, target=self.target_name,
+                                    login=self.login, grant=self.grant.id, error=str(exc))
+            raise
+
+    # --- teardown (AccessService.Terminable) ------------------------------------------------------
+
+    async def terminate(self, line: str) -> None:
+        """End every session with ``line`` on its stderr, then the connection itself."""
+        for session in list(self.sessions):
+            session.end_with(line)
+        self._drop_upstream()
+        if self.conn is not None:
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self.conn.close)
+
+    def _drop_upstream(self) -> None:
+        task = self._upstream
+        if task is None:
+            return
+        if task.done():
+            if not task.cancelled() and task.exception() is None:
+                task.result().close()
+        else:
+            task.cancel()
+
+
+class BridgeSession(asyncssh.SSHServerSession):
+    """One client session channel bridged to one target session channel."""
+
+    def __init__(self, jump: JumpConnection):
+        self.jump = jump
+        self.chan: asyncssh.SSHServerChannel | None = None
+        self.up: asyncssh.SSHClientChannel | None = None
+        self.kind, self.detail = "shell", None
+        self.term: tuple[str, tuple[int, int, int, int], dict] | None = None
+        self.recorder: AsciicastRecorder | None = None
+        self.record: SessionRecord | None = None
+        self.bytes_up = self.bytes_down = 0
+        self.exit_status: int | None = None
+        self.exit_signal: tuple | None = None
+        self.end_reason = "closed"
+        self._finished = False
+        # what the client sent before the target side was open (at most one packet: reading
+        # is paused on the first one)
+        self._early: list[tuple[bytes, int | None]] = []
+        self._early_eof = False
+
+    # --- client side (asyncssh.SSHServerSession) -------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
+        self.term = (term_type, term_size, term_modes)
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.kind, self.detail = "exec", command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self.kind, self.detail = "subsystem", subsystem
+        return True
+
+    def session_started(self) -> None:
+        self.jump.sessions.add(self)
+        asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        chan, jump, service = self.chan, self.jump, self.jump.service
+        assert chan is not None and jump.grant is not None
+        try:
+            upstream = await jump.upstream()
+        except Exception as exc:  # noqa: BLE001 - shown to the user, audited by _connect_upstream
+            chan.write_stderr(f"jit-proxy: cannot reach {jump.target_name}: {exc}\r\n".encode())
+            self.end_reason = "upstream failed"
+            chan.exit(255)
+            return
+        now = service.clock.now()
+        self.record = await service.store.create_session(
+            user=jump.user, target=jump.target_name, login=jump.login or "", grant_id=jump.grant.id,
+            kind=self.kind, detail=self.detail, now=now)
+        if self.term is not None and service.config.recording.terminal:
+            term_type, (cols, rows, _, _), _ = self.term
+            day = time.strftime("%Y-%m-%d", time.gmtime(now))
+            path = (Path(service.config.recording_dir) / day /
+                    f"session-{self.record.id}-{jump.user}-{jump.target_name}.cast")
+            self.recorder = AsciicastRecorder(
+                path, width=cols, height=rows, clock=service.clock,
+                title=f"{jump.user} as {jump.login}@{jump.target_name} (grant {jump.grant.id})",
+                env={"TERM": term_type},
+                meta={"user": jump.user, "target": jump.target_name, "login": jump.login,
+                      "grant": jump.grant.id, "session": self.record.id})
+        service.audit.emit("ssh.session.start", jump.user, session=self.record.id,
+                           target=jump.target_name, login=jump.login, grant=jump.grant.id,
+                           kind=self.kind, command=self.detail, pty=self.term is not None,
+                           recording=str(self.recorder.path) if self.recorder else None)
+        kwargs: dict[str, Any] = {"env": chan.get_environment(), "encoding": None}
+        if self.term is not None:
+            term_type, term_size, term_modes = self.term
+            kwargs.update(request_pty="force", term_type=term_type, term_size=term_size,
+                          term_modes=term_modes)
+        else:
+            kwargs["request_pty"] = False
+        if self.kind == "subsystem":
+            kwargs["subsystem"] = self.detail
+        elif self.kind == "exec":
+            kwargs["command"] = self.detail
+        try:
+            self.up, _ = await upstream.create_session(lambda: UpstreamSession(self), **kwargs)
+        except (asyncssh.Error, OSError) as exc:
+            chan.write_stderr(f"jit-proxy: {jump.target_name} refused the session: {exc}\r\n"
+                              .encode())
+            self.end_reason = "target refused"
+            chan.exit(255)
+            return
+        if self._finished:  # the client went away while we were connecting
+            self.up.close()
+            return
+        for data, datatype in self._early:
+            self.up.write(data, datatype)
+        self._early.clear()
+        if self._early_eof:
+            self.up.write_eof()
+        chan.resume_reading()
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.bytes_up += len(data)
+        if self.up is not None:
+            self.up.write(data, datatype)
+        else:
+            self._early.append((data, datatype))
+            assert self.chan is not None
+            self.chan.pause_reading()  # until the target side is open
+
+    def eof_received(self) -> bool:
+        if self.up is not None:
+            self.up.write_eof()
+        else:
+            self._early_eof = True
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int,
+                              pixheight: int) -> None:
+        if self.term is not None:
+            self.term = (self.term[0], (width, height, pixwidth, pixheight), self.term[2])
+        if self.up is not None:
+            self.up.change_terminal_size(width, height, pixwidth, pixheight)
+        if self.recorder is not None:
+            self.recorder.resize(width, height)
+
+    def signal_received(self, signal: str) -> None:
+        if self.up is not None:
+            self.up.send_signal(signal)
+
+    def break_received(self, msec: int) -> bool:
+        if self.up is not None:
+            self.up.send_break(msec)
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.up is not None:
+            self.up.close()
+        self._finish()
+
+    # --- target side (called by UpstreamSession) -------------------------------------------------
+
+    def upstream_data(self, data: bytes, datatype: int | None) -> None:
+        self.bytes_down += len(data)
+        if self.recorder is not None:
+            self.recorder.output(data)
+        assert self.chan is not None
+        self.chan.write(data, datatype)
+
+    def upstream_closed(self) -> None:
+        chan = self.chan
+        if chan is None:
+            return
+        try:  # the channel may be half-closed (EOF sent); exit() still sends status and CLOSE
+            if self.exit_signal is not None:
+                signal, core_dumped, msg, lang = self.exit_signal
+                chan.exit_with_signal(signal, core_dumped, msg, lang)
+            elif self.exit_status is not None:
+                chan.exit(self.exit_status)
+            else:
+                chan.close()
+        except OSError:  # already closed by the client
+            pass
+
+    def end_with(self, line: str) -> None:
+        """Close this session because its grant ended: one line on stderr, then exit 255."""
+        self.end_reason = "grant ended"
+        chan = self.chan
+        if chan is not None:
+            nl = b"\r\n" if self.term else b"\n"
+            try:
+                chan.write_stderr((nl if self.term else b"") + line.encode() + nl)
+            except (OSError, asyncssh.Error):
+                pass  # EOF already sent: the exit status still goes out
+            try:
+                chan.exit(255)
+            except OSError:
+                pass
+        if self.up is not None:
+            self.up.close()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.jump.sessions.discard(self)
+        if self.record is None:
+            return
+        sha = self.recorder.close() if self.recorder is not None else None
+        service, jump = self.jump.service, self.jump
+        service.audit.emit("ssh.session.end", jump.user, session=self.record.id,
+                           target=jump.target_name, login=jump.login, grant=self.record.grant_id,
+                           kind=self.kind, reason=self.end_reason, exit_status=self.exit_status,
+                           bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                           recording=str(self.recorder.path) if self.recorder else None,
+                           recording_sha256=sha)
+        asyncio.get_running_loop().create_task(service.store.end_session(
+            self.record.id, now=service.clock.now(), reason=self.end_reason,
+            recording=str(self.recorder.path) if self.recorder else None, recording_sha256=sha,
+            bytes_up=self.bytes_up, bytes_down=self.bytes_down))
+
+
+class UpstreamSession(asyncssh.SSHClientSession):
+    """The target side of a ``BridgeSession``."""
+
+    def __init__(self, bridge: BridgeSession):
+        self.bridge = bridge
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.bridge.upstream_data(data, datatype)
+
+    def eof_received(self) -> bool:
+        chan = self.bridge.chan
+        if chan is not None:
+            try:
+                chan.write_eof()
+            except OSError:
+                pass
+        return True
+
+    def exit_status_received(self, status: int) -> None:
+        self.bridge.exit_status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.bridge.exit_signal = (signal, core_dumped, msg, lang)
+
+    def pause_writing(self) -> None:
+        if self.bridge.chan is not None:
+            self.bridge.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.bridge.chan is not None:
+            self.bridge.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.bridge.end_reason == "closed" and exc is not None:
+            self.bridge.end_reason = f"target connection lost: {exc}"
+        self.bridge.upstream_closed()

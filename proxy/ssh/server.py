@@ -1,0 +1,203 @@
+"""The proxy's own SSH server: public key authentication, the command shell, and direct-tcpip.
+
+What it is for: the front door. ``ssh jit-proxy COMMAND`` runs a workflow command as the
+authenticated user; ``ssh -J jit-proxy LOGIN@TARGET`` opens a direct-tcpip channel (RFC 4254 §7.2)
+that, for a configured target and a user with a live grant on it, is handed to a ``JumpConnection``.
+The server presents a host certificate (principals: ``ssh.host_names``) signed by the host CA.
+
+What it must not do: open a channel to anything that is not a configured target (never an open
+relay), accept remote forwarding (``-R``), agent or X11 forwarding, or log key material.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any
+
+import asyncssh
+from asyncssh.connection import SSHServerConnection
+
+from proxy.runtime.service import AccessService
+from proxy.ssh.bridge import PREFERRED_CIPHERS, JumpConnection
+from proxy.ssh.commands import HELP, run_command
+
+log = logging.getLogger("jit_proxy.ssh")
+
+PROXY_CERT_NAME = "proxy"
+
+
+def _peer(conn: SSHServerConnection) -> str:
+    peer = conn.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else "unknown"
+
+
+class FrontDoor:
+    """Owns the listener; builds one ``ProxyServer`` per client connection."""
+
+    def __init__(self, service: AccessService):
+        self.service = service
+        self.acceptor: asyncssh.SSHAcceptor | None = None
+        self._keys_for: dict[str, list[bytes]] = {}
+        self._keys_config: Any = None
+        self._inner_base: asyncssh.SSHServerConnectionOptions | None = None
+
+    def user_key_blobs(self, user: str) -> list[bytes]:
+        config = self.service.config
+        if self._keys_config is not config:  # rebuilt after a reload
+            self._keys_for = {name: [asyncssh.import_public_key(k).public_data for k in u.keys]
+                              for name, u in config.users.items()}
+            self._keys_config = config
+        return self._keys_for.get(user, [])
+
+    async def _host_keys(self) -> list[tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]]:
+        cert = await self.service.host_certificate(PROXY_CERT_NAME,
+                                                   list(self.service.config.ssh.host_names))
+        return [(self.service.host_key, cert)]
+
+    async def listen(self) -> tuple[str, int]:
+        """Start listening on ``ssh.listen_address:listen_port``; returns the bound address."""
+        cfg = self.service.config.ssh
+        self._inner_base = await asyncssh.SSHServerConnectionOptions.construct(
+            config=None, server_host_keys=await self._host_keys(), agent_forwarding=False,
+            encoding=None,
+            x11_forwarding=False, allow_scp=False, encryption_algs=PREFERRED_CIPHERS,
+            login_timeout=cfg.login_grace_time, keepalive_interval=60)
+        self.acceptor = await asyncssh.listen(
+            cfg.listen_address, cfg.listen_port, config=None,
+            server_factory=lambda: ProxyServer(self), server_host_keys=await self._host_keys(),
+            process_factory=self._process, encoding="utf-8", line_editor=True,
+            agent_forwarding=False, x11_forwarding=False, allow_scp=False,
+            encryption_algs=PREFERRED_CIPHERS, login_timeout=cfg.login_grace_time,
+            keepalive_interval=60, max_pktsize=32768)
+        sock = self.acceptor.sockets[0].getsockname()
+        return sock[0], sock[1]
+
+    async def renew_host_certificate(self) -> None:
+        """Re-sign the proxy's host certificate when it passed half its life (call periodically)."""
+        if self.acceptor is not None:
+            self.acceptor.update(server_host_keys=await self._host_keys())
+
+    def close(self) -> None:
+        if self.acceptor is not None:
+            self.acceptor.close()
+
+    # --- the command shell -----------------------------------------------------------------------
+
+    async def _process(self, process: asyncssh.SSHServerProcess) -> None:
+        user = process.get_extra_info("username")
+        try:
+            if process.subsystem:
+                process.stderr.write(f"jit-proxy: no subsystem {process.subsystem!r} here\n")
+                process.exit(1)
+                return
+            if process.command is not None:
+                process.exit(await self._run(process, user, process.command))
+                return
+            await self._repl(process, user)
+        except (asyncssh.BreakReceived, asyncssh.SignalReceived, asyncssh.TerminalSizeChanged):
+            process.exit(1)
+        except (asyncssh.ConnectionLost, BrokenPipeError):
+            pass
+
+    async def _run(self, process: asyncssh.SSHServerProcess, user: str, line: str) -> int:
+        result = await run_command(self.service, user, line)
+        self.service.audit.emit("command.run", user, command=line[:1000], status=result.status)
+        process.stdout.write(result.out)
+        process.stderr.write(result.err)
+        return result.status
+
+    async def _repl(self, process: asyncssh.SSHServerProcess, user: str) -> None:
+        process.stdout.write(f"jit-proxy: hello {user}.\n" + HELP)
+        while True:
+            process.stdout.write("jit-proxy> ")
+            line = await process.stdin.readline()
+            if not line:
+                break
+            line = line.strip()
+            if line in ("exit", "quit", "logout"):
+                break
+            if line:
+                await self._run(process, user, line)
+        process.exit(0)
+
+    # --- jump connections ------------------------------------------------------------------------
+
+    def open_jump(self, user: str, dest_host: str, dest_port: int, peer: str) -> Any:
+        """Check a direct-tcpip request and return the coroutine that builds its inner server.
+
+        Raises:
+            asyncssh.ChannelOpenError: not a configured target/port, or no live grant on it.
+        """
+        service = self.service
+        target = service.config.targets.get(dest_host)
+        if target is None or dest_port not in (22, target.port):
+            service.audit.emit("ssh.forward.refused", user, dest_host=dest_host[:255],
+                               dest_port=dest_port, peer=peer, why="not a configured target")
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"jit-proxy: {dest_host}:{dest_port} is not a target of this proxy; "
+                f"'ssh jit-proxy targets' lists yours")
+        if not service.live_grants_on(user, dest_host):
+            service.audit.emit("ssh.session.refused", user, target=dest_host, peer=peer,
+                               why="no active grant")
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                " ".join(service.describe_denial(user, dest_host, None).split()))
+        return self._inner(user, dest_host, peer)
+
+    async def _inner(self, user: str, target: str, peer: str) -> SSHServerConnection:
+        cert = await self.service.host_certificate(f"target:{target}", [target])
+        options = asyncssh.SSHServerConnectionOptions(
+            self._inner_base, server_factory=lambda: JumpConnection(self.service, user, target, peer),
+            server_host_keys=[(self.service.host_key, cert)])
+        return SSHServerConnection(asyncio.get_running_loop(), options, wait=None)
+
+
+class ProxyServer(asyncssh.SSHServer):
+    """One client connection to the proxy itself."""
+
+    def __init__(self, door: FrontDoor):
+        self.door = door
+        self.conn: SSHServerConnection | None = None
+        self.username: str | None = None
+        self.peer = "unknown"
+        self.authenticated = False
+
+    def connection_made(self, conn: SSHServerConnection) -> None:
+        self.conn = conn
+        self.peer = _peer(conn)
+
+    def begin_auth(self, username: str) -> bool:
+        self.username = username
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        blob = key.public_data
+        # compare against every key so timing does not tell which user has how many keys
+        return any([hmac.compare_digest(blob, k) for k in self.door.user_key_blobs(username)])
+
+    def auth_completed(self) -> None:
+        self.authenticated = True
+        self.door.service.audit.emit("auth.success", self.username or "", method="publickey",
+                                     peer=self.peer)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Any:
+        assert self.username is not None
+        return self.door.open_jump(self.username, dest_host, dest_port, self.peer)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self.door.service.audit.emit("ssh.forward.refused", self.username or "",
+                                     listen_host=listen_host, listen_port=listen_port,
+                                     peer=self.peer, why="remote forwarding")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.authenticated and self.username is not None:
+            self.door.service.audit.emit("auth.failure", self.username, method="publickey",
+                                         peer=self.peer, why=str(exc) if exc else "no valid key")
