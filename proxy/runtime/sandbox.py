@@ -199,20 +199,24 @@ def sandbox_config(d: Path, target_port: int, target_host_key: str, alice: str, 
         """)
 
 
-def client_files(d: Path, proxy_port: int, known_hosts_line: str) -> Path:
-    """Write DIR/ssh_config and DIR/known_hosts for stock OpenSSH; returns the ssh_config path."""
+def client_files(d: Path, proxy_port: int, known_hosts_line: str, users: list[str],
+                 keys: Path) -> Path:
+    """Write DIR/ssh_config and DIR/known_hosts for stock OpenSSH; returns the ssh_config path.
+
+    ``users`` get ``IdentityFile KEYS/USER`` when they connect to ``jit-proxy``; the known_hosts
+    file holds only the proxy's ``@cert-authority`` line, and host keys are checked strictly.
+    """
     (d / "known_hosts").write_text(known_hosts_line + "\n")
     path = d / "ssh_config"
+    identities = "".join(f"Match originalhost jit-proxy user {u}\n  IdentityFile {keys / u}\n"
+                         for u in users)
     path.write_text(textwrap.dedent(f"""\
-        # ssh -F {path} alice@jit-proxy help
+        # ssh -F {path} {users[0]}@jit-proxy help
         Host jit-proxy
           HostName 127.0.0.1
           Port {proxy_port}
           HostKeyAlias jit-proxy
-        Match originalhost jit-proxy user alice
-          IdentityFile {d / 'keys' / 'alice'}
-        Match originalhost jit-proxy user bob
-          IdentityFile {d / 'keys' / 'bob'}
+        """) + identities + textwrap.dedent(f"""\
         Match all
           IdentitiesOnly yes
           IdentityAgent none
@@ -220,6 +224,7 @@ def client_files(d: Path, proxy_port: int, known_hosts_line: str) -> Path:
           GlobalKnownHostsFile /dev/null
           StrictHostKeyChecking yes
           UpdateHostKeys no
+          BatchMode yes
         """))
     return path
 
@@ -252,7 +257,8 @@ async def _run_sandbox(d: Path) -> int:
         target.user_ca = daemon.service.ca.user_ca_public
         target.prepare()
         target.start()
-        ssh_config = client_files(d, proxy_port, daemon.service.ca.known_hosts_line())
+        ssh_config = client_files(d, proxy_port, daemon.service.ca.known_hosts_line(),
+                                  ["alice", "bob"], d / "keys")
         (d / "sandbox.json").write_text(json.dumps({
             "ssh_config": str(ssh_config), "proxy_port": proxy_port, "target": "web1",
             "target_port": target.port, "login": login, "config": str(config_path),

@@ -1,0 +1,219 @@
+"""Shared fixtures: a real OpenSSH sshd target and a real ``jit-proxy serve`` process on 127.0.0.1.
+
+What it is for: giving integration tests an ``Env`` that runs stock ``ssh``/``scp``/``sftp``/``rsync``
+through a real proxy process to a real sshd, with helpers to request and approve grants, restart or
+kill the proxy, and read the audit log.
+What it must not do: touch the machine's own ~/.ssh or listen beyond 127.0.0.1; as root it creates
+one test account (``jittest``) once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from ca import SSHCertificateAuthority
+from ca.keys import write_private_key
+from proxy.runtime.sandbox import TargetSSHD, client_files, ensure_login, find_sshd
+
+USERS = ("alice", "bob", "carol")
+TEST_LOGIN_AS_ROOT = "jittest"
+
+
+def _ssh_available() -> bool:
+    try:
+        find_sshd(install=False)
+    except RuntimeError:
+        return False
+    return shutil.which("ssh") is not None
+
+
+requires_openssh = pytest.mark.skipif(not _ssh_available() and not os.environ.get("CI"),
+                                      reason="OpenSSH client/server not installed")
+
+
+class Env:
+    """One proxy process, one sshd target, three users (alice, carol: dev; bob: sre approver)."""
+
+    def __init__(self, root: Path, login: str):
+        self.root = root
+        self.login = login
+        self.keys = root / "keys"
+        self.keys.mkdir(parents=True, mode=0o700)
+        self.pub = {}
+        for u in USERS:
+            write_private_key(self.keys / u, asyncssh.generate_private_key("ssh-ed25519"))
+            self.pub[u] = (self.keys / f"{u}.pub").read_text().strip()
+        self.state = root / "state"
+        self.ca = SSHCertificateAuthority.open(self.state / "ca")
+        self.target = TargetSSHD(root / "target", user_ca=self.ca.user_ca_public)
+        self.target_host_key = self.target.prepare()
+        self.target.start()
+        self.config_path = root / "jit-proxy.yaml"
+        self.write_config()
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = root / "proxy.log"
+
+    # --- configuration -------------------------------------------------------------------------
+
+    def write_config(self, extra_policy: str = "") -> None:
+        self.config_path.write_text(textwrap.dedent(f"""\
+            state_dir: {self.state}
+            ssh:
+              listen_address: 127.0.0.1
+              listen_port: 0
+              host_names: [jit-proxy]
+            users:
+              alice: {{keys: ["{self.pub['alice']}"]}}
+              bob: {{keys: ["{self.pub['bob']}"]}}
+              carol: {{keys: ["{self.pub['carol']}"]}}
+            groups:
+              dev: {{members: [alice, carol]}}
+              sre: {{members: [bob]}}
+            targets:
+              web1:
+                address: 127.0.0.1
+                port: {self.target.port}
+                host_key: "{self.target_host_key}"
+              web2:
+                address: 127.0.0.1
+                port: {self.target.port}
+                host_key: "{self.target_host_key}"
+            policies:
+              - name: web
+                targets: [web1, web2]
+                logins: [{self.login}, otherlogin]
+                requesters: ["group:dev"]
+                approvers: ["group:sre"]
+                max_duration: 4h
+            """) + extra_policy)
+
+    # --- the proxy process ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        offset = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "-c", str(self.config_path)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            m = re.search(r"listening for SSH on 127\.0\.0\.1:(\d+)", text)
+            if m:
+                self.port = int(m.group(1))
+                self.ssh_config = client_files(self.root, self.port, self.ca.known_hosts_line(),
+                                               list(USERS), self.keys)
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited {self.proc.returncode}: {text}")
+            time.sleep(0.05)
+        raise RuntimeError("proxy did not start: " + self.log_path.read_text())
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc = None
+        return rc
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self.target.stop()
+
+    # --- clients --------------------------------------------------------------------------------
+
+    def run(self, args: list[str], *, input: bytes | None = None, timeout: float = 60,
+            stdin=None) -> subprocess.CompletedProcess:
+        return subprocess.run(args, input=input, capture_output=True, timeout=timeout,
+                              stdin=stdin if input is None else None)
+
+    def ssh(self, user: str, command: str, **kw) -> subprocess.CompletedProcess:
+        """``ssh -F CONFIG USER@jit-proxy COMMAND`` (the proxy's command shell)."""
+        return self.run(["ssh", "-F", str(self.ssh_config), f"{user}@jit-proxy", command],
+                        stdin=subprocess.DEVNULL, **kw)
+
+    def jump_args(self, user: str, login: str | None = None, target: str = "web1") -> list[str]:
+        return ["ssh", "-F", str(self.ssh_config), "-J", f"{user}@jit-proxy",
+                f"{login or self.login}@{target}"]
+
+    def jump(self, user: str, command: str, login: str | None = None, target: str = "web1",
+             **kw) -> subprocess.CompletedProcess:
+        """``ssh -F CONFIG -J USER@jit-proxy LOGIN@TARGET COMMAND``."""
+        if "input" not in kw:
+            kw["stdin"] = subprocess.DEVNULL
+        return self.run(self.jump_args(user, login, target) + [command], **kw)
+
+    def json(self, user: str, command: str):
+        r = self.ssh(user, command + " --json")
+        assert r.returncode == 0, r.stderr.decode() + r.stdout.decode()
+        return json.loads(r.stdout)
+
+    def grant(self, user: str = "alice", login: str | None = None, target: str = "web1",
+              duration: str = "1h") -> dict:
+        """Request as ``user`` and approve as bob; returns the grant (JSON)."""
+        req = self.json(user, f"request {target} --login {login or self.login} --for {duration}"
+                              f" --reason 'test: {target}'")
+        return self.json("bob", f"approve {req['id']} --comment ok")
+
+    def wait_event(self, type_prefix: str, pred=lambda e: True, timeout: float = 10) -> dict:
+        """The newest audit event of that type matching ``pred``, waiting up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.audit_events(type_prefix) if pred(e)]
+            if found:
+                return found[-1]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {type_prefix} event matching; last events: "
+                                     f"{self.audit_events()[-5:]}")
+            time.sleep(0.05)
+
+    def audit_events(self, type_prefix: str = "") -> list[dict]:
+        path = self.state / "audit.jsonl"
+        events = [json.loads(line) for line in path.read_text().splitlines()]
+        return [e for e in events if e["type"].startswith(type_prefix)]
+
+
+@pytest.fixture(scope="session")
+def test_login() -> str:
+    return ensure_login(TEST_LOGIN_AS_ROOT)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, test_login):
+    """A running proxy shared by the tests of one module."""
+    e = Env(tmp_path_factory.mktemp("jit"), test_login)
+    e.start()
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def fresh_env(tmp_path, test_login):
+    """A running proxy of the test's own (for restarts, kills and expiry)."""
+    e = Env(tmp_path, test_login)
+    e.start()
+    yield e
+    e.close()

@@ -1,0 +1,58 @@
+"""``jit-proxy check-config``: the example passes; each kind of mistake names key path and line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "config" / "jit-proxy.example.yaml"
+
+
+def check(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_example_config_is_valid():
+    r = check(EXAMPLE)
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+@pytest.mark.parametrize("old,new,path,needle", [
+    ("  listen_port: 2222", "  listen_port: 2222\n  listen_porrt: 22", "ssh.listen_porrt",
+     "listen_porrt"),
+    ("  listen_port: 2222", "  listen_port: twenty", "ssh.listen_port", "listen_port: twenty"),
+    ("    max_duration: 4h", "    max_duration: 4 hours", "policies[0].max_duration",
+     "max_duration: 4 hours"),
+    ("    targets: [web1]", "    targets: [web9]", "policies[0].targets[0]", "targets: [web9]"),
+    ('      - "group:sre"', '      - "group:nope"', "policies[0].approvers[0]", "group:nope"),
+])
+def test_each_kind_of_mistake_names_key_path_and_line(tmp_path, old, new, path, needle):
+    text = EXAMPLE.read_text()
+    assert old in text, f"example no longer contains {old!r}"
+    bad = text.replace(old, new, 1)
+    f = tmp_path / "bad.yaml"
+    f.write_text(bad)
+    r = check(f)
+    assert r.returncode == 1
+    line = _line_of(bad, needle)
+    assert re.search(rf"^{re.escape(str(f))}:{line}: {re.escape(path)}: ", r.stderr, re.M), r.stderr
+
+
+def test_unreadable_and_non_yaml_files(tmp_path):
+    r = check(tmp_path / "missing.yaml")
+    assert r.returncode == 1 and "cannot read" in r.stderr
+    f = tmp_path / "broken.yaml"
+    f.write_text("users:\n  alice: [\n")
+    r = check(f)
+    assert r.returncode == 1 and re.search(r"broken\.yaml:\d+: not valid YAML", r.stderr)

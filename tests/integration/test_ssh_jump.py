@@ -1,0 +1,233 @@
+"""Brokered SSH sessions through the proxy with stock OpenSSH against a real sshd."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.ptyrun import PtySession
+
+
+@pytest.fixture(scope="module")
+def granted(env):
+    """alice holds a live grant for LOGIN@web1 for the whole module."""
+    return env.grant("alice")
+
+
+def test_known_hosts_with_only_the_cert_authority_line_is_enough(env, granted):
+    kh = (env.root / "known_hosts").read_text().strip().splitlines()
+    assert len(kh) == 1 and kh[0].startswith("@cert-authority * ssh-ed25519 ")
+    r = env.jump("alice", "echo via-proxy", )
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == b"via-proxy\n"
+
+
+def test_empty_known_hosts_is_refused_by_the_client(env, granted, tmp_path):
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(env.ssh_config.read_text().replace(str(env.root / "known_hosts"), str(empty)))
+    r = env.run(["ssh", "-F", str(cfg), "-J", "alice@jit-proxy", f"{env.login}@web1", "true"],
+                stdin=subprocess.DEVNULL)
+    assert r.returncode == 255
+    assert b"Host key verification failed" in r.stderr
+    # and the proxy never presents a plain key under the target's name: with the CA line only
+    # for the jump host, the inner hop still verifies (the certificate names web1)
+    cfg2 = tmp_path / "ssh_config2"
+    kh2 = tmp_path / "kh2"
+    kh2.write_text(env.ca.known_hosts_line().replace("@cert-authority *", "@cert-authority jit-proxy") + "\n")
+    cfg2.write_text(env.ssh_config.read_text().replace(str(env.root / "known_hosts"), str(kh2)))
+    r = env.run(["ssh", "-F", str(cfg2), "-J", "alice@jit-proxy", f"{env.login}@web1", "true"],
+                stdin=subprocess.DEVNULL)
+    assert r.returncode == 255 and b"Host key verification failed" in r.stderr
+
+
+def test_without_a_grant_the_message_names_the_grant_and_the_request_command(env):
+    r = env.jump("carol", "true")
+    assert r.returncode == 255
+    err = r.stderr.decode()
+    assert "carol has no active grant for web1" in err
+    assert "ssh jit-proxy request web1 --login" in err
+    refused = [e for e in env.audit_events("ssh.session.refused") if e["actor"] == "carol"]
+    assert refused and refused[-1]["target"] == "web1"
+
+
+def test_a_grant_for_another_login_or_target_does_not_open(env, granted):
+    carol = env.grant("carol", login="otherlogin")
+    assert carol["login"] == "otherlogin"
+    r = env.jump("carol", "true")  # LOGIN@web1, but carol's grant is for otherlogin
+    assert r.returncode == 255
+    assert f"carol has no active grant for {env.login}@web1" in r.stderr.decode()
+    assert f"--login {env.login}" in r.stderr.decode()
+    r = env.jump("alice", "true", target="web2")  # alice's grant is for web1
+    assert r.returncode == 255
+    assert "alice has no active grant for web2" in r.stderr.decode()
+
+
+def test_exit_status_passes_through(env, granted):
+    assert env.jump("alice", "exit 3").returncode == 3
+    r = env.jump("alice", "echo out; echo err >&2; exit 0")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"out\n", b"err\n")
+
+
+def test_signal_exit_passes_through(env, granted):
+    r = env.jump("alice", "kill -TERM $$")
+    assert r.returncode == 255  # OpenSSH exits 255 when the remote command died of a signal
+    assert b"" == r.stdout
+
+
+def test_100mb_of_random_bytes_both_ways(env, granted, tmp_path):
+    data = os.urandom(100 * 1024 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    r = env.jump("alice", "sha256sum", input=data, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0].decode() == digest
+    remote = f"/tmp/jit-test-{os.getpid()}.bin"
+    r = env.jump("alice", f"cat > {remote}", input=data, timeout=180)
+    assert r.returncode == 0
+    r = env.jump("alice", f"cat {remote}; rm -f {remote}", timeout=180)
+    assert r.returncode == 0
+    assert hashlib.sha256(r.stdout).hexdigest() == digest
+
+
+def test_scp_sftp_and_rsync(env, granted, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    remote = f"/tmp/jit-scp-{os.getpid()}"
+    base = ["-F", str(env.ssh_config), "-J", "alice@jit-proxy"]
+    r = env.run(["scp", *base, str(src), f"{env.login}@web1:{remote}"])
+    assert r.returncode == 0, r.stderr
+    r = env.run(["scp", *base, f"{env.login}@web1:{remote}", str(tmp_path / "scp_back")])
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256((tmp_path / "scp_back").read_bytes()).hexdigest() == want
+
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {src} {remote}.sftp\nget {remote}.sftp {tmp_path / 'sftp_back'}\n"
+                     f"rm {remote}.sftp\n")
+    r = env.run(["sftp", *base, "-b", str(batch), f"{env.login}@web1"])
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256((tmp_path / "sftp_back").read_bytes()).hexdigest() == want
+
+    e = f"ssh -F {env.ssh_config} -J alice@jit-proxy"
+    r = env.run(["rsync", "-e", e, str(src), f"{env.login}@web1:{remote}.rsync"])
+    assert r.returncode == 0, r.stderr
+    r = env.run(["rsync", "-e", e, f"{env.login}@web1:{remote}.rsync", str(tmp_path / "rs_back")])
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256((tmp_path / "rs_back").read_bytes()).hexdigest() == want
+    env.jump("alice", f"rm -f {remote} {remote}.rsync")
+    sftp = env.wait_event("ssh.session.end", lambda e: e.get("kind") == "subsystem")
+    assert sftp["bytes_up"] > 3 * 1024 * 1024 and sftp["bytes_down"] > 3 * 1024 * 1024
+
+
+def test_environment_is_passed(env, granted):
+    args = env.jump_args("alice")
+    r = subprocess.run(args[:1] + ["-o", "SendEnv=JIT_PROBE"] + args[1:] + ["echo $JIT_PROBE"],
+                       env={**os.environ, "JIT_PROBE": "hello-env"}, capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=30)
+    assert r.stdout == b"hello-env\n", r.stderr
+
+
+def test_pty_follows_resize_and_is_recorded(env, granted):
+    with PtySession(env.jump_args("alice") + ["-tt"], rows=24, cols=80) as s:
+        s.send(b"stty size; echo MARK-$((6*7))\n")
+        s.expect(b"24 80")
+        s.expect(b"MARK-42")
+        s.resize(rows=40, cols=132)
+        time.sleep(0.3)
+        s.send(b"stty size\n")
+        s.expect(b"40 132")
+        s.send(b"exit 0\n")
+        assert s.wait() == 0
+    end = env.wait_event("ssh.session.end", lambda e: e.get("recording") is not None)
+    path = end["recording"]
+    assert re.fullmatch(r"[0-9a-f]{64}", end["recording_sha256"])
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == end["recording_sha256"]
+    header = json.loads(open(path).readline())
+    assert header["version"] == 2
+    assert header["jit_proxy"]["user"] == "alice"
+    assert header["jit_proxy"]["target"] == "web1"
+    assert header["jit_proxy"]["login"] == env.login
+    assert header["jit_proxy"]["grant"] == granted["id"]
+    played = subprocess.run(["asciinema", "cat", path], capture_output=True, timeout=30)
+    assert played.returncode == 0, played.stderr
+    assert b"MARK-42" in played.stdout and b"40 132" in played.stdout
+
+
+def test_forwarding_to_anything_but_a_target_is_refused(env, granted):
+    for dest in (f"127.0.0.1:{env.target.port}", "web1:2200", "example.com:22"):
+        r = env.run(["ssh", "-F", str(env.ssh_config), "-W", dest, "alice@jit-proxy"],
+                    stdin=subprocess.DEVNULL)
+        assert r.returncode == 255
+        assert b"is not a target of this proxy" in r.stderr
+    refused = [e for e in env.audit_events("ssh.forward.refused") if "dest_host" in e]
+    assert {e["dest_host"] for e in refused} >= {"127.0.0.1", "web1", "example.com"}
+    # -R on the proxy itself is refused
+    r = env.run(["ssh", "-F", str(env.ssh_config), "-o", "ExitOnForwardFailure=yes",
+                 "-R", "0:127.0.0.1:9", "alice@jit-proxy", "help"], stdin=subprocess.DEVNULL)
+    assert r.returncode == 255
+
+
+def test_local_forwarding_inside_the_target_session_is_refused(env, granted):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = env.jump_args("alice")
+    proc = subprocess.Popen(args[:1] + ["-N", "-L", f"127.0.0.1:{port}:127.0.0.1:{env.target.port}"]
+                            + args[1:], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "ssh -L never listened"
+                time.sleep(0.1)
+        with conn:
+            conn.settimeout(10)
+            assert conn.recv(100) == b""  # closed at once: no SSH banner from the target
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=10)[1]
+    assert b"administratively prohibited" in err
+    assert any(e["dest_port"] == env.target.port for e in env.audit_events("ssh.forward.refused")
+               if "dest_port" in e and e.get("login") == env.login)
+
+
+def test_agent_forwarding_is_refused(env, granted, tmp_path):
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        args = env.jump_args("alice")
+        r = env.run(args[:1] + ["-o", f"ForwardAgent={sock}"] + args[1:] +
+                    ["echo agent=[$SSH_AUTH_SOCK]"], stdin=subprocess.DEVNULL)
+    finally:
+        agent.terminate()
+        agent.wait()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"agent=[]\n"
+
+
+def test_target_saw_a_certificate_naming_user_grant_and_serial(env, granted):
+    log = (env.target.directory / "sshd.log").read_text()
+    m = re.findall(r"Accepted publickey for (\S+) .*ID jit-proxy user=alice grant=(\d+) "
+                   r"request=(\d+) serial=(\d+) \(serial (\d+)\)", log)
+    assert m, log[-2000:]
+    login, grant, request, serial, serial2 = m[-1]
+    assert login == env.login and int(grant) == granted["id"]
+    assert int(request) == granted["request_id"] and serial == serial2
+    serials = [int(x[3]) for x in m]
+    assert len(set(serials)) == len(serials)  # every session got a fresh certificate
