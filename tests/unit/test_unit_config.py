@@ -383,7 +383,11 @@ def test_bug_merge_key():
                           "raise RecursionError")
 @pytest.mark.parametrize("text", [
     "ssh: &x [*x]\n",
-    "ssh: " + "[" * 2000 + "]" * 2000 + "\n",
-])
+    "ssh: " + "[" * 600 + "]" * 600 + "\n",
+], ids=["recursive-alias", "deep-nesting"])
 def test_bug_recursive_yaml(text):
-    _must_be_config_error_or_config(text)
+    try:
+        _must_be_config_error_or_config(text)
+    except RecursionError:
+        # re-raised without the thousand-frame traceback, which pytest takes seconds to render
+        raise RecursionError("parse_config recursed without bound") from None
