@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -64,7 +65,7 @@ def sandbox(tmp_path):
     bindir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     assert shutil.which("jit-proxy", path=env["PATH"]), "jit-proxy is not installed on PATH"
-    proc = subprocess.Popen(sandbox_cmd, shell=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(shlex.split(sandbox_cmd), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 60
     while not (d / "sandbox.json").exists():
