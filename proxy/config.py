@@ -176,27 +176,91 @@ class ConfigError(Exception):
 Path_ = tuple[Any, ...]
 
 
-def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], errors: list[tuple]) -> Any:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = yaml.SafeLoader(  # scalar keys only
-                "").construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-            if not isinstance(key, (str, int)) or isinstance(key, bool):
-                errors.append((path, key_node.start_mark.line + 1, "keys must be plain strings"))
+MAX_DEPTH = 32
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+_MAP_TAG, _SEQ_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Builder:
+    """Builds plain Python data from a composed YAML node tree, remembering each key's line and
+    collecting every problem (unknown tags, unreadable scalars, duplicate keys, recursive aliases,
+    excessive nesting) as ``(path, line, message)`` instead of raising."""
+
+    def __init__(self) -> None:
+        self.loader = yaml.SafeLoader("")
+        self.lines: dict[Path_, int] = {}
+        self.errors: list[tuple[Path_, int, str]] = []
+        self._active: set[int] = set()
+
+    def _error(self, path: Path_, node: yaml.Node, message: str) -> None:
+        self.errors.append((path, node.start_mark.line + 1, message))
+
+    def _scalar(self, node: yaml.Node, path: Path_) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, OverflowError, TypeError) as exc:
+            problem = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
+            self._error(path, node, f"cannot read this value: {problem}")
+            return None
+
+    def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if len(path) > MAX_DEPTH:
+            self._error(path, node, f"nested deeper than {MAX_DEPTH} levels")
+            return None
+        if id(node) in self._active:
+            self._error(path, node, "recursive alias")
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, path)
+        if node.tag not in (_MAP_TAG, _SEQ_TAG):
+            self._error(path, node, f"unsupported YAML tag {node.tag!r}")
+            return None
+        self._active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+            return self._mapping(node, path)
+        finally:
+            self._active.discard(id(node))
+
+    def _key(self, key_node: yaml.Node, path: Path_) -> str | None:
+        if isinstance(key_node, yaml.ScalarNode):
+            key = self._scalar(key_node, path)
+            if isinstance(key, (str, int)) and not isinstance(key, bool):
+                return str(key)
+        self._error(path, key_node, "keys must be plain strings")
+        return None
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[str, Any]:
+        own = [(k, v) for k, v in node.value if k.tag != _MERGE_TAG]
+        try:
+            self.loader.flatten_mapping(node)  # resolves "<<: *anchor" merge keys
+        except yaml.YAMLError as exc:
+            self._error(path, node, f"bad merge key: {getattr(exc, 'problem', exc)}")
+            return {}
+        merged = node.value[:len(node.value) - len(own)]
+        out: dict[str, Any] = {}
+        for key_node, value_node in merged:  # merged keys: later ones win, own keys override
+            key = self._key(key_node, path)
+            if key is not None:
+                out[key] = self.build(value_node, path + (key,))
+        seen: dict[str, int] = {}
+        for key_node, value_node in own:
+            key = self._key(key_node, path)
+            if key is None:
                 continue
-            key = str(key)
-            if key in out:
-                errors.append((path + (key,), key_node.start_mark.line + 1,
-                               f"duplicate key (first at line {lines[path + (key,)]})"))
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.errors.append((path + (key,), line, f"duplicate key (first at line "
+                                                         f"{seen[key]})"))
                 continue
-            out[key] = _construct(value_node, path + (key,), lines, errors)
-            lines[path + (key,)] = key_node.start_mark.line + 1
+            seen[key] = line
+            self.lines[path + (key,)] = line
+            out[key] = self.build(value_node, path + (key,))
+            self.lines[path + (key,)] = line
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, path + (i,), lines, errors) for i, item in enumerate(node.value)]
-    return yaml.SafeLoader("").construct_object(node)
 
 
 def format_path(path: Path_) -> str:
@@ -227,9 +291,17 @@ def load_config(path: Path | str) -> Config:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a configuration"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text"]) from None
     return parse_config(text, str(path))
 
 
@@ -242,10 +314,12 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         line = mark.line + 1 if mark else 1
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{filename}:{line}: not valid YAML: {problem}"]) from None
-    lines: dict[Path_, int] = {}
-    errors: list[tuple] = []
-    data = {} if root is None else _construct(root, (), lines, errors)
-    messages = [f"{filename}:{line}: {format_path(p)}: {msg}" for p, line, msg in errors]
+    except RecursionError:
+        raise ConfigError([f"{filename}:1: not valid YAML: nested too deeply"]) from None
+    builder = _Builder()
+    data = {} if root is None else builder.build(root)
+    lines = builder.lines
+    messages = [f"{filename}:{line}: {format_path(p)}: {msg}" for p, line, msg in builder.errors]
     if messages:
         raise ConfigError(messages)
     if not isinstance(data, dict):
