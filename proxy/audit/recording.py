@@ -26,7 +26,8 @@ class AsciicastRecorder:
     def __init__(self, path: Path, *, width: int, height: int, clock: Clock,
                  title: str, env: dict[str, str], meta: dict[str, Any]):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in reversed([p for p in self.path.parents if not p.exists()]):
+            d.mkdir(mode=0o700)  # every directory it creates is private, not just the last
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file = os.fdopen(fd, "wb", buffering=65536)
         self._sha = hashlib.sha256()

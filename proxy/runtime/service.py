@@ -19,12 +19,11 @@ import asyncssh
 
 from ca import SSHCertificateAuthority, UserCertificateSpec
 from proxy.access import policy
-from proxy.access.duration import format_duration
 from proxy.access.model import AccessRequest, Grant, GrantStatus, RequestStatus
 from proxy.audit.log import AuditLog
 from proxy.clock import Clock, rfc3339
 from proxy.config import Config
-from proxy.store import Store
+from proxy.store import SessionRecord, Store
 
 log = logging.getLogger("jit_proxy.service")
 
@@ -138,6 +137,15 @@ class AccessService:
         return [r for r in reqs if self.visible_to(actor, r.requester, r.policy)]
 
     # --- grants ----------------------------------------------------------------------------------
+
+    async def list_live_sessions(self, actor: str) -> list[SessionRecord]:
+        """Live sessions of ``actor``, and of grants whose policy ``actor`` approves for."""
+        out = []
+        for s in await self.store.list_sessions(live=True, limit=1000):
+            grant = self.active.get(s.grant_id) or await self.store.get_grant(s.grant_id)
+            if grant is not None and self.visible_to(actor, grant.user, grant.policy):
+                out.append(s)
+        return out
 
     async def list_grants(self, actor: str, active_only: bool) -> list[Grant]:
         grants = await self.store.list_grants(
@@ -266,6 +274,3 @@ class AccessService:
         return (f"jit-proxy: {user} has no active grant for {who}. Request one with:\n"
                 f"  ssh jit-proxy request {target} --login {login_arg} --for 1h "
                 f"--reason \"...\"")
-
-    def max_duration_text(self, seconds: int) -> str:
-        return format_duration(seconds)

@@ -93,6 +93,12 @@ class JumpConnection(asyncssh.SSHServer):
     def session_requested(self) -> "BridgeSession | bool":
         if self.grant is None or self.grant.id not in self.service.active:
             return False
+        limit = self.service.config.ssh.max_sessions_per_connection
+        if len(self.sessions) >= limit:
+            self.service.audit.emit("ssh.session.refused", self.user, target=self.target_name,
+                                    login=self.login, why=f"more than {limit} sessions on one "
+                                                          f"connection")
+            return False
         return BridgeSession(self)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
@@ -190,9 +196,6 @@ class BridgeSession(asyncssh.SSHServerSession):
 
     # --- client side (asyncssh.SSHServerSession) -------------------------------------------------
 
-    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
-        self.chan = chan
-
     def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
         self.term = (term_type, term_size, term_modes)
         return True
@@ -208,8 +211,11 @@ class BridgeSession(asyncssh.SSHServerSession):
         self.kind, self.detail = "subsystem", subsystem
         return True
 
-    def session_started(self) -> None:
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
         self.jump.sessions.add(self)
+
+    def session_started(self) -> None:
         asyncio.get_running_loop().create_task(self._open())
 
     async def _open(self) -> None:

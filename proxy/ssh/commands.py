@@ -188,10 +188,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         g = await service.revoke(actor, args.grant_id)
         return _grant_dict(g), f"grant {g.id} revoked; its sessions are closed\n"
     if args.command == "sessions":
-        sessions = [s for s in await service.store.list_sessions(live=True, limit=500)
-                    if actor == s.user or service.visible_to(
-                        actor, s.user, (service.active.get(s.grant_id).policy
-                                        if s.grant_id in service.active else ""))]
+        sessions = await service.list_live_sessions(actor)
         data = [{**asdict(s), "started_at": rfc3339(s.started_at)} for s in sessions]
         rows = [[str(s.id), s.user, f"{s.login}@{s.target}", s.kind, s.detail or "",
                  rfc3339(s.started_at), str(s.grant_id)] for s in sessions]

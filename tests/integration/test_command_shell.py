@@ -1,0 +1,64 @@
+"""The proxy's own command shell, as people reach it: ``ssh jit-proxy COMMAND`` and ``ssh jit-proxy``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tests.integration.ptyrun import PtySession
+
+
+def test_interactive_shell_runs_commands(env):
+    with PtySession(["ssh", "-F", str(env.ssh_config), "-tt", "alice@jit-proxy"]) as s:
+        s.expect(b"jit-proxy> ")
+        s.send(b"whoami\r")
+        s.expect(b"user: alice")
+        s.expect(b"groups: dev")
+        s.send(b"targets\r")
+        s.expect(b"web1")
+        s.send(b"exit\r")
+        assert s.wait() == 0
+
+
+def test_every_command_has_json_and_is_audited(env):
+    for command in ("help", "whoami", "targets", "requests", "grants", "sessions", "ca"):
+        r = env.ssh("alice", f"{command} --json")
+        assert r.returncode == 0, (command, r.stderr)
+        json.loads(r.stdout)
+    runs = [e["command"] for e in env.audit_events("command.run") if e["actor"] == "alice"]
+    assert "sessions --json" in runs and "ca --json" in runs
+
+
+def test_unknown_user_key_and_unknown_command(env, tmp_path):
+    r = env.ssh("alice", "frobnicate")
+    assert r.returncode == 2 and b"invalid choice" in r.stderr
+    r = env.ssh("mallory", "whoami")  # no key configured for mallory: refused
+    assert r.returncode == 255 and b"Permission denied" in r.stderr
+    assert env.wait_event("auth.failure", lambda e: e["actor"] == "mallory")
+
+
+def test_requester_rules(env):
+    r = env.ssh("alice", f"request web1 --login {env.login} --for 5h --reason too long")
+    assert r.returncode == 1 and b"exceeds the maximum of 4h" in r.stderr
+    r = env.ssh("bob", f"request web1 --login {env.login} --for 1h --reason not a requester")
+    assert r.returncode == 1 and b"no policy lets bob request" in r.stderr
+    req = env.json("alice", f"request web1 --login {env.login} --for 1h --reason self-approve?")
+    r = env.ssh("alice", f"approve {req['id']}")
+    assert r.returncode == 1 and b"cannot approve or deny your own request" in r.stderr
+    r = env.ssh("carol", f"approve {req['id']}")
+    assert r.returncode == 1 and b"carol is not an approver" in r.stderr
+    r = env.ssh("bob", f"deny {req['id']} --reason not today")
+    assert r.returncode == 0
+    r = env.ssh("bob", f"approve {req['id']}")
+    assert r.returncode == 1 and b"is denied, not pending" in r.stderr
+    refused = {e["type"] for e in env.audit_events("access.") if e["type"].endswith(".refused")}
+    assert {"access.request.refused", "access.approval.refused"} <= refused
+
+
+def test_ca_prints_the_lines_targets_and_clients_need(env):
+    data = env.json("alice", "ca")
+    assert data["known_hosts"] == (env.root / "known_hosts").read_text().strip()
+    assert data["user_ca"] == (env.target.directory / "user_ca.pub").read_text().strip()
+    r = subprocess.run(["ssh-keygen", "-l", "-f", "/dev/stdin"], input=data["user_ca"].encode(),
+                       capture_output=True)
+    assert r.returncode == 0 and b"ED25519" in r.stdout
