@@ -55,7 +55,7 @@ class AccessService:
     active: dict[int, Grant] = field(default_factory=dict)
     connections: dict[int, set[Terminable]] = field(default_factory=dict)
     _host_certs: dict[str, _HostCert] = field(default_factory=dict)
-    _ending: set[int] = field(default_factory=set)
+    _unpersisted: dict[int, Grant] = field(default_factory=dict)
 
     async def start(self) -> None:
         """Load active grants; end sessions a previous process left open; expire what is due."""
@@ -161,8 +161,10 @@ class AccessService:
         if not decision:
             self.audit.emit("access.revoke.refused", actor, grant=grant_id, why=decision.reason)
             raise AccessError(decision.reason)
-        if grant.status is not GrantStatus.ACTIVE:
-            raise AccessError(f"grant {grant_id} is already {grant.status.value}")
+        if grant_id not in self.active:  # memory is the truth about what is live
+            ended = "ended" if grant.status is GrantStatus.ACTIVE else grant.status.value
+            raise AccessError(f"grant {grant_id} has already {ended}" if ended == "ended"
+                              else f"grant {grant_id} is already {ended}")
         return await self.end_grant(grant, "revoke", actor)
 
     def live_grant(self, user: str, target: str, login: str) -> Grant | None:
@@ -175,40 +177,56 @@ class AccessService:
                 if g.user == user and g.target == target and g.is_live(now)]
 
     async def expire_due(self) -> list[Grant]:
-        """End every active grant whose end has passed. Safe to call often (the sweep does)."""
+        """End every active grant whose end has passed, concurrently, and retry recording ends
+        that failed to persist. Safe to call often (the sweep does)."""
         now = self.clock.now()
-        due = [g for g in self.active.values() if g.ends_at <= now and g.id not in self._ending]
+        due = [g for g in self.active.values() if g.ends_at <= now]
+        results = await asyncio.gather(*(self.end_grant(g, "expire", "system") for g in due),
+                                       *(self._persist_end(g) for g in
+                                         list(self._unpersisted.values())),
+                                       return_exceptions=True)
         ended = []
-        for grant in due:
-            try:
-                ended.append(await self.end_grant(grant, "expire", "system"))
-            except Exception:  # one grant's failure never blocks the others
-                log.exception("ending grant %s failed; will retry", grant.id)
+        for grant, result in zip(due, results):
+            if isinstance(result, BaseException):  # one grant's failure never blocks the others
+                log.error("ending grant %s failed: %r", grant.id, result)
+            else:
+                ended.append(result)
         return ended
 
     async def end_grant(self, grant: Grant, event: str, actor: str) -> Grant:
-        """Refuse new sessions at once, record the end, then close live connections with a line
-        saying which access ended and when."""
-        self._ending.add(grant.id)
+        """End ``grant`` (``event`` is "expire" or "revoke"), in the order of DESIGN.md's
+        teardown: refuse new sessions at once, close live connections with a line saying which
+        access ended and when, then record the end (retried by the sweep if the store fails)."""
+        now = self.clock.now()
+        ended = grant.ended(event, actor, now)
+        if self.active.pop(grant.id, None) is None:
+            raise AccessError(f"grant {grant.id} has already ended")
+        how = "was revoked by " + actor if event == "revoke" else "expired"
+        self.audit.emit(f"access.grant.{'revoked' if event == 'revoke' else 'expired'}", actor,
+                        grant=grant.id, user=grant.user, target=grant.target,
+                        login=grant.login, ends_at=rfc3339(grant.ends_at))
+        line = (f"jit-proxy: access to {grant.login}@{grant.target} ended at "
+                f"{rfc3339(now)} (grant {grant.id} {how})")
+        conns = list(self.connections.pop(grant.id, ()))
+        if conns:
+            results = await asyncio.gather(*(c.terminate(line) for c in conns),
+                                           return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            for r in failed:
+                log.error("closing a connection of grant %s failed: %r", grant.id, r)
+            self.audit.emit("ssh.grant.sessions_closed", "system", grant=grant.id,
+                            connections=len(conns), failed=len(failed))
+        await self._persist_end(ended)
+        return ended
+
+    async def _persist_end(self, ended: Grant) -> None:
         try:
-            now = self.clock.now()
-            ended = grant.ended(event, actor, now)
-            self.active.pop(grant.id, None)  # refuse new sessions from here on
             await self.store.end_grant(ended)
-            how = "was revoked by " + actor if event == "revoke" else "expired"
-            self.audit.emit(f"access.grant.{'revoked' if event == 'revoke' else 'expired'}", actor,
-                            grant=grant.id, user=grant.user, target=grant.target,
-                            login=grant.login, ends_at=rfc3339(grant.ends_at))
-            line = (f"jit-proxy: access to {grant.login}@{grant.target} ended at "
-                    f"{rfc3339(now)} (grant {grant.id} {how})")
-            conns = list(self.connections.pop(grant.id, ()))
-            if conns:
-                await asyncio.gather(*(c.terminate(line) for c in conns), return_exceptions=True)
-                self.audit.emit("ssh.grant.sessions_closed", "system", grant=grant.id,
-                                connections=len(conns))
-            return ended
-        finally:
-            self._ending.discard(grant.id)
+        except Exception:
+            log.exception("recording the end of grant %s failed; will retry", ended.id)
+            self._unpersisted[ended.id] = ended
+        else:
+            self._unpersisted.pop(ended.id, None)
 
     def attach(self, grant_id: int, conn: Terminable) -> None:
         self.connections.setdefault(grant_id, set()).add(conn)

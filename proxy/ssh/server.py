@@ -198,6 +198,10 @@ class ProxyServer(asyncssh.SSHServer):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        audit = self.door.service.audit
         if not self.authenticated and self.username is not None:
-            self.door.service.audit.emit("auth.failure", self.username, method="publickey",
-                                         peer=self.peer, why=str(exc) if exc else "no valid key")
+            audit.emit("auth.failure", self.username[:256], method="publickey", peer=self.peer,
+                       why=str(exc)[:512] if exc else "no valid key")
+        elif isinstance(exc, asyncssh.ProtocolError):  # malformed input ends this connection only
+            audit.emit("ssh.protocol.error", self.username or "", peer=self.peer,
+                       error=str(exc)[:512])
