@@ -49,12 +49,21 @@ def write_private_key(path: Path, key: asyncssh.SSHKey, passphrase: bytes | None
         data = key.export_private_key("pkcs8-pem", passphrase=passphrase)
     else:
         data = key.export_private_key("openssh")
+    write_secret_file(path, data)
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 (never wider, not even briefly), write ``data``, fsync.
+
+    Raises:
+        FileExistsError: when ``path`` already exists (secrets are never overwritten).
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
 
 
 def load_or_create_key(path: Path, passphrase: bytes | None = None,
