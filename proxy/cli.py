@@ -74,7 +74,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
     if result.ok:
-        print(f"{path}: ok, {result.lines} events, hash chain intact")
+        print(f"{path}: ok, {result.lines} events, hash chain intact; last hash "
+              f"{result.last_hash}")
+        print("(keep the last hash elsewhere: it proves later that no line was cut off the end)")
         return 0
     print(f"{path}:{result.bad_line}: {result.problem}", file=sys.stderr)
     return 1

@@ -11,11 +11,12 @@ hold secrets (passphrases and passwords are referenced by file path, never inlin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import asyncssh
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
+                      ValidationError,
                       field_validator, model_validator)
 
 from proxy.access.duration import parse_duration
@@ -112,6 +113,69 @@ class SSHTarget(_Model):
         return self
 
 
+class PostgresAdmin(_Model):
+    """How the proxy logs in to create and drop ephemeral roles (needs CREATEROLE, and the
+    right to terminate backends and reassign objects: a superuser or pg_signal_backend)."""
+
+    user: str = Field(min_length=1, max_length=63)
+    password_file: Path
+    database: str = "postgres"
+
+
+class PostgresTLS(_Model):
+    """TLS from the proxy to the target. ``verify-full`` checks the chain and the host name."""
+
+    mode: Literal["verify-full", "verify-ca", "require", "disable"] = "verify-full"
+    ca_file: Path | None = None   # default: the system's trust store
+    server_name: str | None = None  # default: the target's address
+
+
+class PostgresTarget(_Model):
+    kind: Literal["postgres"]
+    address: str
+    port: int = Field(5432, ge=1, le=65535)
+    database: str = Field(min_length=1, max_length=63)
+    admin: PostgresAdmin
+    # what a grant may be given: name -> existing roles the ephemeral role becomes a member of
+    roles: dict[Name, list[Annotated[str, Field(min_length=1, max_length=63)]]] = \
+        Field(min_length=1)
+    owner: str = Field(min_length=1, max_length=63)
+    tls: PostgresTLS = PostgresTLS()
+    description: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError("expected a host name or IP address")
+        return v
+
+
+def _target_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("kind", "ssh")
+    return getattr(value, "kind", None)
+
+
+TARGET_KINDS = ("ssh", "postgres")
+Target = Annotated[Union[Annotated[SSHTarget, Tag("ssh")], Annotated[PostgresTarget, Tag("postgres")]],
+                   Discriminator(_target_kind)]
+
+
+class PostgresListener(_Model):
+    """The proxy's PostgreSQL port: psql connects here with dbname = a target's name."""
+
+    listen_address: str = "0.0.0.0"
+    listen_port: int = Field(6432, ge=0, le=65535)
+    # names clients use for the proxy: the TLS certificate's subject alternative names
+    host_names: list[str] = Field(default_factory=lambda: ["jit-proxy", "localhost"],
+                                  min_length=1)
+    role_prefix: str = Field("jit_", pattern=r"^[a-z_][a-z0-9_]{0,15}$")
+    # how long the one-time secret printed by `db-login` stays usable
+    secret_ttl: Duration = 600
+    max_message_length: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024 - 1)
+
+
 class Permissions(_Model):
     agent_forwarding: bool = False
     port_forwarding: bool = False
@@ -121,8 +185,11 @@ class Permissions(_Model):
 class Policy(_Model):
     name: Name
     targets: list[Name] = Field(min_length=1)
+    # SSH targets: the accounts that may be requested (the certificate's only principal)
     logins: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")]] = \
-        Field(min_length=1)
+        Field(default_factory=list)
+    # PostgreSQL targets: the names under the target's ``roles`` that may be requested
+    roles: list[Name] = Field(default_factory=list)
     requesters: list[str] = Field(min_length=1)
     approvers: list[str] = Field(min_length=1)
     max_duration: Duration = 3600
@@ -137,7 +204,8 @@ class Config(_Model):
     recording: RecordingSettings = RecordingSettings()
     users: dict[Name, User] = Field(default_factory=dict)
     groups: dict[Name, Group] = Field(default_factory=dict)
-    targets: dict[Name, SSHTarget] = Field(default_factory=dict)
+    postgres: PostgresListener | None = None  # no PostgreSQL port unless configured
+    targets: dict[Name, Target] = Field(default_factory=dict)
     policies: list[Policy] = Field(default_factory=list)
 
     @property
@@ -329,9 +397,21 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     except ValidationError as exc:
         for err in exc.errors():
             loc = tuple(err["loc"])
+            if loc[:1] == ("targets",) and len(loc) > 2 and loc[2] in TARGET_KINDS:
+                loc = loc[:2] + loc[3:]  # pydantic puts the union's tag in the path
             msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
+            if loc and loc[-1] == "[key]":  # a mapping key (a user, group or target name)
+                loc = loc[:-1]
+            if err["type"] == "string_pattern_mismatch" and \
+                    err.get("ctx", {}).get("pattern") == NAME_PATTERN:
+                msg = (f"invalid name {err['input']!r}: use lowercase letters, digits, '_', '.' "
+                       f"and '-', starting with a letter or '_' (at most 64)")
+            elif err["type"] == "extra_forbidden":
                 msg = "unknown key"
+            elif err["type"] == "union_tag_invalid":
+                loc = loc + ("kind",)
+                msg = (f"unknown kind {err['ctx']['tag']!r} (known: "
+                       f"{', '.join(TARGET_KINDS)})")
             messages.append(f"{filename}:{_line_for(loc, lines)}: {format_path(loc)}: {msg}")
         raise ConfigError(messages) from None
     for loc, msg in _reference_problems(config):
@@ -363,6 +443,24 @@ def _reference_problems(config: Config) -> list[tuple[Path_, str]]:
             if t not in targets:
                 problems.append((("policies", p, "targets", i),
                                  f"unknown target {t!r} (known: {known(targets)})"))
+                continue
+            target = config.targets[t]
+            if isinstance(target, SSHTarget) and not policy.logins:
+                problems.append((("policies", p, "logins"),
+                                 f"SSH target {t!r} needs at least one login here"))
+            if isinstance(target, PostgresTarget):
+                if not policy.roles:
+                    problems.append((("policies", p, "roles"),
+                                     f"PostgreSQL target {t!r} needs at least one role here"))
+                for j, role in enumerate(policy.roles):
+                    if role not in target.roles:
+                        problems.append((("policies", p, "roles", j),
+                                         f"target {t!r} has no role {role!r} (known: "
+                                         f"{known(set(target.roles))})"))
+                if config.postgres is None:
+                    problems.append((("policies", p, "targets", i),
+                                     f"PostgreSQL target {t!r} needs the 'postgres' section "
+                                     f"(the proxy's PostgreSQL port)"))
         for field in ("requesters", "approvers"):
             for i, ref in enumerate(getattr(policy, field)):
                 kind, _, name = ref.rpartition(":")

@@ -25,6 +25,8 @@ import pytest
 
 from ca import SSHCertificateAuthority
 from ca.keys import write_private_key
+from proxy.config import load_config
+from proxy.runtime.service import known_hosts_patterns
 from proxy.runtime.sandbox import TargetSSHD, client_files, ensure_login, find_sshd
 
 USERS = ("alice", "bob", "carol")
@@ -115,13 +117,17 @@ class Env:
             m = re.search(r"listening for SSH on 127\.0\.0\.1:(\d+)", text)
             if m:
                 self.port = int(m.group(1))
-                self.ssh_config = client_files(self.root, self.port, self.ca.known_hosts_line(),
+                self.ssh_config = client_files(self.root, self.port, self.known_hosts_line(),
                                                list(USERS), self.keys)
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited {self.proc.returncode}: {text}")
             time.sleep(0.05)
         raise RuntimeError("proxy did not start: " + self.log_path.read_text())
+
+    def known_hosts_line(self) -> str:
+        config = load_config(self.config_path)
+        return self.ca.known_hosts_line(",".join(known_hosts_patterns(config, self.port)))
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None:

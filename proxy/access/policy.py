@@ -27,7 +27,8 @@ class Decision:
 
 def decide_request(config: Config, user: str, target: str, login: str, duration: int,
                    reason: str) -> Decision:
-    """May ``user`` ask for ``login`` on ``target`` for ``duration`` seconds?
+    """May ``user`` ask for ``login`` on ``target`` for ``duration`` seconds? For a PostgreSQL
+    target ``login`` is the name of one of the target's ``roles``.
 
     The first policy (in file order) that names the user as requester, the target and the login, and
     whose ``max_duration`` covers ``duration``, decides; its name is returned in ``policy``.
@@ -37,7 +38,8 @@ def decide_request(config: Config, user: str, target: str, login: str, duration:
     if not reason.strip():
         return Decision(False, "a reason is required (--reason TEXT)")
     matching = [p for p in config.policies
-                if target in p.targets and login in p.logins and config.matches(user, p.requesters)]
+                if target in p.targets and login in access_names(config, p, target)
+                and config.matches(user, p.requesters)]
     if not matching:
         return Decision(False, f"no policy lets {user} request {login}@{target}")
     for policy in matching:
@@ -46,6 +48,11 @@ def decide_request(config: Config, user: str, target: str, login: str, duration:
     longest = max(p.max_duration for p in matching)
     return Decision(False, f"duration {format_duration(duration)} exceeds the maximum of "
                            f"{format_duration(longest)} for {login}@{target}")
+
+
+def access_names(config: Config, policy: Policy, target: str) -> list[str]:
+    """What ``policy`` lets one request on ``target``: logins (SSH) or role names (PostgreSQL)."""
+    return policy.roles if config.targets[target].kind == "postgres" else policy.logins
 
 
 def policy_named(config: Config, name: str) -> Policy | None:

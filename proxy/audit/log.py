@@ -106,6 +106,7 @@ class VerifyResult:
     lines: int
     bad_line: int | None = None
     problem: str | None = None
+    last_hash: str = GENESIS
 
 
 def verify_log(path: Path) -> VerifyResult:
@@ -138,4 +139,4 @@ def verify_log(path: Path) -> VerifyResult:
             if _hash(event) != claimed:
                 return VerifyResult(False, n, n, "hash does not match the line's content")
             prev = claimed
-    return VerifyResult(True, n)
+    return VerifyResult(True, n, last_hash=prev)

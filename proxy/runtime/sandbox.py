@@ -257,7 +257,7 @@ async def _run_sandbox(d: Path) -> int:
         target.user_ca = daemon.service.ca.user_ca_public
         target.prepare()
         target.start()
-        ssh_config = client_files(d, proxy_port, daemon.service.ca.known_hosts_line(),
+        ssh_config = client_files(d, proxy_port, daemon.service.known_hosts_line(),
                                   ["alice", "bob"], d / "keys")
         (d / "sandbox.json").write_text(json.dumps({
             "ssh_config": str(ssh_config), "proxy_port": proxy_port, "target": "web1",
@@ -298,3 +298,96 @@ def main(d: Path) -> int:
         print(f"jit-proxy sandbox: {exc}", file=sys.stderr)
         return 1
     return run(_run_sandbox(d))
+
+
+def _postgres_bindir() -> Path:
+    """The directory of ``initdb``/``pg_ctl`` (Debian keeps them in /usr/lib/postgresql/N/bin)."""
+    for name in ("initdb", "pg_ctl"):
+        found = shutil.which(name)
+        if found:
+            return Path(os.path.realpath(found)).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                      else 0)
+    if versions:
+        return versions[-1].parent
+    raise RuntimeError("PostgreSQL server not found: install it (Debian: apt-get install "
+                       "postgresql)")
+
+
+@dataclass
+class TargetPostgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with TLS, started by ``initdb``/``pg_ctl``.
+
+    As root the cluster runs as the ``postgres`` account (``initdb`` refuses root) in a directory
+    that account owns. ``tls_chain``/``tls_key`` are PEM bytes of the server certificate.
+    """
+
+    directory: Path
+    tls_chain: bytes
+    tls_key: bytes
+    superuser: str = "postgres"
+    superuser_password: str = ""
+    port: int = 0
+
+    def _run(self, argv: list[str]) -> None:
+        """Run a PostgreSQL program as the cluster's owner; RuntimeError with its stderr."""
+        owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        r = subprocess.run(owner + argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{Path(argv[0]).name} failed: {r.stderr.strip() or r.stdout}")
+
+    def start(self) -> None:
+        """initdb (once), write TLS files and settings, then ``pg_ctl start`` and wait.
+
+        Raises:
+            RuntimeError / subprocess.CalledProcessError: with PostgreSQL's own message.
+        """
+        bindir = _postgres_bindir()
+        d = self.directory
+        data = d / "data"
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if os.geteuid() == 0:  # the parents must be traversable by the postgres account
+            shutil.chown(d, "postgres", "postgres")
+        if not (data / "PG_VERSION").exists():
+            pwfile = d / "pwfile"
+            pwfile.write_text(self.superuser_password + "\n")
+            if os.geteuid() == 0:
+                shutil.chown(pwfile, "postgres", "postgres")
+            os.chmod(pwfile, 0o600)
+            self._run([str(bindir / "initdb"), "-D", str(data), "-U", self.superuser,
+                       "--pwfile", str(pwfile), "--auth=scram-sha-256", "-E", "UTF8",
+                       "--locale=C.UTF-8"])
+            pwfile.unlink()
+        for name, content in (("server.crt", self.tls_chain), ("server.key", self.tls_key)):
+            path = data / name
+            path.write_bytes(content)
+            os.chmod(path, 0o600)
+            if os.geteuid() == 0:
+                shutil.chown(path, "postgres", "postgres")
+        self.port = self.port or free_port()
+        (data / "postgresql.auto.conf").write_text(textwrap.dedent(f"""\
+            listen_addresses = '127.0.0.1'
+            port = {self.port}
+            unix_socket_directories = '{data}'
+            ssl = on
+            ssl_cert_file = 'server.crt'
+            ssl_key_file = 'server.key'
+            password_encryption = 'scram-sha-256'
+            max_connections = 200
+            fsync = off
+            log_min_messages = warning
+            """))
+        if os.geteuid() == 0:
+            shutil.chown(data / "postgresql.auto.conf", "postgres", "postgres")
+        (data / "pg_hba.conf").write_text("local all all scram-sha-256\n"
+                                          "hostssl all all 127.0.0.1/32 scram-sha-256\n"
+                                          "host all all 127.0.0.1/32 scram-sha-256\n")
+        self._run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(d / "postgres.log"),
+                   "-w", "-t", "60", "start"])
+
+    def stop(self) -> None:
+        data = self.directory / "data"
+        if (data / "postmaster.pid").exists():
+            self._run([str(_postgres_bindir() / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                       "-w", "stop"])

@@ -28,8 +28,28 @@ from proxy.store import SessionRecord, Store
 log = logging.getLogger("jit_proxy.service")
 
 
+def known_hosts_patterns(config: Config, ssh_port: int) -> list[str]:
+    """The host patterns of the ``@cert-authority`` line clients need: the proxy's names (with
+    ``[name]:port`` when it does not listen on 22) and the SSH targets' names. Narrower than ``*``,
+    so the proxy's host CA vouches for nothing else the client connects to."""
+    names = list(config.ssh.host_names)
+    if ssh_port != 22:
+        names += [f"[{n}]:{ssh_port}" for n in config.ssh.host_names]
+    names += [name for name, t in config.targets.items() if t.kind == "ssh"]
+    return names
+
+
 class AccessError(Exception):
     """An action was refused; the message is the sentence shown to the person."""
+
+
+class GrantHooks(Protocol):
+    """Work a kind of target needs when a grant starts or ends (e.g. ephemeral database roles)."""
+
+    async def granted(self, grant: Grant) -> None: ...
+
+    def ended(self, grant: Grant) -> None:
+        """Start the teardown; must not block (retries are the hook's own business)."""
 
 
 class Terminable(Protocol):
@@ -55,6 +75,8 @@ class AccessService:
     active: dict[int, Grant] = field(default_factory=dict)
     connections: dict[int, set[Terminable]] = field(default_factory=dict)
     _host_certs: dict[str, _HostCert] = field(default_factory=dict)
+    hooks: list[GrantHooks] = field(default_factory=list)
+    ssh_port: int = 22  # set by the listener once bound
     _unpersisted: dict[int, Grant] = field(default_factory=dict)
 
     async def start(self) -> None:
@@ -110,6 +132,13 @@ class AccessService:
         self.audit.emit("access.grant.created", actor, grant=grant.id, request=req.id,
                         user=grant.user, target=grant.target, login=grant.login,
                         starts_at=rfc3339(grant.starts_at), ends_at=rfc3339(grant.ends_at))
+        for hook in self.hooks:
+            try:
+                await hook.granted(grant)
+            except Exception as exc:  # the grant stands; the hook retries on first use
+                log.error("preparing grant %s failed: %r", grant.id, exc)
+                self.audit.emit("access.grant.setup_failed", "system", grant=grant.id,
+                                error=str(exc)[:500])
         return grant
 
     async def deny(self, actor: str, request_id: int, reason: str) -> AccessRequest:
@@ -217,6 +246,11 @@ class AccessService:
             self.audit.emit("ssh.grant.sessions_closed", "system", grant=grant.id,
                             connections=len(conns), failed=len(failed))
         await self._persist_end(ended)
+        for hook in self.hooks:
+            try:
+                hook.ended(ended)
+            except Exception:
+                log.exception("tearing down grant %s failed to start", grant.id)
         return ended
 
     async def _persist_end(self, ended: Grant) -> None:
@@ -227,6 +261,10 @@ class AccessService:
             self._unpersisted[ended.id] = ended
         else:
             self._unpersisted.pop(ended.id, None)
+
+    def known_hosts_line(self) -> str:
+        """The one known_hosts line that makes clients trust the proxy and its targets."""
+        return self.ca.known_hosts_line(",".join(known_hosts_patterns(self.config, self.ssh_port)))
 
     def attach(self, grant_id: int, conn: Terminable) -> None:
         self.connections.setdefault(grant_id, set()).add(conn)
@@ -286,9 +324,17 @@ class AccessService:
         return cert
 
     def describe_denial(self, user: str, target: str, login: str | None) -> str:
-        """The sentence telling a user which grant is missing and how to ask for it."""
+        """The sentence telling a user which grant is missing and how to ask for it: the request
+        command when a policy lets them ask for it, else which logins they may ask for."""
         who = f"{login}@{target}" if login else target
-        login_arg = login or "LOGIN"
-        return (f"jit-proxy: {user} has no active grant for {who}. Request one with:\n"
-                f"  ssh jit-proxy request {target} --login {login_arg} --for 1h "
-                f"--reason \"...\"")
+        head = f"jit-proxy: {user} has no active grant for {who}."
+        allowed = sorted({name for p in self.config.policies
+                          if target in p.targets and self.config.matches(user, p.requesters)
+                          for name in policy.access_names(self.config, p, target)})
+        if not allowed:
+            return f"{head} No policy lets {user} request access to {target}."
+        if login is not None and login not in allowed:
+            return (f"{head} No policy lets {user} request {who}; logins {user} may request "
+                    f"on {target}: {', '.join(allowed)}.")
+        return (f"{head} Request one with:\n  ssh jit-proxy request {target} --login "
+                f"{login or allowed[0]} --for 1h --reason \"...\"")

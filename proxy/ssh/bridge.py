@@ -232,8 +232,9 @@ class BridgeSession(asyncssh.SSHServerSession):
         self.record = await service.store.create_session(
             user=jump.user, target=jump.target_name, login=jump.login or "", grant_id=jump.grant.id,
             kind=self.kind, detail=self.detail, now=now)
-        if self.term is not None and service.config.recording.terminal:
-            term_type, (cols, rows, _, _), _ = self.term
+        if service.config.recording.terminal and (self.term is not None or self.kind == "shell"):
+            # terminals, and shells without one (ssh -T): both are interactive work
+            term_type, (cols, rows, _, _), _ = self.term or ("dumb", (80, 24, 0, 0), {})
             day = time.strftime("%Y-%m-%d", time.gmtime(now))
             path = (Path(service.config.recording_dir) / day /
                     f"session-{self.record.id}-{jump.user}-{jump.target_name}.cast")

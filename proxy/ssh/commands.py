@@ -14,13 +14,15 @@ import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from proxy.access import policy
 from proxy.access.duration import format_duration, parse_duration
 from proxy.clock import rfc3339
 from proxy.runtime.service import AccessError, AccessService
 
 HELP = """\
 jit-proxy: just-in-time access. Commands (each takes --json):
-  request TARGET --login LOGIN --for DURATION --reason TEXT   ask for access (e.g. --for 30m)
+  request TARGET --login LOGIN --for DURATION --reason TEXT   ask for SSH access (--for 30m)
+  request TARGET --role ROLE --for DURATION --reason TEXT     ask for database access
   requests [--pending]               requests you made or may decide
   approve ID [--comment TEXT]        approve a request (approvers)
   deny ID --reason TEXT              deny a request (approvers)
@@ -72,7 +74,9 @@ def _parser() -> _Parser:
 
     c = cmd("request")
     c.add_argument("target")
-    c.add_argument("--login", required=True)
+    who = c.add_mutually_exclusive_group(required=True)
+    who.add_argument("--login", help="account on an SSH target")
+    who.add_argument("--role", dest="login", help="role name on a PostgreSQL target")
     c.add_argument("--for", dest="duration", required=True, type=_duration)
     c.add_argument("--reason", required=True, nargs="+")
     cmd("requests").add_argument("--pending", action="store_true")
@@ -180,10 +184,11 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         return _request_dict(r), f"request {r.id} denied\n"
     if args.command == "grants":
         grants = await service.list_grants(actor, not args.all)
-        rows = [[str(g.id), g.status.value, g.user, f"{g.login}@{g.target}", rfc3339(g.ends_at),
-                 str(g.request_id)] for g in grants]
+        rows = [[str(g.id), g.status.value, g.user, f"{g.login}@{g.target}",
+                 rfc3339(g.ended_at if g.ended_at is not None else g.ends_at), str(g.request_id)]
+                for g in grants]
         return [_grant_dict(g) for g in grants], _table(
-            rows, ["ID", "STATUS", "USER", "ACCESS", "ENDS", "REQUEST"])
+            rows, ["ID", "STATUS", "USER", "ACCESS", "ENDS/ENDED", "REQUEST"])
     if args.command == "revoke":
         g = await service.revoke(actor, args.grant_id)
         return _grant_dict(g), f"grant {g.id} revoked; its sessions are closed\n"
@@ -200,13 +205,14 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
                         if name in p.targets and cfg.matches(actor, p.requesters)]
             if not policies:
                 continue
-            logins = sorted({login for p in policies for login in p.logins})
+            logins = sorted({login for p in policies
+                             for login in policy.access_names(cfg, p, name)})
             out.append({"name": name, "kind": target.kind, "logins": logins,
                         "max_duration": format_duration(max(p.max_duration for p in policies)),
                         "description": target.description})
         rows = [[t["name"], t["kind"], ",".join(t["logins"]), t["max_duration"],
                  t["description"] or ""] for t in out]
-        return out, _table(rows, ["TARGET", "KIND", "LOGINS", "MAX", "DESCRIPTION"])
+        return out, _table(rows, ["TARGET", "KIND", "LOGINS/ROLES", "MAX", "DESCRIPTION"])
     if args.command == "whoami":
         grants = [_grant_dict(g) for g in service.active.values() if g.user == actor]
         data = {"user": actor, "groups": sorted(cfg.groups_of(actor)), "active_grants": grants}
@@ -215,7 +221,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
                         for g in grants) or "no active grants\n"
         return data, text
     if args.command == "ca":
-        data = {"known_hosts": service.ca.known_hosts_line(),
+        data = {"known_hosts": service.known_hosts_line(),
                 "user_ca": service.ca.user_ca_public}
         text = ("# Clients: add this line to ~/.ssh/known_hosts to trust the proxy and every "
                 "target behind it:\n" + data["known_hosts"] + "\n"

@@ -72,6 +72,7 @@ class FrontDoor:
             encryption_algs=PREFERRED_CIPHERS, login_timeout=cfg.login_grace_time,
             keepalive_interval=60, max_pktsize=32768)
         sock = self.acceptor.sockets[0].getsockname()
+        self.service.ssh_port = sock[1]
         return sock[0], sock[1]
 
     async def renew_host_certificate(self) -> None:
@@ -101,25 +102,34 @@ class FrontDoor:
         except (asyncssh.ConnectionLost, BrokenPipeError):
             pass
 
-    async def _run(self, process: asyncssh.SSHServerProcess, user: str, line: str) -> int:
+    async def _run(self, process: asyncssh.SSHServerProcess, user: str, line: str,
+                   interactive: bool = False) -> int:
         result = await run_command(self.service, user, line)
         self.service.audit.emit("command.run", user, command=line[:1000], status=result.status)
         process.stdout.write(result.out)
-        process.stderr.write(result.err)
+        # at the prompt, errors go in order with the rest (and get the terminal's line endings)
+        (process.stdout if interactive else process.stderr).write(result.err)
         return result.status
 
     async def _repl(self, process: asyncssh.SSHServerProcess, user: str) -> None:
-        process.stdout.write(f"jit-proxy: hello {user}.\n" + HELP)
+        process.stdout.write(f"jit-proxy: hello {user}.\n" + HELP +
+                             "At this prompt: 'exit' or Ctrl-D leaves, Ctrl-C clears the line.\n")
         while True:
             process.stdout.write("jit-proxy> ")
-            line = await process.stdin.readline()
+            try:
+                line = await process.stdin.readline()
+            except asyncssh.BreakReceived:  # Ctrl-C with the line editor
+                process.stdout.write("^C\n")
+                continue
+            except (asyncssh.TerminalSizeChanged, asyncssh.SignalReceived):
+                continue
             if not line:
                 break
             line = line.strip()
             if line in ("exit", "quit", "logout"):
                 break
             if line:
-                await self._run(process, user, line)
+                await self._run(process, user, line, interactive=True)
         process.exit(0)
 
     # --- jump connections ------------------------------------------------------------------------
@@ -132,7 +142,7 @@ class FrontDoor:
         """
         service = self.service
         target = service.config.targets.get(dest_host)
-        if target is None or dest_port not in (22, target.port):
+        if target is None or target.kind != "ssh" or dest_port not in (22, target.port):
             service.audit.emit("ssh.forward.refused", user, dest_host=dest_host[:255],
                                dest_port=dest_port, peer=peer, why="not a configured target")
             raise asyncssh.ChannelOpenError(

@@ -45,6 +45,15 @@ class CertificateRecord:
     issued_at: float
 
 
+@dataclass(frozen=True)
+class DBRoleRecord:
+    grant_id: int
+    target: str
+    role: str
+    created_at: float
+    dropped_at: float | None = None
+
+
 class Store(Protocol):
     async def create_request(self, *, requester: str, target: str, login: str, duration: int,
                              reason: str, policy: str, now: float) -> AccessRequest: ...
@@ -69,4 +78,8 @@ class Store(Protocol):
     async def list_sessions(self, *, live: bool | None = None, user: str | None = None,
                             limit: int = 100) -> list[SessionRecord]: ...
     async def close_orphan_sessions(self, *, now: float, reason: str) -> int: ...
+    async def record_db_role(self, *, grant_id: int, target: str, role: str,
+                             now: float) -> None: ...
+    async def mark_db_role_dropped(self, role: str, *, now: float) -> None: ...
+    async def list_db_roles(self, *, live: bool = True) -> list[DBRoleRecord]: ...
     async def close(self) -> None: ...

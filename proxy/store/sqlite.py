@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from proxy.access.model import AccessRequest, Grant, GrantStatus, RequestStatus
-from proxy.store import CertificateRecord, SessionRecord
+from proxy.store import CertificateRecord, DBRoleRecord, SessionRecord
 
 T = TypeVar("T")
 
@@ -59,6 +59,15 @@ MIGRATIONS: list[str] = [
         bytes_up INTEGER NOT NULL DEFAULT 0, bytes_down INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX sessions_live ON sessions(ended_at);
+    """,
+    # 2: ephemeral database roles (names only: passwords live in memory, never on disk)
+    """
+    CREATE TABLE db_roles (
+        grant_id INTEGER PRIMARY KEY REFERENCES grants(id),
+        target TEXT NOT NULL, role TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL, dropped_at REAL
+    );
+    CREATE INDEX db_roles_live ON db_roles(dropped_at);
     """,
 ]
 
@@ -297,6 +306,22 @@ class SQLiteStore:
             return db.execute("UPDATE sessions SET ended_at=?, end_reason=? WHERE ended_at IS NULL",
                               (now, reason)).rowcount
         return await self._write(fn)
+
+    # --- ephemeral database roles ---------------------------------------------------------------
+
+    async def record_db_role(self, *, grant_id: int, target: str, role: str, now: float) -> None:
+        """Remember that ``role`` exists for ``grant_id`` (idempotent)."""
+        await self._write(lambda db: db.execute(
+            "INSERT INTO db_roles (grant_id, target, role, created_at) VALUES (?,?,?,?)"
+            " ON CONFLICT(grant_id) DO NOTHING", (grant_id, target, role, now)))
+
+    async def mark_db_role_dropped(self, role: str, *, now: float) -> None:
+        await self._write(lambda db: db.execute(
+            "UPDATE db_roles SET dropped_at=? WHERE role=? AND dropped_at IS NULL", (now, role)))
+
+    async def list_db_roles(self, *, live: bool = True) -> list[DBRoleRecord]:
+        sql = "SELECT * FROM db_roles" + (" WHERE dropped_at IS NULL" if live else "")
+        return [DBRoleRecord(**dict(r)) for r in await self._read(sql + " ORDER BY grant_id")]
 
     async def close(self) -> None:
         await self._run(self._db.close)

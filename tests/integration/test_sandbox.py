@@ -70,13 +70,17 @@ def sandbox(tmp_path):
     deadline = time.monotonic() + 60
     while not (d / "sandbox.json").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            proc.terminate()
             pytest.fail(f"sandbox did not start: {proc.stdout.read().decode()}")
         time.sleep(0.1)
     yield d, proc, env
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    if proc.poll() is None:  # SIGTERM, so the sandbox stops its sshd too
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_sandbox_walkthrough_as_written_then_sigterm_leaves_nothing(sandbox):

@@ -24,7 +24,9 @@ def granted(env):
 
 def test_known_hosts_with_only_the_cert_authority_line_is_enough(env, granted):
     kh = (env.root / "known_hosts").read_text().strip().splitlines()
-    assert len(kh) == 1 and kh[0].startswith("@cert-authority * ssh-ed25519 ")
+    assert len(kh) == 1
+    assert kh[0].startswith(f"@cert-authority jit-proxy,[jit-proxy]:{env.port},web1,web2 "
+                            "ssh-ed25519 ")
     r = env.jump("alice", "echo via-proxy", )
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == b"via-proxy\n"
@@ -43,7 +45,7 @@ def test_empty_known_hosts_is_refused_by_the_client(env, granted, tmp_path):
     # for the jump host, the inner hop still verifies (the certificate names web1)
     cfg2 = tmp_path / "ssh_config2"
     kh2 = tmp_path / "kh2"
-    kh2.write_text(env.ca.known_hosts_line().replace("@cert-authority *", "@cert-authority jit-proxy") + "\n")
+    kh2.write_text(env.ca.known_hosts_line("jit-proxy") + "\n")
     cfg2.write_text(env.ssh_config.read_text().replace(str(env.root / "known_hosts"), str(kh2)))
     r = env.run(["ssh", "-F", str(cfg2), "-J", "alice@jit-proxy", f"{env.login}@web1", "true"],
                 stdin=subprocess.DEVNULL)
@@ -182,7 +184,8 @@ def test_local_forwarding_inside_the_target_session_is_refused(env, granted):
         port = s.getsockname()[1]
     args = env.jump_args("alice")
     proc = subprocess.Popen(args[:1] + ["-N", "-L", f"127.0.0.1:{port}:127.0.0.1:{env.target.port}"]
-                            + args[1:], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            + args[1:], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -196,7 +199,7 @@ def test_local_forwarding_inside_the_target_session_is_refused(env, granted):
             conn.settimeout(10)
             assert conn.recv(100) == b""  # closed at once: no SSH banner from the target
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # ssh and its ProxyJump child, which holds stderr
         err = proc.communicate(timeout=10)[1]
     assert b"administratively prohibited" in err
     assert any(e["dest_port"] == env.target.port for e in env.audit_events("ssh.forward.refused")
