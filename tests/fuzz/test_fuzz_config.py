@@ -1,8 +1,9 @@
 """Fuzzing proxy.config.parse_config: whatever the text, the result is a Config or a ConfigError
 whose every message reads ``FILE:LINE: ...`` — never any other exception.
 
-Known bugs (documented by strict xfail tests in tests/unit/test_unit_config.py) are kept out of the
-generated inputs by ``_avoid_known_bugs``; remove a pattern there when its bug is fixed.
+These tests found the loader crashing on unknown tags, unconstructible scalars (``=``, impossible
+dates, ``0x_``), merge keys, recursive aliases and deep nesting; tests/unit/test_unit_config.py
+keeps those cases as regression tests.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 import re
 
 import asyncssh
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import Config, ConfigError, parse_config
@@ -19,17 +20,11 @@ from proxy.config import Config, ConfigError, parse_config
 FILENAME = "fuzz/jit-proxy.yaml"
 MESSAGE = re.compile(rf"^{re.escape(FILENAME)}:\d+: ")
 
-# Inputs that trigger bugs already documented as strict xfails:
-#   !        unknown YAML tags -> ConstructorError            (test_bug_unknown_yaml_tag)
-#   & *      anchors/aliases, recursive ones -> RecursionError (test_bug_recursive_yaml)
-#   <<       merge keys -> ConstructorError                   (test_bug_merge_key)
-#   dates    impossible implicit timestamps -> ValueError     (test_bug_unconstructible_scalar)
-#   0b_ 0x_  implicit ints with no digits -> ValueError       (test_bug_unconstructible_scalar)
-_KNOWN_BUG = re.compile(r"[!&*]|<<|[0-9]{4}-[0-9][0-9]?-[0-9][0-9]?|0[bx]_")
-
-
-def _avoid_known_bugs(text: str) -> None:
-    assume(not _KNOWN_BUG.search(text))
+# A known bug still open: explicit core tags on values they cannot read (``!!int`` on an empty
+# value, ``!!bool x``, ``!!timestamp x``) escape as IndexError/KeyError/AttributeError; see the
+# strict xfail test_bug_explicit_core_tag_on_unreadable_value in tests/unit/test_unit_config.py.
+# Inputs with such a tag are skipped; delete this filter when that bug is fixed.
+_OPEN_BUG = re.compile(r"!!(int|float|bool|timestamp)|tag:yaml\.org|!<|%TAG")
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +61,7 @@ policies:
 
 
 def _check(text: str) -> None:
+    assume(not _OPEN_BUG.search(text))
     try:
         result = parse_config(text, FILENAME)
     except ConfigError as exc:
@@ -83,35 +79,35 @@ def test_valid_config_is_valid():
 
 YAMLISH = st.lists(st.sampled_from(list(
     "abcdefghijklmnopqrstuvwxyz_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-    " \t\n\r-:[]{},.#?|>'\"%@`~+/=\\\x00\x85\u2028\ufeff") + [
+    " \t\n\r-:[]{},.#?|>'\"%@`~+/=\\\x00\x85\u2028\ufeff!&*<") + [
     "ssh", "users", "groups", "targets", "policies", "keys", "members", "name", "approvers",
     "requesters", "logins", "max_duration", "listen_port", "host_key", "host_ca", "address",
-    "group:", "user:", "null", "true", "1h", "0s", "\n  ", "\n    - ", ": "]),
+    "group:", "user:", "null", "true", "1h", "0s", "\n  ", "\n    - ", ": ", "<<: ", "&a ",
+    "*a", "!!str ", "!!binary ", "!!set ", "!!null ", "!x ", "2001-13-01", "0x_", "=", "? "]),
     max_size=120).map("".join)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=400, deadline=None)
 @given(st.text(max_size=300))
 def test_arbitrary_text(text):
-    _avoid_known_bugs(text)
     _check(text)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=300, deadline=None)
 @given(YAMLISH)
 def test_yaml_like_text(text):
-    _avoid_known_bugs(text)
     _check(text)
 
 
 _EDIT = st.tuples(
     st.sampled_from(["delete", "insert", "replace"]),
     st.floats(min_value=0, max_value=1, exclude_max=True),
-    st.sampled_from(list("aZ09_ -:[]{},.#'\"\n\t/+=") + ["\u00e9", "\x7f", "\u2028", "\x00"]),
+    st.sampled_from(list("aZ09_ -:[]{},.#'\"\n\t/+=!&*<|>?")
+                    + ["\u00e9", "\x7f", "\u2028", "\x00", "&a ", "*a", "<<: "]),
 )
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=200, deadline=None)
 @given(st.lists(_EDIT, min_size=1, max_size=6))
 def test_mutated_valid_config(edits):
     text = _valid_config()
@@ -123,21 +119,20 @@ def test_mutated_valid_config(edits):
             text = text[:i] + char + text[i:]
         else:
             text = text[:i] + char + text[i + 1:]
-    _avoid_known_bugs(text)
     _check(text)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.integers(min_value=0), st.integers(min_value=1, max_value=40))
-def test_truncated_valid_config(cut, _):
+def test_every_prefix_of_valid_config():
     text = _valid_config()
-    _check(text[: cut % (len(text) + 1)])
+    assert not _OPEN_BUG.search(text)
+    for cut in range(len(text) + 1):
+        _check(text[:cut])
 
 
 _LINES = _valid_config().splitlines(keepends=True)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=len(_LINES) - 1), max_size=8),
        st.permutations(range(len(_LINES))))
 def test_lines_dropped_or_shuffled(dropped, order):

@@ -71,3 +71,13 @@ def test_round_trip_canonical_text(d, h, m, s):
             parse_duration("0s")
         return
     assert format_duration(parse_duration(text)) == text
+
+
+@pytest.mark.xfail(strict=True,
+                   reason="BUG: the parser's \\d matches any Unicode decimal digit, so "
+                          "'\\u0663m' (Arabic-Indic three) and fullwidth '\\uff11h' are accepted "
+                          "as 3m and 1h; durations should be ASCII digits only ([0-9] or re.ASCII)")
+@pytest.mark.parametrize("text", ["\u0663m", "\uff11h", "1\u0660m"])
+def test_bug_non_ascii_digits_accepted(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
