@@ -19,7 +19,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       ValidationError,
                       field_validator, model_validator)
 
-from proxy.access.duration import parse_duration
+from proxy.access.duration import MAX_DURATION, parse_duration
 
 NAME_PATTERN = r"^[a-z_][a-z0-9_.-]{0,63}$"
 
@@ -30,6 +30,8 @@ def _duration(value: Any) -> int:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError("a duration must be longer than 0s")
+        if value > MAX_DURATION:
+            raise ValueError(f"a duration must be at most {MAX_DURATION}s (366 days)")
         return value
     if isinstance(value, str):
         return parse_duration(value)
@@ -246,6 +248,7 @@ Path_ = tuple[Any, ...]
 
 MAX_DEPTH = 32
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_NODES = 200_000
 _MAP_TAG, _SEQ_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -260,6 +263,8 @@ class _Builder:
         self.lines: dict[Path_, int] = {}
         self.errors: list[tuple[Path_, int, str]] = []
         self._active: set[int] = set()
+        self._built: dict[int, Any] = {}
+        self._count = 0
 
     def _error(self, path: Path_, node: yaml.Node, message: str) -> None:
         self.errors.append((path, node.start_mark.line + 1, message))
@@ -267,13 +272,20 @@ class _Builder:
     def _scalar(self, node: yaml.Node, path: Path_) -> Any:
         try:
             return self.loader.construct_object(node, deep=True)
-        except (yaml.YAMLError, ValueError, OverflowError, TypeError) as exc:
+        except Exception as exc:  # PyYAML's constructors raise many kinds on odd scalars
             problem = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
             self._error(path, node, f"cannot read this value: {problem}")
             return None
 
     def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
+        self._count += 1
+        if self._count > MAX_NODES:
+            if self._count == MAX_NODES + 1:
+                self._error(path, node, f"more than {MAX_NODES} values (aliases expanded)")
+            return None
+        if id(node) in self._built:  # an alias of a node already built: share the value
+            return self._built[id(node)]
         if len(path) > MAX_DEPTH:
             self._error(path, node, f"nested deeper than {MAX_DEPTH} levels")
             return None
@@ -288,10 +300,13 @@ class _Builder:
         self._active.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
-                return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-            return self._mapping(node, path)
+                value: Any = [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+            else:
+                value = self._mapping(node, path)
         finally:
             self._active.discard(id(node))
+        self._built[id(node)] = value
+        return value
 
     def _key(self, key_node: yaml.Node, path: Path_) -> str | None:
         if isinstance(key_node, yaml.ScalarNode):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_PART = re.compile(r"(\d{1,9})([smhdw])")
-_WHOLE = re.compile(r"(?:\d{1,9}[smhdw])+")
+_PART = re.compile(r"([0-9]{1,9})([smhdw])")
+_WHOLE = re.compile(r"(?:[0-9]{1,9}[smhdw])+")
+MAX_DURATION = 366 * 86400  # seconds: no access, request or certificate lasts longer than this
 
 
 def parse_duration(text: str) -> int:
@@ -26,6 +27,8 @@ def parse_duration(text: str) -> int:
     seconds = sum(int(n) * _UNITS[u] for n, u in _PART.findall(t))
     if seconds <= 0:
         raise ValueError(f"invalid duration {text!r}: must be longer than 0s")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"invalid duration {text!r}: longer than {format_duration(MAX_DURATION)}")
     return seconds
 
 

@@ -24,6 +24,7 @@ from proxy.clock import Clock, rfc3339
 
 GENESIS = "0" * 64
 _EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+_RESERVED = frozenset({"ts", "type", "actor", "prev", "hash"})
 _SECRET_FIELD = re.compile(r"pass(word|phrase)|secret|private|token", re.I)
 
 
@@ -35,26 +36,62 @@ def _hash(event: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(event)).hexdigest()
 
 
-def _last_hash(path: Path) -> str:
-    """The ``hash`` of the file's last line (reading only its tail), or GENESIS when empty."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        block = 65536
-        pos = size
-        tail = b""
-        while pos > 0:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            tail = f.read(step) + tail
-            lines = tail.rstrip(b"\n").split(b"\n")
-            if len(lines) > 1 or pos == 0:
-                last = lines[-1]
-                if not last:
-                    return GENESIS
-                return json.loads(last)["hash"]
-    return GENESIS
+class AuditLogError(Exception):
+    """The existing log cannot be continued; the message names the file and what to do."""
+
+
+def _tail(f, size: int) -> tuple[int, bytes]:
+    """(offset, bytes) of the file's last line, newline included if present."""
+    pos, tail = size, b""
+    while pos > 0:
+        step = min(65536, pos)
+        pos -= step
+        f.seek(pos)
+        tail = f.read(step) + tail
+        cut = tail.rfind(b"\n", 0, len(tail) - 1)
+        if cut >= 0:
+            return pos + cut + 1, tail[cut + 1:]
+    return 0, tail
+
+
+def _recover(path: Path) -> tuple[str, dict | None]:
+    """The last line's hash, after repairing a torn last write.
+
+    A last line without its newline is a write the previous process did not finish: when it is a
+    whole event it gets its newline; otherwise it is cut off, and the repair (bytes removed and
+    their SHA-256) is returned so it can be audited.
+
+    Raises:
+        AuditLogError: a complete last line that is not an event of this log.
+    """
+    repair = None
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return GENESIS, None
+        offset, last = _tail(f, size)
+        if not last.endswith(b"\n"):
+            try:
+                event = json.loads(last)
+                claimed = event["hash"]
+            except (ValueError, KeyError, TypeError):
+                f.truncate(offset)
+                repair = {"removed_bytes": len(last),
+                          "removed_sha256": hashlib.sha256(last).hexdigest()}
+                size = offset
+                if size == 0:
+                    return GENESIS, repair
+                offset, last = _tail(f, size)
+            else:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                return claimed, None
+        try:
+            return json.loads(last)["hash"], repair
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise AuditLogError(f"{path}: the last line is not an audit event; run 'jit-proxy audit "
+                            f"verify {path}', keep the file as evidence and start a new log")
 
 
 class AuditLog:
@@ -66,7 +103,13 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "ab", buffering=0)
-        self._prev = _last_hash(self.path)
+        try:
+            self._prev, repair = _recover(self.path)
+        except BaseException:
+            self._file.close()
+            raise
+        if repair is not None:
+            self.emit("audit.log.repaired", "system", why="torn last write removed", **repair)
 
     def emit(self, type: str, actor: str, **fields: Any) -> dict[str, Any]:
         """Append one event and return it (with ``prev`` and ``hash``).
@@ -81,6 +124,8 @@ class AuditLog:
         if not _EVENT_TYPE.match(type):
             raise ValueError(f"audit event type {type!r} is not dotted lowercase")
         for name in fields:
+            if name in _RESERVED:
+                raise ValueError(f"audit field {name!r} is set by the log itself")
             if _SECRET_FIELD.search(name):
                 raise ValueError(f"audit field {name!r} looks like a secret; never log secrets")
         event: dict[str, Any] = {"ts": rfc3339(self._clock.now()), "type": type, "actor": actor}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from proxy.access import policy
 from proxy.access.duration import format_duration, parse_duration
 from proxy.clock import rfc3339
 from proxy.runtime.service import AccessError, AccessService
+
+MAX_COMMAND_LINE = 16384  # characters
 
 HELP = """\
 jit-proxy: just-in-time access. Commands (each takes --json):
@@ -31,7 +34,9 @@ jit-proxy: just-in-time access. Commands (each takes --json):
   sessions                           live sessions through the proxy
   targets                            what you may request
   whoami                             who the proxy thinks you are
-  ca                                 lines that make clients and targets trust the proxy's CA
+  db-login TARGET [--role ROLE]      a one-time secret and the psql command for a database grant
+  ca [--pg]                          lines that make clients and targets trust the proxy's CA
+                                     (--pg: the CA certificate for psql's sslrootcert)
   help                               this text
 Then connect with:  ssh -J jit-proxy LOGIN@TARGET
 """
@@ -56,6 +61,16 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message or "")
 
 
+def _id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"no such id: {text}")
+    return value
+
+
 def _duration(text: str) -> int:
     try:
         return parse_duration(text)
@@ -78,17 +93,22 @@ def _parser() -> _Parser:
     who.add_argument("--login", help="account on an SSH target")
     who.add_argument("--role", dest="login", help="role name on a PostgreSQL target")
     c.add_argument("--for", dest="duration", required=True, type=_duration)
-    c.add_argument("--reason", required=True, nargs="+")
+    c.add_argument("--reason", required=True)
     cmd("requests").add_argument("--pending", action="store_true")
     c = cmd("approve")
-    c.add_argument("id", type=int)
-    c.add_argument("--comment", nargs="+")
+    c.add_argument("id", type=_id)
+    c.add_argument("--comment")
     c = cmd("deny")
-    c.add_argument("id", type=int)
-    c.add_argument("--reason", required=True, nargs="+")
+    c.add_argument("id", type=_id)
+    c.add_argument("--reason", required=True)
     cmd("grants").add_argument("--all", action="store_true")
-    cmd("revoke").add_argument("grant_id", type=int)
-    for name in ("sessions", "targets", "whoami", "ca", "help"):
+    cmd("revoke").add_argument("grant_id", type=_id)
+    c = cmd("db-login")
+    c.add_argument("target")
+    c.add_argument("--role", help="which of your grants on TARGET, when you hold several")
+    cmd("ca").add_argument("--pg", action="store_true",
+                           help="print the CA certificate for PostgreSQL clients (sslrootcert)")
+    for name in ("sessions", "targets", "whoami", "help"):
         cmd(name)
     return p
 
@@ -124,16 +144,46 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_FREE_TEXT = re.compile(r"(?:^|\s)(--reason|--comment)(?:\s+|=)(.*?)(?=\s--[a-z][a-z-]*(?:\s|=|$)|$)",
+                        re.S)
+
+
+def split_command_line(line: str) -> list[str]:
+    """Split a command line as ssh delivers it (the client's words joined by spaces, quotes lost
+    unless doubled). ``--reason``/``--comment`` take the raw text up to the next option, without
+    one level of surrounding quotes, so apostrophes and quotes inside them survive; the rest is
+    split with shell rules (plain whitespace when the quoting is unbalanced)."""
+    texts: list[tuple[str, str]] = []
+
+    def hold(m: re.Match) -> str:
+        value = m.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        texts.append((m.group(1), value))
+        return f" {m.group(1)} \0{len(texts) - 1}\0"
+
+    rest = _FREE_TEXT.sub(hold, line)
+    try:
+        words = shlex.split(rest)
+    except ValueError:  # unbalanced quotes outside free text
+        words = rest.split()
+    out = []
+    for w in words:
+        m = re.fullmatch(r"\0(\d+)\0", w)
+        out.append(texts[int(m.group(1))][1] if m else w)
+    return out
+
+
 async def run_command(service: AccessService, actor: str, command_line: str) -> Result:
     """Run one command line for ``actor``; never raises for user mistakes.
 
     Returns:
         ``Result(status, out, err)``: 0 on success, 1 when refused, 2 on a usage error.
     """
-    try:
-        argv = shlex.split(command_line)
-    except ValueError:  # e.g. an apostrophe in a reason that ssh passed unquoted
-        argv = command_line.split()
+    if "\0" in command_line or len(command_line) > MAX_COMMAND_LINE:
+        return Result(2, err=f"jit-proxy: command lines are text of at most {MAX_COMMAND_LINE} "
+                             f"characters\n")
+    argv = split_command_line(command_line)
     if not argv:
         return Result(0, out=HELP)
     if argv[0] in ("-h", "--help"):
@@ -145,9 +195,6 @@ async def run_command(service: AccessService, actor: str, command_line: str) -> 
         return Result(2, err=f"{exc}\nTry 'ssh jit-proxy help'.\n")
     if args.command is None:
         return Result(2, err=HELP)
-    for name in ("reason", "comment"):  # ssh joins words: --reason may arrive as several
-        if isinstance(getattr(args, name, None), list):
-            setattr(args, name, " ".join(getattr(args, name)))
     try:
         data, text = await _dispatch(service, actor, args)
     except AccessError as exc:
@@ -220,6 +267,13 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         text += "".join(f"grant {g['id']}: {g['login']}@{g['target']} until {g['ends_at']}\n"
                         for g in grants) or "no active grants\n"
         return data, text
+    if args.command == "db-login":
+        return await _db_login(service, actor, args)
+    if args.command == "ca" and args.pg:
+        if service.postgres is None:
+            raise AccessError("this proxy has no PostgreSQL port (no 'postgres' section)")
+        pem = service.postgres.x509.certificate_pem.decode()
+        return {"pg_ca_pem": pem}, pem
     if args.command == "ca":
         data = {"known_hosts": service.known_hosts_line(),
                 "user_ca": service.ca.user_ca_public}
@@ -229,3 +283,37 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
                 + data["user_ca"] + "\n")
         return data, text
     raise AssertionError(f"unhandled command {args.command}")
+
+
+async def _db_login(service: AccessService, actor: str, args: argparse.Namespace
+                    ) -> tuple[Any, str]:
+    """Mint a one-time secret for the actor's live grant on a PostgreSQL target."""
+    door = service.postgres
+    target = service.config.targets.get(args.target)
+    if door is None or target is None or target.kind != "postgres":
+        raise AccessError(f"{args.target!r} is not a PostgreSQL target; 'targets' lists them")
+    grants = [g for g in service.live_grants_on(actor, args.target)
+              if args.role is None or g.login == args.role]
+    if not grants:
+        service.audit.emit("db.login.refused", actor, target=args.target, why="no active grant")
+        raise AccessError(f"{actor} has no active grant for {args.target}. Request one with: "
+                          f"ssh jit-proxy request {args.target} --role ROLE --for 30m "
+                          f"--reason \"...\"")
+    grant = max(grants, key=lambda g: g.ends_at)
+    secret = door.mint_secret(grant)
+    cfg = service.config.postgres
+    host, port = cfg.host_names[0], door.port
+    expires = rfc3339(min(service.clock.now() + cfg.secret_ttl, grant.ends_at))
+    service.audit.emit("db.login.issued", actor, target=args.target, grant=grant.id,
+                       role=grant.login, expires_at=expires)
+    uri = (f"postgresql://{actor}:{secret}@{host}:{port}/{args.target}"
+           f"?sslmode=verify-full&sslrootcert=jit-ca.pem")
+    data = {"target": args.target, "grant": grant.id, "role": grant.login, "host": host,
+            "port": port, "user": actor, "password": secret, "uri": uri, "expires_at": expires}
+    text = (f"One-time secret for {args.target} (grant {grant.id}, role {grant.login}), single "
+            f"use, valid until {expires}.\n"
+            f"Save the CA certificate once:  ssh jit-proxy ca --pg > jit-ca.pem\n"
+            f"Then:\n  psql \"{uri}\"\n"
+            f"or:\n  PGPASSWORD='{secret}' psql \"host={host} port={port} user={actor} "
+            f"dbname={args.target} sslmode=verify-full sslrootcert=jit-ca.pem\"\n")
+    return data, text

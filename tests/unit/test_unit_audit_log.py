@@ -257,9 +257,7 @@ def test_verify_missing_file_raises(tmp_path):
 
 # --- known bugs ----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: emit(**fields) lets a field named 'ts' replace the "
-                                       "clock's timestamp (event.update(fields) after setting ts)")
-def test_bug_field_cannot_override_timestamp(tmp_path):
+def test_field_cannot_override_timestamp(tmp_path):
     log = AuditLog(tmp_path / "a.jsonl", ManualClock(T0))
     try:
         event = log.emit("a.b", "x", ts="1970-01-01T00:00:00.000Z")
@@ -270,11 +268,7 @@ def test_bug_field_cannot_override_timestamp(tmp_path):
     assert event["ts"] == "2027-01-15T08:00:00.000Z"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AuditLog appends to a log whose last line lost its "
-                                       "newline (torn write, crash) without adding one first, so "
-                                       "the new event is glued onto the last line and that "
-                                       "previously valid line no longer verifies")
-def test_bug_reopen_after_missing_final_newline(tmp_path):
+def test_reopen_after_missing_final_newline(tmp_path):
     path = tmp_path / "audit.jsonl"
     write_log(path, n=2)
     path.write_bytes(path.read_bytes()[:-1])  # the last event is whole; only its newline is lost

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.access.duration import format_duration, parse_duration
+from proxy.access.duration import MAX_DURATION, format_duration, parse_duration
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -52,8 +52,8 @@ def test_format(seconds, text):
     assert format_duration(seconds) == text
 
 
-# Each part allows at most 9 digits, and format_duration's largest unit is the day.
-MAX_ROUND_TRIP = 999_999_999 * 86400 + 86399
+# parse_duration refuses anything longer than MAX_DURATION (366 days).
+MAX_ROUND_TRIP = MAX_DURATION
 
 
 @settings(max_examples=300, deadline=None)
@@ -63,7 +63,7 @@ def test_round_trip_seconds(n):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 999), st.integers(0, 23), st.integers(0, 59), st.integers(0, 59))
+@given(st.integers(0, 365), st.integers(0, 23), st.integers(0, 59), st.integers(0, 59))
 def test_round_trip_canonical_text(d, h, m, s):
     text = "".join(f"{n}{u}" for n, u in ((d, "d"), (h, "h"), (m, "m"), (s, "s")) if n)
     if not text:
@@ -73,11 +73,7 @@ def test_round_trip_canonical_text(d, h, m, s):
     assert format_duration(parse_duration(text)) == text
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG: the parser's \\d matches any Unicode decimal digit, so "
-                          "'\\u0663m' (Arabic-Indic three) and fullwidth '\\uff11h' are accepted "
-                          "as 3m and 1h; durations should be ASCII digits only ([0-9] or re.ASCII)")
 @pytest.mark.parametrize("text", ["\u0663m", "\uff11h", "1\u0660m"])
-def test_bug_non_ascii_digits_accepted(text):
+def test_non_ascii_digits_are_refused(text):
     with pytest.raises(ValueError):
         parse_duration(text)
