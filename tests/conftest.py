@@ -45,12 +45,73 @@ requires_openssh = pytest.mark.skipif(not _ssh_available() and not os.environ.ge
                                       reason="OpenSSH client/server not installed")
 
 
-class Env:
-    """One proxy process, one sshd target, three users (alice, carol: dev; bob: sre approver)."""
+class PgCluster:
+    """A throwaway PostgreSQL cluster with TLS (its own CA), an owner role, an application role,
+    and two databases: ``orders`` (table ``items``, 3 rows) and ``other`` (table ``notes``)."""
 
-    def __init__(self, root: Path, login: str):
+    SUPERUSER_PASSWORD = "jit-test-superuser"
+
+    def __init__(self):
+        import tempfile
+        from ca.x509 import X509CertificateAuthority
+        from proxy.runtime.sandbox import TargetPostgres
+        self.root = Path(tempfile.mkdtemp(prefix="jit-pg-"))
+        os.chmod(self.root, 0o711)  # the postgres account must reach its data directory
+        self.ca = X509CertificateAuthority.open(self.root / "ca", time.time(), name="upstream CA")
+        self.ca_file = self.root / "upstream-ca.pem"
+        self.ca_file.write_bytes(self.ca.certificate_pem)
+        cert = self.ca.issue_server_certificate(["127.0.0.1", "localhost"], now=time.time(),
+                                                validity=86400)
+        self.server = TargetPostgres(self.root / "pg", cert.chain_pem, cert.key_pem,
+                                     superuser_password=self.SUPERUSER_PASSWORD)
+        self.server.start()
+        self.port = self.server.port
+        self.admin_password_file = self.root / "admin.password"
+        self.admin_password_file.write_text(self.SUPERUSER_PASSWORD + "\n")
+        os.chmod(self.admin_password_file, 0o600)
+        self.sql("postgres", "CREATE ROLE app_owner NOLOGIN; CREATE ROLE app_writer NOLOGIN")
+        self.sql("postgres", "CREATE DATABASE orders OWNER app_owner")
+        self.sql("postgres", "CREATE DATABASE other")
+        self.sql("orders", """
+            CREATE TABLE items (id int PRIMARY KEY, name text);
+            INSERT INTO items VALUES (1, 'disk'), (2, 'cpu'), (3, NULL);
+            ALTER TABLE items OWNER TO app_owner;
+            GRANT SELECT, INSERT, UPDATE, DELETE ON items TO app_writer;
+            GRANT CREATE, USAGE ON SCHEMA public TO app_writer;
+        """)
+        self.sql("other", "CREATE TABLE notes (id int); INSERT INTO notes VALUES (42);")
+
+    def dsn(self, database: str = "postgres") -> dict:
+        return {"host": "127.0.0.1", "port": self.port, "user": "postgres",
+                "password": self.SUPERUSER_PASSWORD, "database": database}
+
+    def sql(self, database: str, statements: str, fetch: bool = False):
+        import asyncio
+        import asyncpg
+
+        async def run():
+            conn = await asyncpg.connect(**self.dsn(database), ssl=False)
+            try:
+                return await (conn.fetch(statements) if fetch else conn.execute(statements))
+            finally:
+                await conn.close()
+        return asyncio.run(run())
+
+    def close(self) -> None:
+        self.server.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Env:
+    """One proxy process, one sshd target, three users (alice, carol: dev; bob: sre approver),
+    and with ``pg`` a PostgreSQL target ``orders`` (roles read and write) behind the proxy's
+    PostgreSQL port."""
+
+    def __init__(self, root: Path, login: str, pg: PgCluster | None = None):
         self.root = root
         self.login = login
+        self.pg = pg
+        self.pg_port = 0
         self.keys = root / "keys"
         self.keys.mkdir(parents=True, mode=0o700)
         self.pub = {}
@@ -70,37 +131,39 @@ class Env:
 
     # --- configuration -------------------------------------------------------------------------
 
-    def write_config(self, extra_policy: str = "") -> None:
-        self.config_path.write_text(textwrap.dedent(f"""\
-            state_dir: {self.state}
-            ssh:
-              listen_address: 127.0.0.1
-              listen_port: 0
-              host_names: [jit-proxy]
-            users:
-              alice: {{keys: ["{self.pub['alice']}"]}}
-              bob: {{keys: ["{self.pub['bob']}"]}}
-              carol: {{keys: ["{self.pub['carol']}"]}}
-            groups:
-              dev: {{members: [alice, carol]}}
-              sre: {{members: [bob]}}
-            targets:
-              web1:
-                address: 127.0.0.1
-                port: {self.target.port}
-                host_key: "{self.target_host_key}"
-              web2:
-                address: 127.0.0.1
-                port: {self.target.port}
-                host_key: "{self.target_host_key}"
-            policies:
-              - name: web
-                targets: [web1, web2]
-                logins: [{self.login}, otherlogin]
-                requesters: ["group:dev"]
-                approvers: ["group:sre"]
-                max_duration: 4h
-            """) + extra_policy)
+    def config(self) -> dict:
+        """The proxy's configuration as data (tests may change it, then ``write_config``)."""
+        ssh_target = {"address": "127.0.0.1", "port": self.target.port,
+                      "host_key": self.target_host_key}
+        config: dict = {
+            "state_dir": str(self.state),
+            "ssh": {"listen_address": "127.0.0.1", "listen_port": 0, "host_names": ["jit-proxy"]},
+            "users": {u: {"keys": [self.pub[u]]} for u in USERS},
+            "groups": {"dev": {"members": ["alice", "carol"]}, "sre": {"members": ["bob"]}},
+            "targets": {"web1": dict(ssh_target), "web2": dict(ssh_target)},
+            "policies": [{"name": "web", "targets": ["web1", "web2"],
+                          "logins": [self.login, "otherlogin"], "requesters": ["group:dev"],
+                          "approvers": ["group:sre"], "max_duration": "4h"}],
+        }
+        if self.pg is not None:
+            pg = self.pg
+            config["postgres"] = {"listen_address": "127.0.0.1", "listen_port": 0,
+                                  "host_names": ["127.0.0.1", "localhost"]}
+            config["targets"]["orders"] = {
+                "kind": "postgres", "address": "127.0.0.1", "port": pg.port,
+                "database": "orders",
+                "admin": {"user": "postgres", "password_file": str(pg.admin_password_file)},
+                "roles": {"read": ["pg_read_all_data"], "write": ["app_writer"]},
+                "owner": "app_owner",
+                "tls": {"mode": "verify-full", "ca_file": str(pg.ca_file)}}
+            config["policies"].append({"name": "db", "targets": ["orders"],
+                                       "roles": ["read", "write"], "requesters": ["group:dev"],
+                                       "approvers": ["group:sre"], "max_duration": "1h"})
+        return config
+
+    def write_config(self, config: dict | None = None) -> None:
+        import yaml
+        self.config_path.write_text(yaml.safe_dump(config or self.config(), sort_keys=False))
 
     # --- the proxy process ---------------------------------------------------------------------
 
@@ -115,7 +178,9 @@ class Env:
         while time.monotonic() < deadline:
             text = self.log_path.read_bytes()[offset:].decode(errors="replace")
             m = re.search(r"listening for SSH on 127\.0\.0\.1:(\d+)", text)
-            if m:
+            pg = re.search(r"listening for PostgreSQL on 127\.0\.0\.1:(\d+)", text)
+            if m and (self.pg is None or pg):
+                self.pg_port = int(pg.group(1)) if pg else 0
                 self.port = int(m.group(1))
                 self.ssh_config = client_files(self.root, self.port, self.known_hosts_line(),
                                                list(USERS), self.keys)
@@ -211,6 +276,31 @@ def test_login() -> str:
 def env(tmp_path_factory, test_login):
     """A running proxy shared by the tests of one module."""
     e = Env(tmp_path_factory.mktemp("jit"), test_login)
+    e.start()
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One PostgreSQL cluster for the whole run (initdb costs seconds)."""
+    cluster = PgCluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def pg_env(tmp_path_factory, test_login, pg_cluster):
+    """A running proxy with the PostgreSQL target ``orders``, shared by one module."""
+    e = Env(tmp_path_factory.mktemp("jitpg"), test_login, pg_cluster)
+    e.start()
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def fresh_pg_env(tmp_path, test_login, pg_cluster):
+    e = Env(tmp_path, test_login, pg_cluster)
     e.start()
     yield e
     e.close()

@@ -45,6 +45,8 @@ class Daemon:
         self.service: AccessService | None = None
         self.door: FrontDoor | None = None
         self.address: tuple[str, int] | None = None
+        self.roles = None  # RoleManager when PostgreSQL is configured
+        self.pg = None     # PostgresFrontDoor when PostgreSQL is configured
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> tuple[str, int]:
@@ -63,11 +65,26 @@ class Daemon:
         store = await SQLiteStore.open(state / "jit-proxy.db")
         audit = AuditLog(cfg.audit_log_path, self.clock)
         self.service = AccessService(cfg, store, audit, self.clock, ca, host_key)
+        if cfg.postgres is not None:
+            from ca.x509 import X509CertificateAuthority
+            from proxy.postgres.listener import PostgresFrontDoor
+            from proxy.postgres.roles import RoleManager
+            x509 = X509CertificateAuthority.open(state / "ca", self.clock.now(), passphrase)
+            self.roles = RoleManager(self.service)
+            self.pg = PostgresFrontDoor(self.service, self.roles, x509)
+            self.service.hooks += [self.roles, self.pg]
+            self.service.postgres = self.pg
         await self.service.start()
+        if self.roles is not None:
+            await self.roles.reconcile()
         self.door = FrontDoor(self.service)
         self.address = await self.door.listen()
-        audit.emit("proxy.started", "system", pid=os.getpid(),
-                   ssh_listen=f"{self.address[0]}:{self.address[1]}")
+        listening = {"ssh_listen": f"{self.address[0]}:{self.address[1]}"}
+        if self.pg is not None:
+            pg_address = await self.pg.listen()
+            listening["postgres_listen"] = f"{pg_address[0]}:{pg_address[1]}"
+            log.info("listening for PostgreSQL on %s:%d", *pg_address)
+        audit.emit("proxy.started", "system", pid=os.getpid(), **listening)
         self._tasks = [asyncio.get_running_loop().create_task(self._sweep()),
                        asyncio.get_running_loop().create_task(self._renew())]
         log.info("listening for SSH on %s:%d", *self.address)
@@ -88,6 +105,8 @@ class Daemon:
             await asyncio.sleep(RENEW_INTERVAL)
             try:
                 await self.door.renew_host_certificate()
+                if self.pg is not None:
+                    self.pg.renew_certificate()
             except Exception:
                 log.exception("host certificate renewal failed")
 
@@ -99,6 +118,10 @@ class Daemon:
                 await task
         if self.door is not None:
             self.door.close()
+        if self.pg is not None:
+            self.pg.close()
+        if self.roles is not None:
+            await self.roles.close()
         if self.service is not None:
             self.service.audit.emit("proxy.stopped", "system", pid=os.getpid())
             self.service.audit.close()

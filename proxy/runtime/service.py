@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncssh
 
@@ -77,6 +77,7 @@ class AccessService:
     _host_certs: dict[str, _HostCert] = field(default_factory=dict)
     hooks: list[GrantHooks] = field(default_factory=list)
     ssh_port: int = 22  # set by the listener once bound
+    postgres: Any = None  # the PostgreSQL front door (db-login, its CA) when configured
     _unpersisted: dict[int, Grant] = field(default_factory=dict)
 
     async def start(self) -> None:

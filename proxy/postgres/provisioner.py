@@ -1,0 +1,187 @@
+"""Ephemeral PostgreSQL roles: created at approval, torn down at the grant's end.
+
+What it is for: on one target cluster, as its configured admin, (1) create a grant's role — a
+prefixed, unique, quoted name, LOGIN, a random password sent only as a SCRAM-SHA-256 verifier so the
+plaintext reaches no server log, ``VALID UNTIL`` the grant's end, member of exactly the granted
+roles; (2) tear it down in DESIGN.md's order — NOLOGIN, terminate its backends, in every database
+reassign what it owns to the configured owner and drop the rest, DROP ROLE — reporting each step;
+(3) list the prefixed roles that exist, for reconciliation.
+
+What it must not do: log or audit a password; build SQL from unquoted names; keep admin connections
+open between operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import secrets
+import ssl
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import asyncpg
+import scramp
+
+from proxy.config import PostgresTarget
+from proxy.postgres.sql import quote_ident, quote_literal
+
+StepReporter = Callable[[str, dict], None]
+SCRAM_ITERATIONS = 4096
+TERMINATE_WAIT = 5.0  # seconds to wait for terminated backends to go away
+
+
+@dataclass(frozen=True)
+class EphemeralRole:
+    name: str
+    password: str  # never logged, never audited, never shown to the user
+
+    def __repr__(self) -> str:
+        return f"EphemeralRole(name={self.name!r}, password=<hidden>)"
+
+
+def role_name(prefix: str, user: str, grant_id: int) -> str:
+    """``{prefix}{user}_g{grant_id}``, lowercased, characters outside [a-z0-9_] replaced by ``_``,
+    cut to 63 bytes keeping the grant id (which makes it unique)."""
+    tail = f"_g{grant_id}"
+    safe = re.sub(r"[^a-z0-9_]", "_", user.lower())
+    return (prefix + safe)[:63 - len(tail)] + tail
+
+
+def scram_verifier(password: str) -> str:
+    """The ``SCRAM-SHA-256$iter:salt$StoredKey:ServerKey`` form PostgreSQL stores (RFC 7677)."""
+    salt, stored_key, server_key, iterations = scramp.ScramMechanism(
+        "SCRAM-SHA-256").make_auth_info(password, SCRAM_ITERATIONS)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def upstream_ssl(target: PostgresTarget) -> ssl.SSLContext | bool:
+    """The client TLS context for ``target.tls`` (verify-full checks chain and host name)."""
+    mode = target.tls.mode
+    if mode == "disable":
+        return False
+    ctx = ssl.create_default_context(cafile=str(target.tls.ca_file) if target.tls.ca_file else None)
+    if mode == "require":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif mode == "verify-ca":
+        ctx.check_hostname = False
+    return ctx
+
+
+class Provisioner:
+    """Role lifecycle on one target. ``report(step, fields)`` is called after each step."""
+
+    def __init__(self, target_name: str, target: PostgresTarget, prefix: str,
+                 report: StepReporter, connect_timeout: float = 10.0):
+        self.target_name = target_name
+        self.target = target
+        self.prefix = prefix
+        self.report = report
+        self.connect_timeout = connect_timeout
+
+    async def _admin(self, database: str | None = None) -> asyncpg.Connection:
+        t = self.target
+        password = Path(t.admin.password_file).read_text().split("\n", 1)[0]
+        return await asyncpg.connect(
+            host=t.address, port=t.port, user=t.admin.user, password=password,
+            database=database or t.admin.database, ssl=upstream_ssl(t),
+            server_settings={"standard_conforming_strings": "on",
+                             "application_name": "jit-proxy provisioner"},
+            timeout=self.connect_timeout, statement_cache_size=0)
+
+    async def _with_admin(self, fn: Callable[[asyncpg.Connection], Awaitable], *,
+                          database: str | None = None):
+        conn = await self._admin(database)
+        try:
+            return await fn(conn)
+        finally:
+            await conn.close(timeout=5)
+
+    async def create_role(self, name: str, member_of: list[str], valid_until: float
+                          ) -> EphemeralRole:
+        """Create ``name`` (or, if it exists from before a crash, reset it) with a new password.
+
+        Args:
+            valid_until: POSIX seconds; becomes ``VALID UNTIL``.
+        Raises:
+            asyncpg.PostgresError, OSError: the admin connection or a statement failed.
+        """
+        password = secrets.token_urlsafe(32)
+        until = datetime.fromtimestamp(valid_until, timezone.utc).isoformat()
+        attrs = (f"LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+                 f"PASSWORD {quote_literal(scram_verifier(password))} "
+                 f"VALID UNTIL {quote_literal(until)}")
+        roles = ", ".join(quote_ident(r) for r in member_of)
+
+        async def run(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name)
+                if exists:
+                    await conn.execute(f"ALTER ROLE {quote_ident(name)} WITH {attrs}")
+                else:
+                    await conn.execute(f"CREATE ROLE {quote_ident(name)} WITH {attrs}")
+                for role in member_of:
+                    await conn.execute(f"GRANT {quote_ident(role)} TO {quote_ident(name)}")
+        await self._with_admin(run)
+        self.report("db.role.created", {"role": name, "member_of": member_of,
+                                        "valid_until": until})
+        return EphemeralRole(name, password)
+
+    async def reset_password(self, name: str) -> EphemeralRole:
+        """Give an existing role a new password (after a restart: passwords live only in memory)."""
+        password = secrets.token_urlsafe(32)
+        await self._with_admin(lambda c: c.execute(
+            f"ALTER ROLE {quote_ident(name)} PASSWORD {quote_literal(scram_verifier(password))}"))
+        self.report("db.role.password_reset", {"role": name})
+        return EphemeralRole(name, password)
+
+    async def teardown(self, name: str) -> None:
+        """NOLOGIN, terminate backends, reassign/drop owned objects in every database, DROP ROLE.
+
+        Idempotent: a role that is already gone is reported as dropped.
+        Raises:
+            asyncpg.PostgresError, OSError: a step failed (the caller retries the whole teardown).
+        """
+        conn = await self._admin()
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
+                self.report("db.role.dropped", {"role": name, "already_gone": True})
+                return
+            await conn.execute(f"ALTER ROLE {quote_ident(name)} NOLOGIN")
+            self.report("db.role.nologin", {"role": name})
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+                name)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TERMINATE_WAIT
+            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                                      name) and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            self.report("db.role.backends_terminated", {"role": name, "count": killed})
+            databases = [r["datname"] for r in await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname")]
+        finally:
+            await conn.close(timeout=5)
+        for db in databases:
+            async def reassign(c: asyncpg.Connection) -> None:
+                async with c.transaction():
+                    await c.execute(f"REASSIGN OWNED BY {quote_ident(name)} TO "
+                                    f"{quote_ident(self.target.owner)}")
+                    await c.execute(f"DROP OWNED BY {quote_ident(name)}")
+            await self._with_admin(reassign, database=db)
+        self.report("db.role.objects_reassigned", {"role": name, "databases": databases,
+                                                   "owner": self.target.owner})
+        await self._with_admin(lambda c: c.execute(f"DROP ROLE IF EXISTS {quote_ident(name)}"))
+        self.report("db.role.dropped", {"role": name})
+
+    async def existing_roles(self) -> list[str]:
+        """Roles on the cluster whose names start with the prefix."""
+        rows = await self._with_admin(lambda c: c.fetch(
+            "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY rolname",
+            self.prefix))
+        return [r["rolname"] for r in rows]
