@@ -95,7 +95,13 @@ class PgCluster:
                 return await (conn.fetch(statements) if fetch else conn.execute(statements))
             finally:
                 await conn.close()
-        return asyncio.run(run())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(run())
+        import concurrent.futures  # called from a test's own event loop: run beside it
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run()).result()
 
     def close(self) -> None:
         self.server.stop()
@@ -112,6 +118,9 @@ class Env:
         self.login = login
         self.pg = pg
         self.pg_port = 0
+        # every proxy sharing the cluster gets its own role prefix, so that one's reconciliation
+        # never drops another's roles
+        self.role_prefix = f"j{os.urandom(3).hex()}_"
         self.keys = root / "keys"
         self.keys.mkdir(parents=True, mode=0o700)
         self.pub = {}
@@ -148,7 +157,8 @@ class Env:
         if self.pg is not None:
             pg = self.pg
             config["postgres"] = {"listen_address": "127.0.0.1", "listen_port": 0,
-                                  "host_names": ["127.0.0.1", "localhost"]}
+                                  "host_names": ["127.0.0.1", "localhost"],
+                                  "role_prefix": self.role_prefix}
             config["targets"]["orders"] = {
                 "kind": "postgres", "address": "127.0.0.1", "port": pg.port,
                 "database": "orders",

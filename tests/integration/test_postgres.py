@@ -6,6 +6,7 @@ import asyncio
 import os
 import ssl
 import subprocess
+import sys
 
 import asyncpg
 import pytest
@@ -44,5 +45,329 @@ def test_psql_verify_full_reaches_the_ephemeral_role(pg_env):
     assert login["grant"] == grant["id"]
     r = psql(pg_env, login, "SELECT current_user")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"jit_alice_g{grant['id']}"
+    assert r.stdout.strip() == f"{pg_env.role_prefix}alice_g{grant['id']}"
     assert pg_env.wait_event("db.role.created", lambda e: e["role"] == r.stdout.strip())
+
+
+def test_sslmode_prefer_and_gssencmode_prefer_work_and_disable_is_refused(pg_env):
+    db_grant(pg_env)
+    r = psql(pg_env, db_login(pg_env), "SELECT 1", sslmode="prefer", extra="gssencmode=prefer")
+    assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
+    r = psql(pg_env, db_login(pg_env), "SELECT 1", sslmode="disable")
+    assert r.returncode == 2
+    assert "FATAL:  jit-proxy requires TLS" in r.stderr
+    assert pg_env.wait_event("auth.failure", lambda e: e.get("why") == "no TLS")
+
+
+def test_gssencrequest_is_declined_then_tls_on_the_same_socket(pg_env):
+    import socket
+    import struct
+    with socket.create_connection(("127.0.0.1", pg_env.pg_port), timeout=10) as s:
+        s.sendall(struct.pack("!ii", 8, 80877104))  # GSSENCRequest
+        assert s.recv(1) == b"N"
+        s.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+        assert s.recv(1) == b"S"
+        ctx = ssl.create_default_context(cafile=ca_file(pg_env))
+        with ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.parametrize("case", ["no grant", "wrong secret", "other target"])
+def test_failed_logins_look_the_same_and_are_audited(pg_env, case):
+    if case == "no grant":
+        login = {"user": "carol", "password": "x" * 32}
+    else:
+        db_grant(pg_env)
+        login = db_login(pg_env)
+        if case == "wrong secret":
+            login = {**login, "password": login["password"][:-2] + "xx"}
+    extra = ""
+    conninfo_db = "orders" if case != "other target" else "web1"
+    r = subprocess.run(
+        ["psql", "-X", "-At", f"host=127.0.0.1 port={pg_env.pg_port} user={login['user']} "
+         f"dbname={conninfo_db} sslmode=verify-full sslrootcert={ca_file(pg_env)} {extra}",
+         "-c", "SELECT 1"], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PGPASSWORD": login["password"]})
+    assert r.returncode == 2
+    assert f'FATAL:  password authentication failed for user "{login["user"]}"' in r.stderr
+    assert "grant" not in r.stderr and "secret" not in r.stderr
+    assert pg_env.wait_event("auth.failure", lambda e: e["actor"] == login["user"]
+                             and e.get("method") == "scram")
+
+
+def test_a_secret_is_single_use(pg_env):
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    assert psql(pg_env, login, "SELECT 1").returncode == 0
+    r = psql(pg_env, login, "SELECT 1")
+    assert r.returncode == 2 and "password authentication failed" in r.stderr
+
+
+def _asyncpg_connect(env, login, **direct):
+    ctx = ssl.create_default_context(cafile=ca_file(env))
+    return asyncpg.connect(host="127.0.0.1", port=env.pg_port, user=login["user"],
+                           password=login["password"], database="orders", ssl=ctx)
+
+
+def test_extended_protocol_gives_the_same_results_as_direct(pg_env, pg_cluster):
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    queries = [
+        ("SELECT id, name FROM items WHERE id = ANY($1::int[]) ORDER BY id", ([1, 3],)),
+        ("SELECT $1::text IS NULL, $2::bytea, $3::int8 * 2", (None, b"\x00\xff\x10", 2**40)),
+        ("SELECT count(*) FROM items WHERE name IS NULL", ()),
+        ("SELECT x, md5(x::text) FROM generate_series(1, 2000) x", ()),
+    ]
+
+    async def run(connect):
+        conn = await connect
+        try:
+            out = []
+            for sql, args in queries:
+                stmt = await conn.prepare(sql)
+                out.append([tuple(r) for r in await stmt.fetch(*args)])
+                out.append([tuple(r) for r in await conn.fetch(sql, *args)])
+            return out
+        finally:
+            await conn.close()
+
+    through = asyncio.run(run(_asyncpg_connect(pg_env, login)))
+    direct = asyncio.run(run(asyncpg.connect(**pg_cluster.dsn("orders"), ssl=False)))
+    assert through == direct
+    assert through[0] == [(1, "disk"), (3, None)]
+    # and psql's simple protocol agrees
+    r = psql(pg_env, db_login(pg_env), "SELECT id, coalesce(name, 'NULL') FROM items ORDER BY id")
+    assert r.stdout.splitlines() == ["1|disk", "2|cpu", "3|NULL"]
+
+
+def test_every_statement_is_audited_in_order(pg_env):
+    grant = db_grant(pg_env)
+    statements = ["SELECT 1 AS one", "SELECT name FROM items WHERE id = 2",
+                  "SELECT count(*) FROM items"]
+    r = subprocess.run(
+        ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
+         f"host=127.0.0.1 port={pg_env.pg_port} user=alice dbname=orders sslmode=verify-full "
+         f"sslrootcert={ca_file(pg_env)}"],
+        input="".join(s + ";\n" for s in statements), capture_output=True, text=True,
+        timeout=30, env={**os.environ, "PGPASSWORD": db_login(pg_env)["password"]})
+    assert r.returncode == 0, r.stderr
+    start = pg_env.wait_event("db.session.start", lambda e: e["grant"] == grant["id"])
+    pg_env.wait_event("db.session.end", lambda e: e["session"] == start["session"])
+    got = [e["sql"].rstrip(";") for e in pg_env.audit_events("db.query")
+           if e["session"] == start["session"]]
+    assert got == statements
+    v = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "verify",
+                        str(pg_env.state / "audit.jsonl")], capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+
+
+def _psql_args(env, login):
+    return ["psql", "-X", "-v", "ON_ERROR_STOP=1",
+            f"host=127.0.0.1 port={env.pg_port} user={login['user']} dbname=orders "
+            f"sslmode=verify-full sslrootcert={ca_file(env)}"]
+
+
+def test_cancel_with_ctrl_c_and_the_connection_stays_usable(pg_env):
+    from tests.integration.ptyrun import PtySession
+    import time
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    os.environ["PGPASSWORD"] = login["password"]
+    try:
+        with PtySession(_psql_args(pg_env, login)) as s:
+            s.expect(b"orders=>")
+            s.send(b"SELECT pg_sleep(30);\r")
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            s.send(b"\x03")  # Ctrl-C: psql sends a CancelRequest
+            s.expect(b"canceling statement due to user request", timeout=10)
+            assert time.monotonic() - t0 < 2.0
+            s.send(b"SELECT 40 + 2 AS answer;\r")
+            s.expect(b"42")
+            s.send(b"\\q\r")
+            assert s.wait() == 0
+    finally:
+        del os.environ["PGPASSWORD"]
+    assert pg_env.wait_event("db.cancel", lambda e: e["known"] is True)
+
+
+def test_copy_a_million_rows_in_and_out(pg_env, tmp_path):
+    db_grant(pg_env, role="write")
+    rows = tmp_path / "rows.tsv"
+    with open(rows, "w") as f:
+        for i in range(1_000_000):
+            f.write(f"{i}\titem-{i}\n")
+    script = (f"CREATE TABLE copy_t (id int, name text);\n"
+              f"\\copy copy_t FROM '{rows}'\n"
+              f"SELECT count(*) FROM copy_t;\n"
+              f"\\copy copy_t TO '{tmp_path / 'out.tsv'}'\n"
+              f"DROP TABLE copy_t;\n")
+    login = db_login(pg_env)
+    r = subprocess.run(_psql_args(pg_env, login) + ["-At"], input=script,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PGPASSWORD": login["password"]})
+    assert r.returncode == 0, r.stderr
+    assert "1000000" in r.stdout.split()
+    with open(tmp_path / "out.tsv") as f:
+        assert sum(1 for _ in f) == 1_000_000
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_gigabyte_result_streams_with_bounded_memory(pg_env):
+    import threading
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    pid = pg_env.proc.pid
+    base = _rss_kib(pid)
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_kib(pid))
+            done.wait(0.05)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        proc = subprocess.Popen(
+            _psql_args(pg_env, login) + ["-c", "COPY (SELECT repeat('x', 1000) FROM "
+                                         "generate_series(1, 1000000)) TO STDOUT"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "PGPASSWORD": login["password"]})
+        total = 0
+        while chunk := proc.stdout.read(1 << 20):
+            total += len(chunk)
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    finally:
+        done.set()
+        t.join()
+    assert total == 1_000_000 * 1001
+    assert (peak[0] - base) < 100 * 1024, f"RSS grew by {(peak[0] - base) // 1024} MiB"
+
+
+def test_garbage_and_a_huge_length_prefix_get_08P01_and_others_carry_on(pg_env):
+    import socket
+    import struct
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    other = subprocess.Popen(_psql_args(pg_env, login) + ["-At"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PGPASSWORD": login["password"]})
+    try:
+        for payload in (struct.pack("!i", 1 << 30) + b"\x00\x03\x00\x00",  # 1 GB startup length
+                        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", pg_env.pg_port), timeout=10) as s:
+                s.sendall(payload)
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            assert data[:1] == b"E" and b"C08P01" in data, data
+        # a typed message with a 1 GB length after login
+        grant_login = db_login(pg_env)
+        ctx = ssl.create_default_context(cafile=ca_file(pg_env))
+
+        async def huge_after_login():
+            conn = await asyncpg.connect(host="127.0.0.1", port=pg_env.pg_port, user="alice",
+                                         password=grant_login["password"], database="orders",
+                                         ssl=ctx)
+            conn._transport.write(b"Q" + struct.pack("!i", 1 << 30))
+            with pytest.raises((asyncpg.PostgresError, ConnectionError, asyncpg.InterfaceError)):
+                await conn.fetchval("SELECT 1", timeout=10)
+            conn.terminate()
+        asyncio.run(huge_after_login())
+        assert pg_env.wait_event("db.protocol.error", lambda e: e["sqlstate"] == "08P01")
+        out, err = other.communicate("SELECT 'still here';\n", timeout=30)
+        assert out.strip() == "still here", err
+    finally:
+        if other.poll() is None:
+            other.kill()
+
+
+def _ends_at(grant: dict) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(grant["ends_at"].replace("Z", "+00:00")).timestamp()
+
+
+def test_at_the_grant_end_sessions_close_and_the_role_is_dropped_everywhere(fresh_pg_env):
+    import time
+    env = fresh_pg_env
+    pg = env.pg
+    grant = env.json("bob", "approve " + str(env.json(
+        "alice", "request orders --role write --for 12s --reason ttl")["id"]))
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    ctx = ssl.create_default_context(cafile=ca_file(env))
+
+    async def connect():
+        login = env.json("alice", "db-login orders")
+        return await asyncpg.connect(host="127.0.0.1", port=env.pg_port, user="alice",
+                                     password=login["password"], database="orders", ssl=ctx)
+
+    async def scenario():
+        idle = await connect()
+        in_tx = await connect()
+        tx = in_tx.transaction()
+        await tx.start()
+        await in_tx.fetchval("SELECT count(*) FROM items")
+        set_role = await connect()
+        await set_role.execute("SET ROLE app_writer")
+        await idle.execute("CREATE TABLE made_by_role (id int)")  # owned by the ephemeral role
+        assert await idle.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = "
+                                   "'made_by_role'") == role
+        pg.sql("other", f'GRANT SELECT ON notes TO "{role}"')  # privileges in another database
+        login = env.json("alice", "db-login orders")
+        psql_proc = subprocess.Popen(_psql_args(env, login) + ["-At"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PGPASSWORD": login["password"]})
+        psql_proc.stdin.write("SELECT 'psql ready';\n")
+        psql_proc.stdin.flush()
+        assert psql_proc.stdout.readline() == "psql ready\n"
+        end = _ends_at(grant)
+        assert time.time() < end - 1, "setup took too long for the grant"
+        conns = (idle, in_tx, set_role)
+        while not all(c.is_closed() for c in conns):
+            assert time.time() < end + 2.0, "a session outlived the grant by 2 s"
+            await asyncio.sleep(0.05)
+        closed_by = time.time() - end
+        out, err = psql_proc.communicate("SELECT 1;\n", timeout=20)
+        assert "terminating connection: access to write@orders ended at" in err, err
+        while pg.sql("postgres", f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'", fetch=True):
+            assert time.time() < end + 5.0, "the role outlived the grant by 5 s"
+            await asyncio.sleep(0.1)
+        return closed_by
+
+    closed_by = asyncio.run(scenario())
+    assert closed_by < 2.0
+    owner = pg.sql("orders", "SELECT tableowner FROM pg_tables WHERE tablename = 'made_by_role'",
+                   fetch=True)
+    assert [r["tableowner"] for r in owner] == ["app_owner"]
+    steps = [e["type"] for e in env.audit_events("db.role.") if e.get("role") == role]
+    assert steps == ["db.role.created", "db.role.nologin", "db.role.backends_terminated",
+                     "db.role.objects_reassigned", "db.role.dropped"]
+    pg.sql("orders", "DROP TABLE made_by_role")
+
+
+def test_after_kill_9_and_a_restart_past_the_end_the_role_is_dropped(fresh_pg_env):
+    import signal
+    import time
+    env = fresh_pg_env
+    grant = db_grant(env, duration="4s")
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    assert psql(env, db_login(env), "SELECT current_user").stdout.strip() == role
+    # a stray role with our prefix that no grant owns (e.g. created just before a crash)
+    env.pg.sql("postgres", f'CREATE ROLE "{env.role_prefix}stray_g999" LOGIN')
+    env.stop(signal.SIGKILL)
+    time.sleep(max(0.0, _ends_at(grant) - time.time()) + 0.5)
+    assert env.pg.sql("postgres", f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'", fetch=True)
+    started = time.time()
+    env.start()
+    while env.pg.sql("postgres", "SELECT 1 FROM pg_roles WHERE starts_with(rolname, "
+                     f"'{env.role_prefix}')", fetch=True):
+        assert time.time() - started < 5.0, "roles outlived the restart by 5 s"
+        time.sleep(0.1)
