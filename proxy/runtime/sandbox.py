@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,36 +168,105 @@ def _user_key(keys: Path, name: str) -> str:
 
 
 def sandbox_config(d: Path, target_port: int, target_host_key: str, alice: str, bob: str,
-                   login: str) -> str:
-    return textwrap.dedent(f"""\
-        # jit-proxy sandbox configuration (see config/jit-proxy.example.yaml for every key)
-        state_dir: {d / 'state'}
-        ssh:
-          listen_address: 127.0.0.1
-          listen_port: 0
-          host_names: [jit-proxy, localhost, 127.0.0.1]
-        users:
-          alice:
-            keys: ["{alice}"]
-          bob:
-            keys: ["{bob}"]
-        groups:
-          dev: {{members: [alice]}}
-          sre: {{members: [bob]}}
-        targets:
-          web1:
-            address: 127.0.0.1
-            port: {target_port}
-            host_key: "{target_host_key}"
-            description: throwaway OpenSSH server of the sandbox
-        policies:
-          - name: web1-access
-            targets: [web1]
-            logins: [{login}]
-            requesters: ["group:dev"]
-            approvers: ["group:sre"]
-            max_duration: 4h
-        """)
+                   login: str, pg: "TargetPostgres | None" = None) -> str:
+    """The sandbox's configuration file (YAML): alice (group dev) may request LOGIN on web1 and,
+    with PostgreSQL, the role ``read`` on ``orders``; bob (group sre) approves."""
+    import yaml
+    config: dict = {
+        "state_dir": str(d / "state"),
+        "ssh": {"listen_address": "127.0.0.1", "listen_port": 0,
+                "host_names": ["jit-proxy", "localhost", "127.0.0.1"]},
+        "users": {"alice": {"keys": [alice]}, "bob": {"keys": [bob]}},
+        "groups": {"dev": {"members": ["alice"]}, "sre": {"members": ["bob"]}},
+        "targets": {"web1": {"address": "127.0.0.1", "port": target_port,
+                             "host_key": target_host_key,
+                             "description": "throwaway OpenSSH server of the sandbox"}},
+        "policies": [{"name": "web1-access", "targets": ["web1"], "logins": [login],
+                      "requesters": ["group:dev"], "approvers": ["group:sre"],
+                      "max_duration": "4h"}],
+    }
+    if pg is not None:
+        config["postgres"] = {"listen_address": "127.0.0.1", "listen_port": 0,
+                              "host_names": ["127.0.0.1", "localhost", "jit-proxy"]}
+        config["targets"]["orders"] = {
+            "kind": "postgres", "address": "127.0.0.1", "port": pg.port, "database": "orders",
+            "admin": {"user": "postgres", "password_file": str(d / "pg" / "admin.password")},
+            "roles": {"read": ["pg_read_all_data"]}, "owner": "app_owner",
+            "tls": {"mode": "verify-full", "ca_file": str(d / "pg" / "upstream-ca.pem")},
+            "description": "throwaway PostgreSQL database of the sandbox"}
+        config["policies"].append({"name": "orders-read", "targets": ["orders"],
+                                   "roles": ["read"], "requesters": ["group:dev"],
+                                   "approvers": ["group:sre"], "max_duration": "1h"})
+    return ("# jit-proxy sandbox configuration, written by `jit-proxy sandbox`\n"
+            "# (config/jit-proxy.example.yaml documents every key)\n"
+            + yaml.safe_dump(config, sort_keys=False))
+
+
+SANDBOX_ORDERS_SQL = """
+CREATE TABLE orders (id serial PRIMARY KEY, customer text NOT NULL, status text NOT NULL,
+                     created_at timestamptz NOT NULL DEFAULT now());
+INSERT INTO orders (customer, status) VALUES ('acme', 'shipped'), ('globex', 'stuck'),
+  ('initech', 'stuck'), ('umbrella', 'paid');
+ALTER TABLE orders OWNER TO app_owner;
+"""
+
+
+def _traversable(path: Path) -> bool:
+    """Whether every directory from / down to ``path`` lets others through (o+x)."""
+    return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents])
+
+
+async def sandbox_postgres(d: Path) -> "TargetPostgres | None":
+    """Start (creating once) the sandbox's PostgreSQL cluster with database ``orders``; None when
+    PostgreSQL is not installed and cannot be."""
+    import asyncpg
+    import time
+    from ca.x509 import X509CertificateAuthority
+    try:
+        _postgres_bindir()
+    except RuntimeError:
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            return None
+        print("jit-proxy: installing postgresql (apt-get) ...", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql", "postgresql-client"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+    pgdir = d / "pg"
+    pgdir.mkdir(exist_ok=True, mode=0o711)
+    ca = X509CertificateAuthority.open(pgdir / "ca", time.time(), name="sandbox PostgreSQL CA")
+    (pgdir / "upstream-ca.pem").write_bytes(ca.certificate_pem)
+    cert = ca.issue_server_certificate(["127.0.0.1", "localhost"], now=time.time(),
+                                       validity=30 * 86400)
+    password_file = pgdir / "admin.password"
+    if not password_file.exists():
+        from ca.keys import write_secret_file
+        import secrets as _secrets
+        write_secret_file(password_file, (_secrets.token_urlsafe(24) + "\n").encode())
+    password = password_file.read_text().strip()
+    cluster_dir = pgdir / "cluster"
+    if os.geteuid() == 0 and not _traversable(pgdir):
+        # e.g. DIR under a 0700 directory: the postgres account could not reach its data there
+        cluster_dir = Path(tempfile.mkdtemp(prefix="jit-sandbox-pg-"))
+        os.chmod(cluster_dir, 0o711)
+        cluster_dir = cluster_dir / "cluster"
+    fresh = not (cluster_dir / "data" / "PG_VERSION").exists()
+    pg = TargetPostgres(cluster_dir, cert.chain_pem, cert.key_pem, superuser_password=password)
+    pg.start()
+    if fresh:
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres",
+                                     password=password, database="postgres", ssl=False)
+        try:
+            await conn.execute("CREATE ROLE app_owner NOLOGIN")
+            await conn.execute("CREATE DATABASE orders OWNER app_owner")
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres",
+                                     password=password, database="orders", ssl=False)
+        try:
+            await conn.execute(SANDBOX_ORDERS_SQL)
+        finally:
+            await conn.close()
+    return pg
 
 
 def client_files(d: Path, proxy_port: int, known_hosts_line: str, users: list[str],
@@ -235,36 +305,50 @@ async def _run_sandbox(d: Path) -> int:
 
     d = d.resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.geteuid() == 0:
+        os.chmod(d, 0o711)  # the postgres account must reach DIR/pg; nothing here is listable
     (d / "keys").mkdir(exist_ok=True, mode=0o700)
     alice, bob = _user_key(d / "keys", "alice"), _user_key(d / "keys", "bob")
     login = ensure_login(SANDBOX_LOGIN_AS_ROOT)
-    # the CA is created by the daemon; the target is configured after the first start
+    # the CA is created by the daemon; the target's sshd starts once its public key exists
     target = TargetSSHD(d / "target", user_ca="")
-    target_host_key = None
-    if target.host_key_path.exists():
-        target_host_key = (target.directory / "ssh_host_ed25519_key.pub").read_text().strip()
-    else:
-        target.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not target.host_key_path.exists():
         write_private_key(target.host_key_path, asyncssh.generate_private_key("ssh-ed25519"))
-        target_host_key = (target.directory / "ssh_host_ed25519_key.pub").read_text().strip()
+    target_host_key = (target.directory / "ssh_host_ed25519_key.pub").read_text().strip()
     target.port = free_port()
+    pg = await sandbox_postgres(d)
     config_path = d / "jit-proxy.yaml"
-    config_path.write_text(sandbox_config(d, target.port, target_host_key, alice, bob, login))
+    config_path.write_text(sandbox_config(d, target.port, target_host_key, alice, bob, login, pg))
     daemon = Daemon(load_config(config_path))
-    _, proxy_port = await daemon.start()
-    assert daemon.service is not None
     try:
+        _, proxy_port = await daemon.start()
+        assert daemon.service is not None
         target.user_ca = daemon.service.ca.user_ca_public
         target.prepare()
         target.start()
         ssh_config = client_files(d, proxy_port, daemon.service.known_hosts_line(),
                                   ["alice", "bob"], d / "keys")
-        (d / "sandbox.json").write_text(json.dumps({
-            "ssh_config": str(ssh_config), "proxy_port": proxy_port, "target": "web1",
-            "target_port": target.port, "login": login, "config": str(config_path),
-            "audit_log": str(daemon.config.audit_log_path),
-            "recordings": str(daemon.config.recording_dir), "pid": os.getpid(),
-        }, indent=2) + "\n")
+        info = {"ssh_config": str(ssh_config), "proxy_port": proxy_port, "target": "web1",
+                "target_port": target.port, "login": login, "config": str(config_path),
+                "audit_log": str(daemon.config.audit_log_path),
+                "recordings": str(daemon.config.recording_dir), "pid": os.getpid()}
+        if daemon.pg is not None:
+            info.update(db_target="orders", pg_port=daemon.pg.port,
+                        pg_data=str(pg.directory / "data") if pg else None)
+        (d / "sandbox.json").write_text(json.dumps(info, indent=2) + "\n")
+        db_lines = ""
+        if daemon.pg is not None:
+            db_lines = textwrap.indent(textwrap.dedent(f"""\
+
+                ssh -F $S alice@jit-proxy request orders --role read --for 30m --reason "INC-2: stuck orders"
+                ssh -F $S bob@jit-proxy approve 2
+                cd {d} && ssh -F $S alice@jit-proxy ca --pg > jit-ca.pem
+                psql "$(ssh -F $S alice@jit-proxy db-login orders --uri)" -c 'SELECT * FROM orders'"""),
+                "  ")
+        else:
+            db_lines = ("\n\n(PostgreSQL is not installed: the database part of the "
+                        "walkthrough is off.)")
         print(textwrap.dedent(f"""\
             jit-proxy sandbox is running (proxy on 127.0.0.1:{proxy_port}, target web1 on
             127.0.0.1:{target.port}). In another terminal, try:
@@ -273,7 +357,8 @@ async def _run_sandbox(d: Path) -> int:
               ssh -F $S alice@jit-proxy request web1 --login {login} --for 10m --reason "INC-1: check disk"
               ssh -F $S bob@jit-proxy requests --pending
               ssh -F $S bob@jit-proxy approve 1 --comment ok
-              ssh -F $S -J alice@jit-proxy {login}@web1
+              ssh -F $S -J alice@jit-proxy {login}@web1""") + db_lines + textwrap.dedent(f"""\
+
 
             Recordings: {daemon.config.recording_dir}
             Audit log:  {daemon.config.audit_log_path}  (jit-proxy audit verify FILE)
@@ -286,6 +371,10 @@ async def _run_sandbox(d: Path) -> int:
     finally:
         target.stop()
         await daemon.stop()
+        if pg is not None:
+            pg.stop()
+            if pg.directory.parent.name.startswith("jit-sandbox-pg-"):
+                shutil.rmtree(pg.directory.parent, ignore_errors=True)
     print("jit-proxy sandbox stopped.", flush=True)
     return 0
 

@@ -106,6 +106,7 @@ def _parser() -> _Parser:
     c = cmd("db-login")
     c.add_argument("target")
     c.add_argument("--role", help="which of your grants on TARGET, when you hold several")
+    c.add_argument("--uri", action="store_true", help="print only the libpq URI")
     cmd("ca").add_argument("--pg", action="store_true",
                            help="print the CA certificate for PostgreSQL clients (sslrootcert)")
     for name in ("sessions", "targets", "whoami", "help"):
@@ -266,7 +267,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         text = f"user: {actor}\ngroups: {', '.join(data['groups']) or '(none)'}\n"
         text += "".join(f"grant {g['id']}: {g['login']}@{g['target']} until {g['ends_at']}\n"
                         for g in grants) or "no active grants\n"
-        return data, text
+        return data, (uri + "\n" if args.uri else text)
     if args.command == "db-login":
         return await _db_login(service, actor, args)
     if args.command == "ca" and args.pg:
@@ -281,7 +282,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
                 "target behind it:\n" + data["known_hosts"] + "\n"
                 "# Targets: put this line in the file named by sshd's TrustedUserCAKeys:\n"
                 + data["user_ca"] + "\n")
-        return data, text
+        return data, (uri + "\n" if args.uri else text)
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -316,4 +317,4 @@ async def _db_login(service: AccessService, actor: str, args: argparse.Namespace
             f"Then:\n  psql \"{uri}\"\n"
             f"or:\n  PGPASSWORD='{secret}' psql \"host={host} port={port} user={actor} "
             f"dbname={args.target} sslmode=verify-full sslrootcert=jit-ca.pem\"\n")
-    return data, text
+    return data, (uri + "\n" if args.uri else text)

@@ -96,6 +96,8 @@ def test_sandbox_walkthrough_as_written_then_sigterm_leaves_nothing(sandbox):
     assert "request 1 created" in out
     assert "request 1 approved: grant 1" in out
     assert "hash chain intact" in out
+    assert "request 2 approved: grant 2 gives alice read@orders" in out
+    assert re.search(r"^\s*2 \| globex\s*$", out, re.M) and "initech" in out, out  # psql
     assert "web1" in out  # from `targets`
     assert re.search(rf"1\s+active\s+alice\s+{info['login']}@web1", out), out
     deadline = time.monotonic() + 10
@@ -116,3 +118,5 @@ def test_sandbox_walkthrough_as_written_then_sigterm_leaves_nothing(sandbox):
     time.sleep(0.2)
     assert not Path(f"/proc/{sshd_pid}").exists()
     assert _processes_mentioning(str(d)) == []
+    if info.get("pg_data"):
+        assert _processes_mentioning(info["pg_data"]) == []
