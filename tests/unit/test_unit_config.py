@@ -436,3 +436,13 @@ def test_nested_aliases_are_built_once_not_expanded_exponentially():
         parse_config(text, "laughs.yaml")
     assert _time.monotonic() - t0 < 5  # 9**8 values if expanded; shared when built once
     assert "laughs.yaml:1: a0: unknown key" in str(info.value)
+
+
+def test_committed_json_schema_matches_the_models():
+    import json
+    from pathlib import Path
+
+    from proxy.config import Config
+    path = Path(__file__).resolve().parents[2] / "config" / "jit-proxy.schema.json"
+    assert json.loads(path.read_text()) == Config.model_json_schema(), (
+        "config/jit-proxy.schema.json is stale: regenerate it from proxy.config.Config")
