@@ -17,7 +17,7 @@ import asyncssh
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
                       ValidationError,
-                      field_validator, model_validator)
+                      model_validator)
 
 from proxy.access.duration import MAX_DURATION, parse_duration
 
@@ -92,20 +92,22 @@ class Group(_Model):
     description: str | None = None
 
 
+def _address(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ValueError("expected a host name or IP address")
+    return value
+
+
+Address = Annotated[str, BeforeValidator(_address)]
+
+
 class SSHTarget(_Model):
     kind: Literal["ssh"] = "ssh"
-    address: str
+    address: Address
     port: int = Field(22, ge=1, le=65535)
     host_key: PublicKey | None = None
     host_ca: PublicKey | None = None
     description: str | None = None
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str) -> str:
-        if not v or any(c.isspace() for c in v):
-            raise ValueError("expected a host name or IP address")
-        return v
 
     @model_validator(mode="after")
     def _trust(self) -> "SSHTarget":
@@ -134,7 +136,7 @@ class PostgresTLS(_Model):
 
 class PostgresTarget(_Model):
     kind: Literal["postgres"]
-    address: str
+    address: Address
     port: int = Field(5432, ge=1, le=65535)
     database: str = Field(min_length=1, max_length=63)
     admin: PostgresAdmin
@@ -144,13 +146,6 @@ class PostgresTarget(_Model):
     owner: str = Field(min_length=1, max_length=63)
     tls: PostgresTLS = PostgresTLS()
     description: str | None = None
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str) -> str:
-        if not v or any(c.isspace() for c in v):
-            raise ValueError("expected a host name or IP address")
-        return v
 
 
 def _target_kind(value: Any) -> str | None:
