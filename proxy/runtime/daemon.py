@@ -18,6 +18,7 @@ from ca import SSHCertificateAuthority, load_or_create_key
 from proxy.audit.log import AuditLog
 from proxy.clock import Clock, SystemClock
 from proxy.config import Config
+from proxy.runtime.notify import Notifier
 from proxy.runtime.service import AccessService
 from proxy.ssh.server import FrontDoor
 from proxy.store.sqlite import SQLiteStore
@@ -26,6 +27,17 @@ log = logging.getLogger("jit_proxy.daemon")
 
 SWEEP_INTERVAL = 0.25   # seconds between expiry checks (sessions close within this of the end)
 RENEW_INTERVAL = 600.0  # seconds between host certificate renewal checks
+
+
+CREDENTIAL = "ca-passphrase"  # systemd LoadCredential= name of the CA passphrase
+
+
+def systemd_credential(name: str) -> Path | None:
+    """``$CREDENTIALS_DIRECTORY/name`` when systemd passed that credential, else None."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory and (Path(directory) / name).is_file():
+        return Path(directory) / name
+    return None
 
 
 def read_passphrase(path: Path | None) -> bytes | None:
@@ -59,7 +71,7 @@ class Daemon:
         cfg = self.config
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        passphrase = read_passphrase(cfg.ca.passphrase_file)
+        passphrase = read_passphrase(cfg.ca.passphrase_file or systemd_credential(CREDENTIAL))
         ca = SSHCertificateAuthority.open(state / "ca", passphrase)
         host_key = load_or_create_key(state / "host_key", passphrase)
         store = await SQLiteStore.open(state / "jit-proxy.db")
@@ -89,6 +101,17 @@ class Daemon:
                        asyncio.get_running_loop().create_task(self._renew())]
         log.info("listening for SSH on %s:%d", *self.address)
         return self.address
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: what listens where."""
+        parts = []
+        if self.address is not None:
+            parts.append(f"SSH on {self.address[0]}:{self.address[1]}")
+        if self.pg is not None:
+            parts.append(f"PostgreSQL on port {self.pg.port}")
+        if self.service is not None:
+            parts.append(f"{len(self.service.active)} active grants")
+        return "; ".join(parts)
 
     async def _sweep(self) -> None:
         assert self.service is not None
@@ -129,17 +152,34 @@ class Daemon:
 
 
 async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; returns the exit status."""
+    """Run until SIGTERM or SIGINT; returns the exit status. Under systemd (Type=notify) it
+    sends READY=1 once every listener accepts connections, pings the watchdog from the event loop
+    (a stuck loop stops pinging and gets restarted), and sends STOPPING=1 when asked to stop."""
+    notifier = Notifier()
     daemon = Daemon(config)
     await daemon.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = None
+    if notifier.watchdog_interval:
+        watchdog = loop.create_task(_watchdog(notifier, notifier.watchdog_interval))
+    notifier.notify(READY=1, STATUS=daemon.status_line(), MAINPID=os.getpid())
     await stop.wait()
     log.info("stopping")
+    notifier.notify(STOPPING=1, STATUS="stopping")
+    if watchdog is not None:
+        watchdog.cancel()
     await daemon.stop()
+    notifier.close()
     return 0
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.notify(WATCHDOG=1)
+        await asyncio.sleep(interval)
 
 
 def run(coro) -> int:
