@@ -65,6 +65,14 @@ class SSHListener(_Model):
     host_names: list[str] = Field(default_factory=lambda: ["jit-proxy", "localhost"], min_length=1)
     login_grace_time: Duration = 30
     max_sessions_per_connection: int = Field(10, ge=1, le=1000)
+    # like sshd's MaxStartups: connections that have not authenticated yet, in all and per address
+    max_unauthenticated: int = Field(256, ge=1, le=100_000)
+    max_unauthenticated_per_address: int = Field(32, ge=1, le=100_000)
+
+
+class DaemonSettings(_Model):
+    # after SIGTERM: stop accepting, let live sessions finish this long, then close them
+    drain_time: Duration = 30
 
 
 class CASettings(_Model):
@@ -195,6 +203,7 @@ class Policy(_Model):
 
 class Config(_Model):
     state_dir: Path = Path("/var/lib/jit-proxy")
+    daemon: DaemonSettings = DaemonSettings()
     ssh: SSHListener = SSHListener()
     ca: CASettings = CASettings()
     audit: AuditSettings = AuditSettings()

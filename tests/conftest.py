@@ -150,7 +150,10 @@ class Env:
             "users": {u: {"keys": [self.pub[u]]} for u in USERS},
             "groups": {"dev": {"members": ["alice", "carol"]}, "sre": {"members": ["bob"]}},
             "targets": {"web1": dict(ssh_target), "web2": dict(ssh_target)},
-            "policies": [{"name": "web", "targets": ["web1", "web2"],
+            "policies": [{"name": "web2-forwarding", "targets": ["web2"], "logins": [self.login],
+                          "requesters": ["group:dev"], "approvers": ["group:sre"],
+                          "max_duration": "4h", "allow": {"port_forwarding": True}},
+                         {"name": "web", "targets": ["web1", "web2"],
                           "logins": [self.login, "otherlogin"], "requesters": ["group:dev"],
                           "approvers": ["group:sre"], "max_duration": "4h"}],
         }

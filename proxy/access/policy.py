@@ -25,6 +25,20 @@ class Decision:
         return self.allowed
 
 
+MAX_TEXT = 1000  # characters of a reason or comment
+
+
+def text_problem(text: str, what: str) -> str | None:
+    """Why ``text`` cannot be a reason or comment (too long, or characters that could rewrite an
+    approver's terminal: control, format and bidirectional-override characters), or None."""
+    import unicodedata
+    if len(text) > MAX_TEXT:
+        return f"the {what} is longer than {MAX_TEXT} characters"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in text):
+        return f"the {what} contains control or invisible characters"
+    return None
+
+
 def decide_request(config: Config, user: str, target: str, login: str, duration: int,
                    reason: str) -> Decision:
     """May ``user`` ask for ``login`` on ``target`` for ``duration`` seconds? For a PostgreSQL
@@ -37,6 +51,9 @@ def decide_request(config: Config, user: str, target: str, login: str, duration:
         return Decision(False, f"unknown target {target!r}; 'targets' lists them")
     if not reason.strip():
         return Decision(False, "a reason is required (--reason TEXT)")
+    problem = text_problem(reason, "reason")
+    if problem is not None:
+        return Decision(False, problem)
     matching = [p for p in config.policies
                 if target in p.targets and login in access_names(config, p, target)
                 and config.matches(user, p.requesters)]

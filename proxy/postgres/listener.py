@@ -197,9 +197,10 @@ class PostgresFrontDoor:
         """Forward a CancelRequest for one of our BackendKeyData to the upstream backend; unknown
         keys are ignored (PostgreSQL answers a CancelRequest with nothing either way)."""
         target = self.cancel_keys.get((request.process_id, request.secret_key))
-        self.service.audit.emit("db.cancel", "", peer=peer, known=target is not None)
-        if target is None:
+        if target is None:  # PostgreSQL ignores unknown keys silently; the audit is rate-limited
+            self.service.audit_unauthenticated("db.cancel", "", peer, known=False)
             return
+        self.service.audit.emit("db.cancel", "", peer=peer, known=True)
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(target.address, target.port), UPSTREAM_TIMEOUT)
         try:
@@ -233,6 +234,7 @@ class PgClient:
         self.portals: dict[str, str] = {}
         self.bytes_up = self.bytes_down = 0
         self.ending: str | None = None
+        self.ending_reason = "grant ended"
         self.end_reason = "closed"
         self._boundaries = FrameBoundaries()
         self._pump: asyncio.Task | None = None
@@ -271,12 +273,13 @@ class PgClient:
         assert cfg.postgres is not None
         grace = cfg.ssh.login_grace_time
         try:
-            startup = await self._startup(grace)
-            if startup is None:
-                return
-            frames = MessageDecoder.for_frontend_messages(cfg.postgres.max_message_length)
-            if not await self._authenticate(startup, frames, grace):
-                return
+            async with asyncio.timeout(grace):  # one deadline for the whole login, not per read
+                startup = await self._startup(grace)
+                if startup is None:
+                    return
+                frames = MessageDecoder.for_frontend_messages(cfg.postgres.max_message_length)
+                if not await self._authenticate(startup, frames, grace):
+                    return
             if not await self._connect_upstream(startup):
                 return
             await self._relay(frames)
@@ -319,9 +322,8 @@ class PgClient:
                 self.user = packet.parameters.get("user", "")
                 self.target_name = packet.parameters.get("database") or self.user
                 if not tls:
-                    self.service.audit.emit("auth.failure", self.user[:256], method="scram",
-                                            target=self.target_name[:256], peer=self.peer,
-                                            why="no TLS")
+                    self.service.auth_failure(self.user, self.peer, method="scram",
+                                              target=self.target_name[:256], why="no TLS")
                     await self._fatal(INVALID_AUTHORIZATION_SPECIFICATION,
                                       "jit-proxy requires TLS: connect with sslmode=require or "
                                       "stricter (verify-full with the CA from 'ssh jit-proxy ca "
@@ -370,8 +372,8 @@ class PgClient:
         if why is None and not self.door.secrets.consume(self.user, self.target_name, used):
             why = "secret already used"
         if why is not None:
-            self.service.audit.emit("auth.failure", self.user[:256], method="scram",
-                                    target=self.target_name[:256], peer=self.peer, why=why)
+            self.service.auth_failure(self.user, self.peer, method="scram",
+                                      target=self.target_name[:256], why=why)
             await self._fatal(INVALID_PASSWORD,
                               f'password authentication failed for user "{self.user[:63]}"')
             self.grant = None
@@ -509,7 +511,7 @@ class PgClient:
                 raise task.exception()  # type: ignore[misc]
         if self.ending is not None:
             await self._fatal(ADMIN_SHUTDOWN, self.ending)
-            self.end_reason = "grant ended"
+            self.end_reason = self.ending_reason
 
     async def _client_to_upstream(self, frames: MessageDecoder) -> None:
         assert self.up_writer is not None
@@ -584,10 +586,11 @@ class PgClient:
 
     # --- teardown (AccessService.Terminable) ------------------------------------------------------
 
-    async def terminate(self, line: str) -> None:
-        """Close this connection because its grant ended: a FATAL with ``line`` (57P01)."""
-        self.ending = line.removeprefix("jit-proxy: ")
-        self.ending = f"terminating connection: {self.ending}"
+    async def terminate(self, line: str, reason: str = "grant ended") -> None:
+        """Close this connection (its grant ended, or the proxy stops): a FATAL with ``line``
+        (57P01 admin_shutdown), at a message boundary."""
+        self.ending = f"terminating connection: {line.removeprefix('jit-proxy: ')}"
+        self.ending_reason = reason
         if self._pump is not None and self._reading_upstream and self._boundaries.at_boundary:
             self._pump.cancel()  # idle between messages: our FATAL can go at once
         if self.up_writer is not None:

@@ -39,6 +39,10 @@ def known_hosts_patterns(config: Config, ssh_port: int) -> list[str]:
     return names
 
 
+MAX_PENDING_PER_USER = 20
+AUTH_FAILURES_PER_MINUTE = 20  # audited one by one per source address; the rest are counted
+
+
 class AccessError(Exception):
     """An action was refused; the message is the sentence shown to the person."""
 
@@ -55,7 +59,8 @@ class GrantHooks(Protocol):
 class Terminable(Protocol):
     """A live connection under a grant that the service can end."""
 
-    async def terminate(self, line: str) -> None: ...
+    async def terminate(self, line: str, reason: str = "grant ended") -> None:
+        """Close with ``line`` shown to the user; ``reason`` goes into the session's audit."""
 
 
 @dataclass
@@ -79,6 +84,24 @@ class AccessService:
     ssh_port: int = 22  # set by the listener once bound
     postgres: Any = None  # the PostgreSQL front door (db-login, its CA) when configured
     _unpersisted: dict[int, Grant] = field(default_factory=dict)
+    _background: set[asyncio.Task] = field(default_factory=set)
+    _auth_failures: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background; ``drain`` waits for all of them (at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def terminate_all(self, line: str, reason: str) -> int:
+        """Close every live connection (grants stay active); returns how many there were."""
+        conns = [c for group in self.connections.values() for c in group]
+        await asyncio.gather(*(c.terminate(line, reason) for c in conns), return_exceptions=True)
+        return len(conns)
 
     async def start(self) -> None:
         """Load active grants; end sessions a previous process left open; expire what is due."""
@@ -98,6 +121,14 @@ class AccessService:
             self.audit.emit("access.request.refused", actor, target=target, login=login,
                             duration=duration, reason=reason, why=decision.reason)
             raise AccessError(decision.reason)
+        pending = await self.store.list_requests(status=RequestStatus.PENDING, requester=actor,
+                                                 limit=MAX_PENDING_PER_USER)
+        if len(pending) >= MAX_PENDING_PER_USER:
+            why = (f"{actor} already has {MAX_PENDING_PER_USER} pending requests; wait for a "
+                   f"decision")
+            self.audit.emit("access.request.refused", actor, target=target, login=login,
+                            duration=duration, reason=reason, why=why)
+            raise AccessError(why)
         req = await self.store.create_request(requester=actor, target=target, login=login,
                                               duration=duration, reason=reason,
                                               policy=decision.policy or "", now=self.clock.now())
@@ -118,7 +149,14 @@ class AccessService:
             raise AccessError(decision.reason)
         return req
 
+    def _check_text(self, actor: str, text: str | None, what: str, event: str) -> None:
+        problem = policy.text_problem(text, what) if text else None
+        if problem is not None:
+            self.audit.emit(event, actor, why=problem)
+            raise AccessError(problem)
+
     async def approve(self, actor: str, request_id: int, comment: str | None) -> Grant:
+        self._check_text(actor, comment, "comment", "access.approval.refused")
         req = await self._pending(actor, request_id, "approval")
         now = self.clock.now()
         try:
@@ -145,6 +183,7 @@ class AccessService:
     async def deny(self, actor: str, request_id: int, reason: str) -> AccessRequest:
         if not reason.strip():
             raise AccessError("a reason is required (--reason TEXT)")
+        self._check_text(actor, reason, "reason", "access.denial.refused")
         req = await self._pending(actor, request_id, "denial")
         decided = req.decided("deny", actor, self.clock.now(), reason)
         try:
@@ -155,32 +194,27 @@ class AccessService:
                         requester=req.requester)
         return decided
 
-    def visible_to(self, actor: str, requester: str, policy_name: str) -> bool:
-        if actor == requester:
-            return True
-        p = policy.policy_named(self.config, policy_name)
-        return p is not None and self.config.matches(actor, p.approvers)
-
     async def list_requests(self, actor: str, pending_only: bool) -> list[AccessRequest]:
-        reqs = await self.store.list_requests(
-            status=RequestStatus.PENDING if pending_only else None, limit=200)
-        return [r for r in reqs if self.visible_to(actor, r.requester, r.policy)]
+        return await self.store.list_requests(
+            status=RequestStatus.PENDING if pending_only else None,
+            visible_to=self.visibility(actor), limit=200)
 
     # --- grants ----------------------------------------------------------------------------------
 
+    def visibility(self, actor: str) -> tuple[str, list[str]]:
+        """What ``actor`` may list: their own rows and those of policies they approve for."""
+        return actor, [p.name for p in self.config.policies
+                       if self.config.matches(actor, p.approvers)]
+
     async def list_live_sessions(self, actor: str) -> list[SessionRecord]:
         """Live sessions of ``actor``, and of grants whose policy ``actor`` approves for."""
-        out = []
-        for s in await self.store.list_sessions(live=True, limit=1000):
-            grant = self.active.get(s.grant_id) or await self.store.get_grant(s.grant_id)
-            if grant is not None and self.visible_to(actor, grant.user, grant.policy):
-                out.append(s)
-        return out
+        return await self.store.list_sessions(live=True, visible_to=self.visibility(actor),
+                                              limit=500)
 
     async def list_grants(self, actor: str, active_only: bool) -> list[Grant]:
-        grants = await self.store.list_grants(
-            status=GrantStatus.ACTIVE if active_only else None, limit=200)
-        return [g for g in grants if self.visible_to(actor, g.user, g.policy)]
+        return await self.store.list_grants(
+            status=GrantStatus.ACTIVE if active_only else None,
+            visible_to=self.visibility(actor), limit=200)
 
     async def revoke(self, actor: str, grant_id: int) -> Grant:
         grant = self.active.get(grant_id) or await self.store.get_grant(grant_id)
@@ -232,9 +266,12 @@ class AccessService:
         if self.active.pop(grant.id, None) is None:
             raise AccessError(f"grant {grant.id} has already ended")
         how = "was revoked by " + actor if event == "revoke" else "expired"
-        self.audit.emit(f"access.grant.{'revoked' if event == 'revoke' else 'expired'}", actor,
-                        grant=grant.id, user=grant.user, target=grant.target,
-                        login=grant.login, ends_at=rfc3339(grant.ends_at))
+        try:
+            self.audit.emit(f"access.grant.{'revoked' if event == 'revoke' else 'expired'}",
+                            actor, grant=grant.id, user=grant.user, target=grant.target,
+                            login=grant.login, ends_at=rfc3339(grant.ends_at))
+        except Exception:  # e.g. a full disk: the sessions are closed all the same
+            log.exception("auditing the end of grant %s failed", grant.id)
         line = (f"jit-proxy: access to {grant.login}@{grant.target} ended at "
                 f"{rfc3339(now)} (grant {grant.id} {how})")
         conns = list(self.connections.pop(grant.id, ()))
@@ -262,6 +299,33 @@ class AccessService:
             self._unpersisted[ended.id] = ended
         else:
             self._unpersisted.pop(ended.id, None)
+
+    def auth_failure(self, claimed_user: str, peer: str, **fields: Any) -> None:
+        """Audit a failed login (``auth.failure``), rate-limited per source address."""
+        self.audit_unauthenticated("auth.failure", claimed_user, peer, **fields)
+
+    def audit_unauthenticated(self, type: str, claimed_user: str, peer: str,
+                              **fields: Any) -> None:
+        """Audit something an unauthenticated peer did, at most ``AUTH_FAILURES_PER_MINUTE``
+        events per source address a minute; the rest are counted and reported in one
+        ``auth.failure.suppressed`` event, so nobody can fill the audit log without credentials."""
+        address = peer.rsplit(":", 1)[0]
+        now = self.clock.now()
+        window, count, suppressed = self._auth_failures.get(address, (now, 0, 0))
+        if now - window >= 60:
+            if suppressed:
+                self.audit.emit("auth.failure.suppressed", "system", peer=address,
+                                count=suppressed, since=rfc3339(window))
+            window, count, suppressed = now, 0, 0
+        if count < AUTH_FAILURES_PER_MINUTE:
+            self.audit.emit(type, claimed_user[:64], peer=peer, **fields)
+            count += 1
+        else:
+            suppressed += 1
+        self._auth_failures[address] = (window, count, suppressed)
+        if len(self._auth_failures) > 10_000:  # bounded: forget the oldest windows
+            for key in sorted(self._auth_failures, key=lambda k: self._auth_failures[k][0])[:5000]:
+                del self._auth_failures[key]
 
     def known_hosts_line(self) -> str:
         """The one known_hosts line that makes clients trust the proxy and its targets."""

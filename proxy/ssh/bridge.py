@@ -62,6 +62,14 @@ class JumpConnection(asyncssh.SSHServer):
         self.sessions: set[BridgeSession] = set()
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._closed = False
+        self.outer_paused = False  # the client's direct-tcpip channel has too much unsent data
+
+    def outer_writing_paused(self, paused: bool) -> None:
+        """The outer channel's send buffer crossed its high (or low) water mark: stop (or
+        resume) reading from the target, so nothing piles up in the proxy."""
+        self.outer_paused = paused
+        for session in list(self.sessions):
+            session.update_reading()
 
     # --- asyncssh.SSHServer ----------------------------------------------------------------------
 
@@ -90,8 +98,13 @@ class JumpConnection(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         return False
 
+    def live(self) -> bool:
+        """Whether this connection's grant still covers new sessions and channels, now."""
+        return (self.grant is not None and self.grant.id in self.service.active
+                and self.grant.is_live(self.service.clock.now()))
+
     def session_requested(self) -> "BridgeSession | bool":
-        if self.grant is None or self.grant.id not in self.service.active:
+        if not self.live():
             return False
         limit = self.service.config.ssh.max_sessions_per_connection
         if len(self.sessions) >= limit:
@@ -103,7 +116,7 @@ class JumpConnection(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:
-        allowed = (self.grant is not None and
+        allowed = (self.live() and self.grant is not None and
                    policy.permissions(self.service.config, self.grant).port_forwarding)
         self.service.audit.emit("ssh.forward." + ("opened" if allowed else "refused"), self.user,
                                 target=self.target_name, login=self.login, dest_host=dest_host,
@@ -112,7 +125,20 @@ class JumpConnection(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                 "jit-proxy: port forwarding is not allowed by this grant's policy")
-        return self.upstream()  # asyncssh forwards the channel over the upstream connection
+        return self._forward(dest_host, dest_port)
+
+    async def _forward(self, dest_host: str, dest_port: int) -> asyncssh.SSHForwarder:
+        """A direct-tcpip channel on the upstream connection, bridged to the client's channel
+        (the target's sshd decides, by the certificate's permit-port-forwarding)."""
+        assert self.conn is not None
+        return await self.conn.forward_tunneled_connection(await self.upstream(), dest_host,
+                                                           dest_port)
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self.service.audit.emit("ssh.forward.refused", self.user, target=self.target_name,
+                                login=self.login, dest_path=dest_path[:255],
+                                why="unix socket forwarding")
+        return False
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         self.service.audit.emit("ssh.forward.refused", self.user, target=self.target_name,
@@ -154,10 +180,13 @@ class JumpConnection(asyncssh.SSHServer):
 
     # --- teardown (AccessService.Terminable) ------------------------------------------------------
 
-    async def terminate(self, line: str) -> None:
+    async def terminate(self, line: str, reason: str = "grant ended") -> None:
         """End every session with ``line`` on its stderr, then the connection itself."""
         for session in list(self.sessions):
-            session.end_with(line)
+            try:
+                session.end_with(line, reason)
+            except Exception:  # one session's failure never keeps the others open
+                log.exception("ending a session of %s failed", self.user)
         self._drop_upstream()
         if self.conn is not None:
             asyncio.get_running_loop().call_later(CLOSE_GRACE, self.conn.close)
@@ -189,6 +218,8 @@ class BridgeSession(asyncssh.SSHServerSession):
         self.exit_signal: tuple | None = None
         self.end_reason = "closed"
         self._finished = False
+        self._recorded_end = False
+        self._inner_paused = False  # the client's session channel window is full
         # what the client sent before the target side was open (at most one packet: reading
         # is paused on the first one)
         self._early: list[tuple[bytes, int | None]] = []
@@ -219,14 +250,42 @@ class BridgeSession(asyncssh.SSHServerSession):
         asyncio.get_running_loop().create_task(self._open())
 
     async def _open(self) -> None:
+        """Open the target side; whatever happens, a session that got a record gets its end."""
+        try:
+            await self._open_target()
+        except Exception as exc:  # e.g. no file descriptor left for the recording
+            log.exception("opening a session of %s failed", self.jump.user)
+            self.end_reason = f"proxy error: {exc}"[:200]
+            self._fail_client("jit-proxy: the proxy could not open this session")
+        finally:
+            if self._finished:  # the client left while we were opening
+                if self.up is not None:
+                    self.up.close()
+                self._record_end()
+
+    def _fail_client(self, message: str) -> None:
+        chan = self.chan
+        if chan is None:
+            return
+        try:
+            chan.write_stderr((message + "\r\n").encode())
+        except (OSError, asyncssh.Error):
+            pass
+        try:
+            chan.exit(255)
+        except (OSError, asyncssh.Error):
+            pass
+
+    async def _open_target(self) -> None:
         chan, jump, service = self.chan, self.jump, self.jump.service
         assert chan is not None and jump.grant is not None
         try:
             upstream = await jump.upstream()
         except Exception as exc:  # noqa: BLE001 - shown to the user, audited by _connect_upstream
-            chan.write_stderr(f"jit-proxy: cannot reach {jump.target_name}: {exc}\r\n".encode())
             self.end_reason = "upstream failed"
-            chan.exit(255)
+            self._fail_client(f"jit-proxy: cannot reach {jump.target_name}: {exc}")
+            return
+        if self._finished:
             return
         now = service.clock.now()
         self.record = await service.store.create_session(
@@ -248,6 +307,12 @@ class BridgeSession(asyncssh.SSHServerSession):
                            target=jump.target_name, login=jump.login, grant=jump.grant.id,
                            kind=self.kind, command=self.detail, pty=self.term is not None,
                            recording=str(self.recorder.path) if self.recorder else None)
+        if self._finished:
+            return
+        if not jump.live():  # the grant ended while this session was being set up
+            self.end_reason = "grant ended"
+            self._fail_client(f"jit-proxy: access to {jump.login}@{jump.target_name} has ended")
+            return
         kwargs: dict[str, Any] = {"env": chan.get_environment(), "encoding": None}
         if self.term is not None:
             term_type, term_size, term_modes = self.term
@@ -262,14 +327,12 @@ class BridgeSession(asyncssh.SSHServerSession):
         try:
             self.up, _ = await upstream.create_session(lambda: UpstreamSession(self), **kwargs)
         except (asyncssh.Error, OSError) as exc:
-            chan.write_stderr(f"jit-proxy: {jump.target_name} refused the session: {exc}\r\n"
-                              .encode())
             self.end_reason = "target refused"
-            chan.exit(255)
+            self._fail_client(f"jit-proxy: {jump.target_name} refused the session: {exc}")
             return
-        if self._finished:  # the client went away while we were connecting
-            self.up.close()
+        if self._finished:
             return
+        self.update_reading()
         for data, datatype in self._early:
             self.up.write(data, datatype)
         self._early.clear()
@@ -313,11 +376,21 @@ class BridgeSession(asyncssh.SSHServerSession):
         return False
 
     def pause_writing(self) -> None:
-        if self.up is not None:
-            self.up.pause_reading()
+        self._inner_paused = True
+        self.update_reading()
 
     def resume_writing(self) -> None:
-        if self.up is not None:
+        self._inner_paused = False
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        """Read from the target only while both the session channel and the client's outer
+        channel have room: every buffer between target and client stays bounded."""
+        if self.up is None:
+            return
+        if self._inner_paused or self.jump.outer_paused:
+            self.up.pause_reading()
+        else:
             self.up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -349,9 +422,10 @@ class BridgeSession(asyncssh.SSHServerSession):
         except OSError:  # already closed by the client
             pass
 
-    def end_with(self, line: str) -> None:
-        """Close this session because its grant ended: one line on stderr, then exit 255."""
-        self.end_reason = "grant ended"
+    def end_with(self, line: str, reason: str = "grant ended") -> None:
+        """Close this session (its grant ended, or the proxy stops): one line on stderr, then
+        exit 255."""
+        self.end_reason = reason
         chan = self.chan
         if chan is not None:
             nl = b"\r\n" if self.term else b"\n"
@@ -371,20 +445,30 @@ class BridgeSession(asyncssh.SSHServerSession):
             return
         self._finished = True
         self.jump.sessions.discard(self)
-        if self.record is None:
+        self._record_end()
+
+    def _record_end(self) -> None:
+        """Close the recording and audit and store the end; once, and only after a start."""
+        if self.record is None or self._recorded_end:
             return
-        sha = self.recorder.close() if self.recorder is not None else None
+        self._recorded_end = True
         service, jump = self.jump.service, self.jump
+        sha = None
+        if self.recorder is not None:
+            try:
+                sha = self.recorder.close()
+            except OSError as exc:
+                log.error("closing recording %s failed: %s", self.recorder.path, exc)
+        recording = str(self.recorder.path) if self.recorder else None
         service.audit.emit("ssh.session.end", jump.user, session=self.record.id,
                            target=jump.target_name, login=jump.login, grant=self.record.grant_id,
                            kind=self.kind, reason=self.end_reason, exit_status=self.exit_status,
                            bytes_up=self.bytes_up, bytes_down=self.bytes_down,
-                           recording=str(self.recorder.path) if self.recorder else None,
-                           recording_sha256=sha)
-        asyncio.get_running_loop().create_task(service.store.end_session(
+                           recording=recording, recording_sha256=sha)
+        service.spawn(service.store.end_session(
             self.record.id, now=service.clock.now(), reason=self.end_reason,
-            recording=str(self.recorder.path) if self.recorder else None, recording_sha256=sha,
-            bytes_up=self.bytes_up, bytes_down=self.bytes_down))
+            recording=recording, recording_sha256=sha, bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down))
 
 
 class UpstreamSession(asyncssh.SSHClientSession):

@@ -136,9 +136,23 @@ def _grant_dict(g: Any) -> dict[str, Any]:
     return d
 
 
+def printable(text: object) -> str:
+    """``text`` with every control or invisible character shown as ``\\xNN``/``\\uNNNN``, so
+    that nothing a user typed (a command line, an old reason) can move an approver's cursor."""
+    import unicodedata
+    out = []
+    for c in str(text):
+        if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     if not rows:
         return "(none)\n"
+    rows = [[printable(x) for x in row] for row in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()
              for row in [header, *rows]]
@@ -267,7 +281,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         text = f"user: {actor}\ngroups: {', '.join(data['groups']) or '(none)'}\n"
         text += "".join(f"grant {g['id']}: {g['login']}@{g['target']} until {g['ends_at']}\n"
                         for g in grants) or "no active grants\n"
-        return data, (uri + "\n" if args.uri else text)
+        return data, text
     if args.command == "db-login":
         return await _db_login(service, actor, args)
     if args.command == "ca" and args.pg:
@@ -282,7 +296,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
                 "target behind it:\n" + data["known_hosts"] + "\n"
                 "# Targets: put this line in the file named by sshd's TrustedUserCAKeys:\n"
                 + data["user_ca"] + "\n")
-        return data, (uri + "\n" if args.uri else text)
+        return data, text
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -42,6 +42,33 @@ class FrontDoor:
         self._keys_for: dict[str, list[bytes]] = {}
         self._keys_config: Any = None
         self._inner_base: asyncssh.SSHServerConnectionOptions | None = None
+        self._preauth: dict[str, int] = {}
+        self._preauth_total = 0
+        self._refused_preauth = 0
+
+    def admit(self, address: str) -> bool:
+        """Count a new unauthenticated connection from ``address``; False when over the limits
+        (``ssh.max_unauthenticated`` in all, ``ssh.max_unauthenticated_per_address`` each)."""
+        cfg = self.service.config.ssh
+        if (self._preauth_total >= cfg.max_unauthenticated or
+                self._preauth.get(address, 0) >= cfg.max_unauthenticated_per_address):
+            self._refused_preauth += 1
+            if self._refused_preauth in (1, 10, 100, 1000) or self._refused_preauth % 10000 == 0:
+                self.service.audit.emit("ssh.connection.refused", "system", peer=address,
+                                        why="too many unauthenticated connections",
+                                        refused_so_far=self._refused_preauth)
+            return False
+        self._preauth_total += 1
+        self._preauth[address] = self._preauth.get(address, 0) + 1
+        return True
+
+    def leave(self, address: str) -> None:
+        self._preauth_total -= 1
+        left = self._preauth.get(address, 1) - 1
+        if left:
+            self._preauth[address] = left
+        else:
+            self._preauth.pop(address, None)
 
     def user_key_blobs(self, user: str) -> list[bytes]:
         config = self.service.config
@@ -101,6 +128,9 @@ class FrontDoor:
             process.exit(1)
         except (asyncssh.ConnectionLost, BrokenPipeError):
             pass
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            process.stderr.write("jit-proxy: line too long\n")
+            process.exit(2)
 
     async def _run(self, process: asyncssh.SSHServerProcess, user: str, line: str,
                    interactive: bool = False) -> int:
@@ -157,12 +187,47 @@ class FrontDoor:
                 " ".join(service.describe_denial(user, dest_host, None).split()))
         return self._inner(user, dest_host, peer)
 
-    async def _inner(self, user: str, target: str, peer: str) -> SSHServerConnection:
+    async def _inner(self, user: str, target: str, peer: str) -> "ChannelTransportSession":
         cert = await self.service.host_certificate(f"target:{target}", [target])
+        jump = JumpConnection(self.service, user, target, peer)
         options = asyncssh.SSHServerConnectionOptions(
-            self._inner_base, server_factory=lambda: JumpConnection(self.service, user, target, peer),
+            self._inner_base, server_factory=lambda: jump,
             server_host_keys=[(self.service.host_key, cert)])
-        return SSHServerConnection(asyncio.get_running_loop(), options, wait=None)
+        conn = SSHServerConnection(asyncio.get_running_loop(), options, wait=None)
+        return ChannelTransportSession(conn, jump)
+
+
+class ChannelTransportSession(asyncssh.SSHTCPSession):
+    """Runs the inner SSH server connection on the client's direct-tcpip channel (the channel is
+    its transport) and passes the channel's flow control on: asyncssh's connections ignore
+    ``pause_writing``, so the jump connection stops reading from the target instead, and the
+    channel's send buffer stays bounded whatever window the client announces."""
+
+    def __init__(self, conn: SSHServerConnection, jump: JumpConnection):
+        self._conn = conn
+        self._jump = jump
+
+    def connection_made(self, chan: Any) -> None:
+        self._conn.connection_made(chan)
+
+    def session_started(self) -> None:
+        self._conn.session_started()
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self._conn.data_received(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._conn.eof_received()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._jump.outer_writing_paused(True)
+
+    def resume_writing(self) -> None:
+        self._jump.outer_writing_paused(False)
 
 
 class ProxyServer(asyncssh.SSHServer):
@@ -178,6 +243,15 @@ class ProxyServer(asyncssh.SSHServer):
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
         self.peer = _peer(conn)
+        self.address = self.peer.rsplit(":", 1)[0]
+        if not self.door.admit(self.address):
+            # like sshd's MaxStartups: unauthenticated connections are a bounded resource
+            asyncio.get_running_loop().call_soon(
+                conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                "jit-proxy: too many unauthenticated connections; try again later")
+            self.admitted = False
+            return
+        self.admitted = True
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -193,6 +267,7 @@ class ProxyServer(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self.authenticated = True
+        self._leave()
         self.door.service.audit.emit("auth.success", self.username or "", method="publickey",
                                      peer=self.peer)
 
@@ -201,17 +276,29 @@ class ProxyServer(asyncssh.SSHServer):
         assert self.username is not None
         return self.door.open_jump(self.username, dest_host, dest_port, self.peer)
 
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self.door.service.audit.emit("ssh.forward.refused", self.username or "",
+                                     dest_path=dest_path[:255], peer=self.peer,
+                                     why="unix socket forwarding")
+        return False
+
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         self.door.service.audit.emit("ssh.forward.refused", self.username or "",
                                      listen_host=listen_host, listen_port=listen_port,
                                      peer=self.peer, why="remote forwarding")
         return False
 
+    def _leave(self) -> None:
+        if getattr(self, "admitted", False):
+            self.admitted = False
+            self.door.leave(self.address)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave()
         audit = self.door.service.audit
         if not self.authenticated and self.username is not None:
-            audit.emit("auth.failure", self.username[:256], method="publickey", peer=self.peer,
-                       why=str(exc)[:512] if exc else "no valid key")
+            self.door.service.auth_failure(self.username, self.peer, method="publickey",
+                                           why=str(exc)[:512] if exc else "no valid key")
         elif isinstance(exc, asyncssh.ProtocolError):  # malformed input ends this connection only
             audit.emit("ssh.protocol.error", self.username or "", peer=self.peer,
                        error=str(exc)[:512])

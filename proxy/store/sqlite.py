@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from proxy.access.model import AccessRequest, Grant, GrantStatus, RequestStatus
-from proxy.store import CertificateRecord, DBRoleRecord, SessionRecord
+from proxy.store import CertificateRecord, DBRoleRecord, SessionRecord, Visibility
 
 T = TypeVar("T")
 
@@ -70,6 +70,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX db_roles_live ON db_roles(dropped_at);
     """,
 ]
+
+
+def _visible(sql: str, params: list, visible_to: Visibility | None, who: str,
+             policy: str) -> tuple[str, list]:
+    """Narrow a query to rows of the user or of the policies the user approves for, in SQL, so
+    that LIMIT counts only what the user may see."""
+    if visible_to is None:
+        return sql, params
+    user, policies = visible_to
+    marks = ",".join("?" * len(policies))
+    sql += f" AND ({who}=?" + (f" OR {policy} IN ({marks}))" if policies else ")")
+    return sql, params + [user, *policies]
 
 
 def _request(row: sqlite3.Row) -> AccessRequest:
@@ -171,7 +183,8 @@ class SQLiteStore:
         return _request(rows[0]) if rows else None
 
     async def list_requests(self, *, status: RequestStatus | None = None,
-                            requester: str | None = None, limit: int = 100) -> list[AccessRequest]:
+                            requester: str | None = None, visible_to: Visibility | None = None,
+                            limit: int = 100) -> list[AccessRequest]:
         sql, params = "SELECT * FROM requests WHERE 1=1", []
         if status is not None:
             sql += " AND status=?"
@@ -179,6 +192,7 @@ class SQLiteStore:
         if requester is not None:
             sql += " AND requester=?"
             params.append(requester)
+        sql, params = _visible(sql, params, visible_to, "requester", "policy")
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
         return [_request(r) for r in await self._read(sql, tuple(params))]
@@ -221,7 +235,7 @@ class SQLiteStore:
         return _grant(rows[0]) if rows else None
 
     async def list_grants(self, *, user: str | None = None, status: GrantStatus | None = None,
-                          limit: int = 100) -> list[Grant]:
+                          visible_to: Visibility | None = None, limit: int = 100) -> list[Grant]:
         sql, params = "SELECT * FROM grants WHERE 1=1", []
         if user is not None:
             sql += " AND user=?"
@@ -229,6 +243,7 @@ class SQLiteStore:
         if status is not None:
             sql += " AND status=?"
             params.append(status.value)
+        sql, params = _visible(sql, params, visible_to, "user", "policy")
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
         return [_grant(r) for r in await self._read(sql, tuple(params))]
@@ -287,16 +302,19 @@ class SQLiteStore:
             (now, reason, recording, recording_sha256, bytes_up, bytes_down, session_id)))
 
     async def list_sessions(self, *, live: bool | None = None, user: str | None = None,
+                            visible_to: Visibility | None = None,
                             limit: int = 100) -> list[SessionRecord]:
-        sql, params = "SELECT * FROM sessions WHERE 1=1", []
+        sql = ("SELECT s.* FROM sessions s JOIN grants g ON g.id = s.grant_id WHERE 1=1")
+        params: list = []
         if live is True:
-            sql += " AND ended_at IS NULL"
+            sql += " AND s.ended_at IS NULL"
         elif live is False:
-            sql += " AND ended_at IS NOT NULL"
+            sql += " AND s.ended_at IS NOT NULL"
         if user is not None:
-            sql += " AND user=?"
+            sql += " AND s.user=?"
             params.append(user)
-        sql += " ORDER BY id DESC LIMIT ?"
+        sql, params = _visible(sql, params, visible_to, "s.user", "g.policy")
+        sql += " ORDER BY s.id DESC LIMIT ?"
         params.append(limit)
         return [SessionRecord(**dict(r)) for r in await self._read(sql, tuple(params))]
 

@@ -62,3 +62,38 @@ def test_ca_prints_the_lines_targets_and_clients_need(env):
     r = subprocess.run(["ssh-keygen", "-l", "-f", "/dev/stdin"], input=data["user_ca"].encode(),
                        capture_output=True)
     assert r.returncode == 0 and b"ED25519" in r.stdout
+
+
+def test_unauthenticated_connections_are_capped_per_address(fresh_env):
+    import socket
+    import time
+    env = fresh_env
+    config = env.config()
+    config["ssh"]["max_unauthenticated_per_address"] = 3
+    env.write_config(config)
+    env.restart()
+    held = [socket.create_connection(("127.0.0.1", env.port), timeout=5) for _ in range(3)]
+    try:
+        for s in held:
+            assert s.recv(64).startswith(b"SSH-2.0-")  # admitted: the server's banner
+        extra = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+        extra.sendall(b"SSH-2.0-test\r\n")
+        data = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            chunk = extra.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        extra.close()
+        assert b"too many unauthenticated connections" in data or data.count(b"\n") <= 1
+        r = env.ssh("alice", "whoami")  # still refused while the three are held
+        assert r.returncode == 255
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    r = env.ssh("alice", "whoami")
+    assert r.returncode == 0, r.stderr
+    assert env.wait_event("ssh.connection.refused",
+                          lambda e: e["why"] == "too many unauthenticated connections")

@@ -234,3 +234,90 @@ def test_target_saw_a_certificate_naming_user_grant_and_serial(env, granted):
     assert int(request) == granted["request_id"] and serial == serial2
     serials = [int(x[3]) for x in m]
     assert len(set(serials)) == len(serials)  # every session got a fresh certificate
+
+
+def test_a_client_that_stops_reading_cannot_grow_the_proxy(env, granted):
+    """A hostile client announces a huge window, then stops reading its outer channel while the
+    target sends 1 GB: the proxy must stop reading from the target, not buffer it."""
+    import asyncio
+
+    import asyncssh
+
+    def rss_kib() -> int:
+        for line in open(f"/proc/{env.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    async def scenario() -> tuple[int, int]:
+        outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
+                                       client_keys=[str(env.keys / "alice")], known_hosts=None,
+                                       config=None, agent_path=None)
+        inner = await asyncssh.connect("web1", 22, tunnel=outer, username=env.login,
+                                       known_hosts=None, config=None, agent_path=None,
+                                       client_keys=None)
+        chan, _ = await inner.create_session(asyncssh.SSHClientSession,
+                                             "read x; head -c 1000000000 /dev/zero",
+                                             window=2**31 - 1)
+        await asyncio.sleep(0.5)
+        before = rss_kib()
+        inner._transport.pause_reading()  # stop consuming the outer direct-tcpip channel
+        chan.write("go\n")
+        peak = before
+        for _ in range(30):
+            await asyncio.sleep(0.2)
+            peak = max(peak, rss_kib())
+        outer.close()
+        return before, peak
+
+    before, peak = asyncio.run(scenario())
+    assert peak - before < 64 * 1024, f"proxy RSS grew by {(peak - before) // 1024} MiB"
+
+
+def test_local_forwarding_when_the_policy_allows_it_and_revoke_ends_it(env):
+    import socketserver
+    import threading
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            while data := self.request.recv(4096):
+                self.request.sendall(data)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    grant = env.grant("alice", target="web2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        lport = s.getsockname()[1]
+    args = env.jump_args("alice", target="web2")
+    proc = subprocess.Popen(args[:1] + ["-N", "-o", "ExitOnForwardFailure=yes", "-L",
+                                        f"127.0.0.1:{lport}:127.0.0.1:{server.server_address[1]}"]
+                            + args[1:], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", lport), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "ssh -L never listened"
+                time.sleep(0.1)
+        with conn:
+            conn.sendall(b"ping through the proxy")
+            assert conn.recv(100) == b"ping through the proxy"
+        assert env.wait_event("ssh.forward.opened", lambda e: e["target"] == "web2")
+        assert env.ssh("alice", f"revoke {grant['id']}").returncode == 0
+        proc.wait(timeout=10)  # the whole jump connection ends with the grant
+        try:
+            c2 = socket.create_connection(("127.0.0.1", lport), timeout=2)
+            c2.close()
+            raise AssertionError("the forward outlived the revoke")
+        except OSError:
+            pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        server.shutdown()

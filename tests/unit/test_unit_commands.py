@@ -482,3 +482,42 @@ def test_reason_with_two_apostrophes(tmp_path, host_key):
             assert r.status == 0
             assert (await svc.store.get_request(1)).reason == "it's full, isn't it"
     run(scenario())
+
+
+def test_free_text_that_could_rewrite_an_approvers_terminal_is_refused(tmp_path, host_key):
+    async def scenario():
+        async with service_in(tmp_path, host_key) as svc:
+            forged = "x\r\x1b[2K3  pending  alice  deploy@web1  10m"
+            r = await run_command(svc, "alice",
+                                  f"request web1 --login deploy --for 10m --reason {forged}")
+            assert r.status == 1 and "control or invisible characters" in r.err
+            r = await run_command(svc, "alice", "request web1 --login deploy --for 10m "
+                                                "--reason INC-1 \u202eevil")
+            assert r.status == 1
+            r = await run_command(svc, "alice", "request web1 --login deploy --for 10m "
+                                                "--reason " + "x" * 1001)
+            assert r.status == 1 and "longer than 1000" in r.err
+    run(scenario())
+
+
+def test_tables_show_control_characters_escaped():
+    from proxy.ssh.commands import _table
+    out = _table([["1", "a\x1b[2Kb"]], ["ID", "DETAIL"])
+    assert "\x1b" not in out and "a\\x1b[2Kb" in out
+
+
+def test_a_flood_of_requests_cannot_hide_others_from_approvers(tmp_path, host_key):
+    async def scenario():
+        async with service_in(tmp_path, host_key) as svc:
+            r = await run_command(svc, "carol", "request web1 --login deploy --for 10m "
+                                                "--reason carol's")
+            assert r.status == 0, r.err
+            for i in range(25):
+                r = await run_command(svc, "alice", f"request web1 --login deploy --for 10m "
+                                                    f"--reason flood {i}")
+            assert r.status == 1 and "pending requests" in r.err  # capped per user
+            r = await run_command(svc, "bob", "requests --pending --json")
+            assert "carol's" in r.out
+            r = await run_command(svc, "alice", "requests --json")  # alice approves nothing
+            assert "flood" in r.out and "carol's" not in r.out
+    run(scenario())
