@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     try:
-        return run(serve(config))
+        return run(serve(config, Path(args.config)))
     except CAKeyError as exc:
         print(f"jit-proxy: refusing to start: {exc}", file=sys.stderr)
         return 1

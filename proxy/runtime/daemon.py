@@ -133,28 +133,91 @@ class Daemon:
             except Exception:
                 log.exception("host certificate renewal failed")
 
-    async def stop(self) -> None:
+    async def stop(self, drain: float = 0.0) -> None:
+        """Stop: accept nothing new, let live sessions finish for up to ``drain`` seconds, close
+        the rest with a reason (their grants stay valid), flush recordings, the store and the
+        audit log."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.door is not None:
+            self.door.stop_accepting()
+        if self.pg is not None and self.pg.server is not None:
+            self.pg.server.close()
+        service = self.service
+        if service is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain
+            while service.connections and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            closed = await service.terminate_all(
+                "jit-proxy: the proxy is shutting down; your grant stays valid, connect again "
+                "when it is back", "proxy stopped")
+            deadline = loop.time() + 5
+            while service.connections and loop.time() < deadline:  # let the reasons go out
+                await asyncio.sleep(0.05)
+            if closed:
+                service.audit.emit("proxy.sessions_closed", "system", connections=closed,
+                                   why="proxy stopped")
+        if self.door is not None:
             self.door.close()
         if self.pg is not None:
             self.pg.close()
         if self.roles is not None:
             await self.roles.close()
-        if self.service is not None:
-            self.service.audit.emit("proxy.stopped", "system", pid=os.getpid())
-            self.service.audit.close()
-            await self.service.store.close()
+        if service is not None:
+            await asyncio.sleep(0)  # connection_lost callbacks of what close() just ended
+            await service.drain()
+            service.audit.emit("proxy.stopped", "system", pid=os.getpid())
+            service.audit.close()
+            await service.store.close()
+
+    async def reload(self, path: Path) -> bool:
+        """SIGHUP: load ``path``; if valid, users, groups, targets and policies apply to new
+        requests and sessions (live sessions carry on). If not, the running configuration stays
+        and every problem is logged with its key and line. Returns whether it was applied."""
+        from proxy.config import ConfigError, load_config
+        assert self.service is not None
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            for message in exc.messages:
+                log.error("reload refused, keeping the running configuration: %s", message)
+            self.service.audit.emit("proxy.reload.refused", "system", config=str(path),
+                                    errors=exc.messages[:20])
+            return False
+        old = self.config
+        for field in ("state_dir",):
+            if getattr(new, field) != getattr(old, field):
+                log.warning("reload: %s changes only after a restart", field)
+        for section in ("ssh", "postgres"):
+            a, b = getattr(old, section), getattr(new, section)
+            if (a and b and (a.listen_address, a.listen_port) != (b.listen_address,
+                                                                   b.listen_port)) \
+                    or (a is None) != (b is None):
+                log.warning("reload: the %s listener changes only after a restart", section)
+        self.config = new
+        self.service.config = new
+        self.service.clear_host_certificates()
+        if self.door is not None:
+            await self.door.renew_host_certificate()
+        if self.pg is not None:
+            self.pg.renew_certificate()
+        self.service.audit.emit("proxy.reloaded", "system", config=str(path),
+                                users=len(new.users), targets=len(new.targets),
+                                policies=len(new.policies))
+        log.info("configuration reloaded from %s", path)
+        return True
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, config_path: Path | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the exit status. Under systemd (Type=notify) it
     sends READY=1 once every listener accepts connections, pings the watchdog from the event loop
-    (a stuck loop stops pinging and gets restarted), and sends STOPPING=1 when asked to stop."""
+    (a stuck loop stops pinging and gets restarted), reloads on SIGHUP (RELOADING=1, then
+    READY=1), and sends STOPPING=1 when asked to stop, then drains live sessions for
+    ``daemon.drain_time`` seconds."""
     notifier = Notifier()
     daemon = Daemon(config)
     await daemon.start()
@@ -162,16 +225,32 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloading: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        notifier.notify(RELOADING=1, STATUS="reloading")
+        try:
+            await daemon.reload(config_path)
+        finally:
+            notifier.notify(READY=1, STATUS=daemon.status_line())
+
+    def on_hup() -> None:
+        if config_path is not None:
+            task = loop.create_task(reload())
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     watchdog = None
     if notifier.watchdog_interval:
         watchdog = loop.create_task(_watchdog(notifier, notifier.watchdog_interval))
     notifier.notify(READY=1, STATUS=daemon.status_line(), MAINPID=os.getpid())
     await stop.wait()
-    log.info("stopping")
-    notifier.notify(STOPPING=1, STATUS="stopping")
+    log.info("stopping: draining live sessions for up to %ss", daemon.config.daemon.drain_time)
+    notifier.notify(STOPPING=1, STATUS="stopping: draining live sessions")
+    await daemon.stop(drain=daemon.config.daemon.drain_time)
     if watchdog is not None:
         watchdog.cancel()
-    await daemon.stop()
     notifier.close()
     return 0
 

@@ -367,6 +367,10 @@ class AccessService:
                         valid_after=rfc3339(valid_after), valid_before=rfc3339(valid_before))
         return cert
 
+    def clear_host_certificates(self) -> None:
+        """Forget cached host certificates (after a reload, names may have changed)."""
+        self._host_certs.clear()
+
     async def host_certificate(self, name: str, principals: list[str]) -> asyncssh.SSHCertificate:
         """The proxy host key's certificate for ``principals`` (cached, renewed at half-life)."""
         now = self.clock.now()

@@ -42,6 +42,7 @@ class FrontDoor:
         self._keys_for: dict[str, list[bytes]] = {}
         self._keys_config: Any = None
         self._inner_base: asyncssh.SSHServerConnectionOptions | None = None
+        self.connections: set[SSHServerConnection] = set()
         self._preauth: dict[str, int] = {}
         self._preauth_total = 0
         self._refused_preauth = 0
@@ -107,9 +108,16 @@ class FrontDoor:
         if self.acceptor is not None:
             self.acceptor.update(server_host_keys=await self._host_keys())
 
-    def close(self) -> None:
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; established connections carry on."""
         if self.acceptor is not None:
             self.acceptor.close()
+
+    def close(self) -> None:
+        """Close the listener and every connection it accepted."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.close()
 
     # --- the command shell -----------------------------------------------------------------------
 
@@ -242,6 +250,7 @@ class ProxyServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
+        self.door.connections.add(conn)
         self.peer = _peer(conn)
         self.address = self.peer.rsplit(":", 1)[0]
         if not self.door.admit(self.address):
@@ -295,6 +304,8 @@ class ProxyServer(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave()
+        if self.conn is not None:
+            self.door.connections.discard(self.conn)
         audit = self.door.service.audit
         if not self.authenticated and self.username is not None:
             self.door.service.auth_failure(self.username, self.peer, method="publickey",

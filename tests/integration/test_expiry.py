@@ -44,8 +44,8 @@ def test_interactive_session_sees_the_line_at_the_end(fresh_env):
     env = fresh_env
     grant = env.grant("alice", duration="3s")
     with PtySession(env.jump_args("alice") + ["-tt"]) as s:
-        s.send(b"echo READY\n")
-        s.expect(b"READY")
+        s.send(b"echo READY-$((6*7))\n")
+        s.expect(b"READY-42")
         s.expect(b"jit-proxy: access to", timeout=10)
         s.expect(f"grant {grant['id']} expired".encode())
         assert s.wait() != 0

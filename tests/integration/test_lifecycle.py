@@ -1,0 +1,91 @@
+"""Operating the daemon: SIGHUP reloads (or refuses) the configuration, SIGTERM drains and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.integration.ptyrun import PtySession
+
+
+def test_sighup_applies_a_new_policy_and_keeps_live_sessions(fresh_env):
+    env = fresh_env
+    env.grant("alice")
+    proc = subprocess.Popen(env.jump_args("alice") + ["echo started; sleep 3; echo still-here"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"started\n"
+    r = env.ssh("bob", "request web1 --login otherlogin --for 10m --reason bob asks")
+    assert r.returncode == 1 and b"no policy lets bob" in r.stderr
+    config = env.config()
+    config["policies"][1]["requesters"].append("bob")
+    env.write_config(config)
+    env.proc.send_signal(signal.SIGHUP)
+    env.wait_event("proxy.reloaded")
+    r = env.ssh("bob", "request web1 --login otherlogin --for 10m --reason bob asks")
+    assert r.returncode == 0, r.stderr
+    out, err = proc.communicate(timeout=20)
+    assert out == b"still-here\n" and proc.returncode == 0, err
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one_and_logs_key_and_line(fresh_env):
+    env = fresh_env
+    good = env.config_path.read_text()
+    broken = good.replace("max_duration: 4h", "max_duration: 4 hours", 1)
+    env.config_path.write_text(broken)
+    line = next(i for i, l in enumerate(broken.splitlines(), 1) if "4 hours" in l)
+    env.proc.send_signal(signal.SIGHUP)
+    refused = env.wait_event("proxy.reload.refused")
+    assert any(f":{line}: policies[0].max_duration:" in e for e in refused["errors"])
+    log = env.log_path.read_text()
+    assert f"{env.config_path}:{line}: policies[0].max_duration:" in log
+    assert env.ssh("alice", "whoami").returncode == 0  # the old configuration is in force
+    r = env.ssh("alice", f"request web1 --login {env.login} --for 2h --reason still allowed")
+    assert r.returncode == 0, r.stderr
+
+
+def test_sigterm_with_live_ssh_and_psql_sessions(fresh_pg_env):
+    env = fresh_pg_env
+    config = env.config()
+    config["daemon"] = {"drain_time": "1s"}
+    env.write_config(config)
+    env.restart()
+    env.grant("alice")
+    req = env.json("alice", "request orders --role read --for 10m --reason drain")
+    env.json("bob", f"approve {req['id']}")
+    login = env.json("alice", "db-login orders")
+    (env.root / "jit-ca.pem").write_bytes(env.ssh("alice", "ca --pg").stdout)
+    psql = subprocess.Popen(
+        ["psql", "-X", "-At", f"host=127.0.0.1 port={env.pg_port} user=alice dbname=orders "
+         f"sslmode=verify-full sslrootcert={env.root / 'jit-ca.pem'}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PGPASSWORD": login["password"]})
+    psql.stdin.write("SELECT 'psql up';\n")
+    psql.stdin.flush()
+    assert psql.stdout.readline() == "psql up\n"
+    with PtySession(env.jump_args("alice") + ["-tt"]) as s:
+        s.send(b"echo SHELL-$((40+2))\r")
+        s.expect(b"SHELL-42")  # the remote shell's output, not the local echo of the line
+        t0 = time.monotonic()
+        rc = env.stop(signal.SIGTERM)
+        assert rc == 0
+        assert time.monotonic() - t0 < 10
+        s.expect(b"the proxy is shutting down", timeout=5)
+    out, err = psql.communicate("SELECT 1;\n", timeout=20)
+    assert "terminating connection: the proxy is shutting down" in err, err
+    events = [json.loads(l) for l in (env.state / "audit.jsonl").read_text().splitlines()]
+    ends = [e for e in events if e["type"] in ("ssh.session.end", "db.session.end")]
+    assert {e["type"] for e in ends} == {"ssh.session.end", "db.session.end"}
+    assert all(e["reason"] == "proxy stopped" for e in ends), ends
+    shell = next(e for e in ends if e["type"] == "ssh.session.end")
+    played = subprocess.run(["asciinema", "cat", shell["recording"]], capture_output=True)
+    assert played.returncode == 0 and b"SHELL-42" in played.stdout
+    assert events[-1]["type"] == "proxy.stopped"
+    v = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "verify",
+                        str(env.state / "audit.jsonl")], capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+    env.start()  # for the fixture's teardown
