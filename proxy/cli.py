@@ -82,6 +82,99 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _admin(args: argparse.Namespace, command: str, **fields) -> dict | None:
+    from proxy.runtime.admin import AdminError, request
+    path = Path(args.socket) if args.socket else None
+    if path is None:
+        config = _load(args.config)
+        if config is None:
+            return None
+        path = config.admin_socket_path
+    try:
+        return request(path, command, **fields)
+    except AdminError as exc:
+        print(f"jit-proxy: {exc}", file=sys.stderr)
+        return None
+
+
+def _print(args: argparse.Namespace, answer: dict, text: str) -> None:
+    import json
+    print(json.dumps(answer, indent=2) if args.json else text, end="" if not args.json else "\n")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from proxy.ssh.commands import _table
+    answer = _admin(args, "status")
+    if answer is None:
+        return 1
+    text = "listeners: " + ", ".join(f"{k} {v}" for k, v in answer["listeners"].items()) + "\n"
+    text += f"\nlive sessions ({len(answer['live_sessions'])}):\n" + _table(
+        [[str(s["id"]), s["user"], f"{s['login']}@{s['target']}", s["kind"], s["started_at"]]
+         for s in answer["live_sessions"]], ["ID", "USER", "ACCESS", "KIND", "STARTED"])
+    text += f"\nactive grants ({len(answer['active_grants'])}):\n" + _table(
+        [[str(g["id"]), g["user"], f"{g['login']}@{g['target']}", g["ends_at"]]
+         for g in answer["active_grants"]], ["ID", "USER", "ACCESS", "ENDS"])
+    text += f"\npending requests ({len(answer['pending_requests'])}):\n" + _table(
+        [[str(r["id"]), r["requester"], f"{r['login']}@{r['target']}", r["reason"]]
+         for r in answer["pending_requests"]], ["ID", "REQUESTER", "ACCESS", "REASON"])
+    _print(args, answer, text)
+    return 0
+
+
+def cmd_sessions_kill(args: argparse.Namespace) -> int:
+    answer = _admin(args, "sessions.kill", id=args.id)
+    if answer is None:
+        return 1
+    s = answer["killed"]
+    _print(args, answer, f"session {s['id']} of {s['user']} ({s['login']}@{s['target']}) "
+                         f"ended\n")
+    return 0
+
+
+def cmd_grants_revoke(args: argparse.Namespace) -> int:
+    answer = _admin(args, "grants.revoke", id=args.id)
+    if answer is None:
+        return 1
+    _print(args, answer, f"grant {answer['revoked']} revoked; its sessions are closed\n")
+    return 0
+
+
+def cmd_recordings(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from proxy.runtime import recordings
+    if args.action == "list":
+        answer = _admin(args, "recordings.list", user=args.user, target=args.target,
+                        since=args.since)
+        if answer is None:
+            return 1
+        _print(args, answer, recordings.summary_table(answer["recordings"]))
+        return 0
+    if args.id is None:
+        print(f"jit-proxy: recordings {args.action} needs a session id", file=sys.stderr)
+        return 2
+    answer = _admin(args, "recordings.get", id=args.id)
+    if answer is None:
+        return 1
+    if not answer["intact"]:
+        print(f"jit-proxy: warning: {answer['recording_path']} no longer matches the SHA-256 in "
+              f"the audit log", file=sys.stderr)
+    if args.action == "play":
+        recordings.play(answer["cast"], args.speed,
+                        lambda text: (sys.stdout.write(text), sys.stdout.flush()), time.sleep)
+        return 0 if answer["intact"] else 1
+    out = Path(args.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    cast = out / f"session-{args.id}.cast"
+    events = out / f"session-{args.id}.audit.jsonl"
+    cast.write_text(answer["cast"])
+    events.write_text("".join(json.dumps(e, sort_keys=True, separators=(",", ":"),
+                                         ensure_ascii=False) + "\n"
+                              for e in answer["audit_events"]))
+    print(f"{cast}\n{events}")
+    return 0 if answer["intact"] else 1
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from proxy.runtime.sandbox import main as sandbox_main
     _setup_logging(args.log_level)
@@ -108,6 +201,41 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("file", nargs="?", help="the log (default: the configured one)")
     v.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     v.set_defaults(func=cmd_audit_verify)
+
+    def admin_parser(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        c.add_argument("--socket", help="the admin socket (default: from the configuration)")
+        c.add_argument("--json", action="store_true")
+        return c
+
+    c = admin_parser("status", "listeners, live sessions, active grants, pending requests")
+    c.set_defaults(func=cmd_status)
+    c = sub.add_parser("sessions", help="live sessions")
+    ssub = c.add_subparsers(dest="sessions_command", required=True)
+    k = ssub.add_parser("kill", help="end one live session now")
+    k.add_argument("id", type=int)
+    for opt, kw in (("-c", {"dest": "config", "default": DEFAULT_CONFIG}), ("--socket", {}),
+                    ("--json", {"action": "store_true"})):
+        k.add_argument(opt, **kw)
+    k.set_defaults(func=cmd_sessions_kill)
+    c = sub.add_parser("grants", help="grants")
+    gsub = c.add_subparsers(dest="grants_command", required=True)
+    r = gsub.add_parser("revoke", help="end a grant and its sessions now")
+    r.add_argument("id", type=int)
+    for opt, kw in (("-c", {"dest": "config", "default": DEFAULT_CONFIG}), ("--socket", {}),
+                    ("--json", {"action": "store_true"})):
+        r.add_argument(opt, **kw)
+    r.set_defaults(func=cmd_grants_revoke)
+    c = admin_parser("recordings", "find, play and export session recordings")
+    c.add_argument("action", choices=["list", "play", "export"])
+    c.add_argument("id", nargs="?", type=int, help="session id (play, export)")
+    c.add_argument("--user")
+    c.add_argument("--target")
+    c.add_argument("--since", help="a duration (2h) or a time (2026-11-29T08:00:00Z)")
+    c.add_argument("--speed", type=float, default=1.0, help="play faster (2, 10, ...)")
+    c.add_argument("--out", help="export: directory for the .cast and its audit events")
+    c.set_defaults(func=cmd_recordings)
 
     c = sub.add_parser("sandbox", help="a complete local playground (proxy, sshd, two users)")
     c.add_argument("--dir", default="./jit-sandbox")

@@ -73,6 +73,12 @@ class SSHListener(_Model):
 class DaemonSettings(_Model):
     # after SIGTERM: stop accepting, let live sessions finish this long, then close them
     drain_time: Duration = 30
+    # the local admin socket of `jit-proxy status`, `sessions kill`, `grants revoke` and
+    # `recordings` (default STATE_DIR/admin.sock); root and members of admin_group may use it
+    admin_socket: Path | None = None
+    admin_group: str | None = None
+    # Prometheus text endpoint, "ADDRESS:PORT" (off when unset); keep it on a local address
+    metrics_listen: str | None = Field(None, pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
 
 class CASettings(_Model):
@@ -217,6 +223,10 @@ class Config(_Model):
     @property
     def audit_log_path(self) -> Path:
         return self.audit.log or self.state_dir / "audit.jsonl"
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.daemon.admin_socket or self.state_dir / "admin.sock"
 
     @property
     def recording_dir(self) -> Path:

@@ -103,6 +103,7 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "ab", buffering=0)
+        self.observers: list = []  # called with each event after it is written (metrics)
         try:
             self._prev, repair = _recover(self.path)
         except BaseException:
@@ -134,6 +135,8 @@ class AuditLog:
         event["hash"] = _hash(event)
         self._file.write(canonical(event) + b"\n")
         self._prev = event["hash"]
+        for observer in self.observers:
+            observer(event)
         return event
 
     def sync(self) -> None:

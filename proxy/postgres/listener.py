@@ -46,7 +46,7 @@ from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
 from proxy.postgres.scram import ScramError, ScramServer
 from proxy.postgres.secrets import OneTimeSecrets, dummy_verifier
-from proxy.runtime.service import AccessService
+from proxy.runtime.service import AccessService, LiveSession
 
 log = logging.getLogger("jit_proxy.postgres")
 
@@ -425,6 +425,7 @@ class PgClient:
             kind="postgres", detail=self.role, now=self.service.clock.now())
         self.session_id = record.id
         self.service.attach(grant.id, self)
+        self.service.live_sessions[record.id] = LiveSession(record, self.terminate)
         self.service.audit.emit("db.session.start", self.user, session=record.id,
                                 target=self.target_name, role=self.role, grant=grant.id,
                                 peer=self.peer)
@@ -597,6 +598,8 @@ class PgClient:
             asyncio.get_running_loop().call_later(2.0, self.abort)
 
     async def _finish(self) -> None:
+        if self.session_id is not None:
+            self.service.live_sessions.pop(self.session_id, None)
         if self.cancel_key is not None:
             self.door.cancel_keys.pop(self.cancel_key, None)
         if self.grant is not None:

@@ -58,6 +58,8 @@ class Daemon:
         self.door: FrontDoor | None = None
         self.address: tuple[str, int] | None = None
         self.roles = None  # RoleManager when PostgreSQL is configured
+        self.admin = None  # the admin socket
+        self.metrics = None  # the Prometheus endpoint when configured
         self.pg = None     # PostgresFrontDoor when PostgreSQL is configured
         self._tasks: list[asyncio.Task] = []
 
@@ -99,8 +101,30 @@ class Daemon:
         audit.emit("proxy.started", "system", pid=os.getpid(), **listening)
         self._tasks = [asyncio.get_running_loop().create_task(self._sweep()),
                        asyncio.get_running_loop().create_task(self._renew())]
+        from proxy.runtime.admin import AdminServer
+        self.admin = AdminServer(self.service, self)
+        await self.admin.start()
+        if cfg.daemon.metrics_listen:
+            from proxy.runtime.metrics import start_metrics
+            self.metrics = start_metrics(self.service, self, cfg.daemon.metrics_listen)
+            log.info("metrics on http://%s/metrics", cfg.daemon.metrics_listen)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_metrics()))
         log.info("listening for SSH on %s:%d", *self.address)
         return self.address
+
+    def listeners(self) -> dict[str, str]:
+        out = {}
+        if self.address is not None:
+            out["ssh"] = f"{self.address[0]}:{self.address[1]}"
+        if self.pg is not None and self.pg.server is not None:
+            sock = self.pg.server.sockets[0].getsockname() if self.pg.server.sockets else None
+            if sock:
+                out["postgres"] = f"{sock[0]}:{sock[1]}"
+        if self.admin is not None and self.admin.path is not None:
+            out["admin"] = str(self.admin.path)
+        if self.config.daemon.metrics_listen:
+            out["metrics"] = self.config.daemon.metrics_listen
+        return out
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: what listens where."""
@@ -121,6 +145,15 @@ class Daemon:
                 await self.service.expire_due()
             except Exception:  # keep sweeping; the failure is logged with its grant
                 log.exception("expiry sweep failed")
+
+    async def _refresh_metrics(self) -> None:
+        from proxy.access.model import RequestStatus
+        while True:
+            if self.metrics is not None and self.service is not None:
+                pending = await self.service.store.list_requests(status=RequestStatus.PENDING,
+                                                                 limit=1_000_000)
+                self.metrics.state.pending = len(pending)
+            await asyncio.sleep(2)
 
     async def _renew(self) -> None:
         assert self.door is not None
@@ -165,6 +198,10 @@ class Daemon:
             self.door.close()
         if self.pg is not None:
             self.pg.close()
+        if self.admin is not None:
+            self.admin.close()
+        if self.metrics is not None:
+            self.metrics.shutdown()
         if self.roles is not None:
             await self.roles.close()
         if service is not None:

@@ -63,6 +63,14 @@ class Terminable(Protocol):
         """Close with ``line`` shown to the user; ``reason`` goes into the session's audit."""
 
 
+@dataclass(frozen=True)
+class LiveSession:
+    """A session in progress: its record, and how to end it (``await kill(line, reason)``)."""
+
+    record: SessionRecord
+    kill: Any
+
+
 @dataclass
 class _HostCert:
     cert: asyncssh.SSHCertificate
@@ -81,6 +89,7 @@ class AccessService:
     connections: dict[int, set[Terminable]] = field(default_factory=dict)
     _host_certs: dict[str, _HostCert] = field(default_factory=dict)
     hooks: list[GrantHooks] = field(default_factory=list)
+    live_sessions: dict[int, LiveSession] = field(default_factory=dict)
     ssh_port: int = 22  # set by the listener once bound
     postgres: Any = None  # the PostgreSQL front door (db-login, its CA) when configured
     _unpersisted: dict[int, Grant] = field(default_factory=dict)
@@ -282,7 +291,8 @@ class AccessService:
             for r in failed:
                 log.error("closing a connection of grant %s failed: %r", grant.id, r)
             self.audit.emit("ssh.grant.sessions_closed", "system", grant=grant.id,
-                            connections=len(conns), failed=len(failed))
+                            connections=len(conns), failed=len(failed),
+                            lag=round(max(0.0, self.clock.now() - min(grant.ends_at, now)), 3))
         await self._persist_end(ended)
         for hook in self.hooks:
             try:
@@ -326,6 +336,22 @@ class AccessService:
         if len(self._auth_failures) > 10_000:  # bounded: forget the oldest windows
             for key in sorted(self._auth_failures, key=lambda k: self._auth_failures[k][0])[:5000]:
                 del self._auth_failures[key]
+
+    async def kill_session(self, actor: str, session_id: int) -> SessionRecord:
+        """End one live session now (operators); its grant stays valid.
+
+        Raises:
+            AccessError: no such live session.
+        """
+        live = self.live_sessions.get(session_id)
+        if live is None:
+            raise AccessError(f"no live session {session_id}")
+        self.audit.emit("ssh.session.killed" if live.record.kind != "postgres"
+                        else "db.session.killed", actor, session=session_id,
+                        user=live.record.user, target=live.record.target)
+        await live.kill(f"jit-proxy: this session was ended by an operator ({actor})",
+                        f"killed by {actor}")
+        return live.record
 
     def known_hosts_line(self) -> str:
         """The one known_hosts line that makes clients trust the proxy and its targets."""

@@ -27,7 +27,7 @@ from asyncssh.connection import SSHServerConnection
 from proxy.access import policy
 from proxy.audit.recording import AsciicastRecorder
 from proxy.config import SSHTarget
-from proxy.runtime.service import AccessService
+from proxy.runtime.service import AccessService, LiveSession
 from proxy.store import SessionRecord
 
 log = logging.getLogger("jit_proxy.bridge")
@@ -291,6 +291,7 @@ class BridgeSession(asyncssh.SSHServerSession):
         self.record = await service.store.create_session(
             user=jump.user, target=jump.target_name, login=jump.login or "", grant_id=jump.grant.id,
             kind=self.kind, detail=self.detail, now=now)
+        service.live_sessions[self.record.id] = LiveSession(self.record, self.kill)
         if service.config.recording.terminal and (self.term is not None or self.kind == "shell"):
             # terminals, and shells without one (ssh -T): both are interactive work
             term_type, (cols, rows, _, _), _ = self.term or ("dumb", (80, 24, 0, 0), {})
@@ -422,6 +423,10 @@ class BridgeSession(asyncssh.SSHServerSession):
         except OSError:  # already closed by the client
             pass
 
+    async def kill(self, line: str, reason: str) -> None:
+        """End this one session (an operator's ``sessions kill``)."""
+        self.end_with(line, reason)
+
     def end_with(self, line: str, reason: str = "grant ended") -> None:
         """Close this session (its grant ended, or the proxy stops): one line on stderr, then
         exit 255."""
@@ -453,6 +458,7 @@ class BridgeSession(asyncssh.SSHServerSession):
             return
         self._recorded_end = True
         service, jump = self.jump.service, self.jump
+        service.live_sessions.pop(self.record.id, None)
         sha = None
         if self.recorder is not None:
             try:

@@ -34,6 +34,8 @@ jit-proxy: just-in-time access. Commands (each takes --json):
   sessions                           live sessions through the proxy
   targets                            what you may request
   whoami                             who the proxy thinks you are
+  recordings list|play ID|export ID  recorded sessions of the policies you approve for
+                                     (list: --user U --target T --since 2h; play: --speed 4)
   db-login TARGET [--role ROLE]      a one-time secret and the psql command for a database grant
   ca [--pg]                          lines that make clients and targets trust the proxy's CA
                                      (--pg: the CA certificate for psql's sslrootcert)
@@ -47,6 +49,7 @@ class Result:
     status: int
     out: str = ""
     err: str = ""
+    stream: list[tuple[float, str]] | None = None  # (delay seconds, text) to play after ``out``
 
 
 class _UsageError(Exception):
@@ -109,6 +112,13 @@ def _parser() -> _Parser:
     c.add_argument("--uri", action="store_true", help="print only the libpq URI")
     cmd("ca").add_argument("--pg", action="store_true",
                            help="print the CA certificate for PostgreSQL clients (sslrootcert)")
+    c = cmd("recordings")
+    c.add_argument("action", choices=["list", "play", "export"])
+    c.add_argument("id", nargs="?", type=_id, help="session id (play, export)")
+    c.add_argument("--user")
+    c.add_argument("--target")
+    c.add_argument("--since", help="a duration (2h) or a time (2026-11-29T08:00:00Z)")
+    c.add_argument("--speed", type=float, default=1.0)
     for name in ("sessions", "targets", "whoami", "help"):
         cmd(name)
     return p
@@ -218,6 +228,8 @@ async def run_command(service: AccessService, actor: str, command_line: str) -> 
         return Result(1, err=f"jit-proxy: {exc}\n")
     if args.json:
         return Result(0, out=json.dumps(data, indent=2) + "\n")
+    if isinstance(text, list):  # a recording to play
+        return Result(0, stream=text)
     return Result(0, out=text)
 
 
@@ -282,6 +294,8 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         text += "".join(f"grant {g['id']}: {g['login']}@{g['target']} until {g['ends_at']}\n"
                         for g in grants) or "no active grants\n"
         return data, text
+    if args.command == "recordings":
+        return await _recordings(service, actor, args)
     if args.command == "db-login":
         return await _db_login(service, actor, args)
     if args.command == "ca" and args.pg:
@@ -332,3 +346,28 @@ async def _db_login(service: AccessService, actor: str, args: argparse.Namespace
             f"or:\n  PGPASSWORD='{secret}' psql \"host={host} port={port} user={actor} "
             f"dbname={args.target} sslmode=verify-full sslrootcert=jit-ca.pem\"\n")
     return data, (uri + "\n" if args.uri else text)
+
+
+async def _recordings(service: AccessService, actor: str, args: argparse.Namespace
+                      ) -> tuple[Any, Any]:
+    """Approvers see the recordings of the sessions under the policies they approve for."""
+    from proxy.runtime import recordings
+    _, policies = service.visibility(actor)
+    if not policies:
+        service.audit.emit("recording.refused", actor, why="not an approver")
+        raise AccessError("recordings are for approvers of the sessions' policies")
+    visible = ("", policies)
+    if args.action == "list":
+        rows = await recordings.list_recordings(
+            service, {"user": args.user, "target": args.target, "since": args.since}, visible)
+        return rows, recordings.summary_table(rows)
+    if args.id is None:
+        raise AccessError(f"recordings {args.action} needs a session id")
+    bundle = await recordings.get_recording(service, actor, args.id, visible)
+    if args.action == "export":
+        return bundle, json.dumps(bundle, indent=2) + "\n"
+    try:
+        stream = list(recordings.frames(bundle["cast"], args.speed))
+    except ValueError as exc:
+        raise AccessError(str(exc)) from None
+    return {"session": args.id, "frames": len(stream)}, stream

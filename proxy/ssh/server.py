@@ -147,6 +147,10 @@ class FrontDoor:
         process.stdout.write(result.out)
         # at the prompt, errors go in order with the rest (and get the terminal's line endings)
         (process.stdout if interactive else process.stderr).write(result.err)
+        for delay, text in result.stream or ():  # a recording, at its own pace
+            if delay:
+                await asyncio.sleep(delay)
+            process.stdout.write(text)
         return result.status
 
     async def _repl(self, process: asyncssh.SSHServerProcess, user: str) -> None:

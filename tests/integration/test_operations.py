@@ -1,0 +1,125 @@
+"""Operator tools on the proxy host: the admin socket (status, kill, revoke), recordings, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.ptyrun import PtySession
+
+RAW_CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("refused:", e.strerror); sys.exit(1)
+s.sendall(b'{"command": "status"}\\n')
+print(s.recv(65536).decode())
+"""
+
+
+def jit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "proxy.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.fixture
+def ops_env(fresh_env):
+    env = fresh_env
+    sock_dir = Path(tempfile.mkdtemp(prefix="jit-admin-"))
+    os.chmod(sock_dir, 0o711)
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    config = env.config()
+    config["daemon"] = {"admin_socket": str(sock_dir / "admin.sock"),
+                        "metrics_listen": f"127.0.0.1:{metrics_port}"}
+    env.write_config(config)
+    env.restart()
+    env.admin_socket = sock_dir / "admin.sock"
+    env.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    yield env
+    env.stop()
+
+
+def live_sessions_metric(env) -> int:
+    text = urllib.request.urlopen(env.metrics_url, timeout=5).read().decode()
+    return sum(int(float(line.split()[-1])) for line in text.splitlines()
+               if line.startswith("jit_proxy_live_sessions{"))
+
+
+def test_status_kill_revoke_metrics_and_recordings(ops_env):
+    env = ops_env
+    grant = env.grant("alice")
+    assert live_sessions_metric(env) == 0
+    with PtySession(env.jump_args("alice") + ["-tt"]) as s:
+        s.send(b"echo OPS-$((20+22))\r")
+        s.expect(b"OPS-42")
+        r = jit("status", "-c", str(env.config_path), "--json")
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        live = [x for x in status["live_sessions"] if x["user"] == "alice"]
+        assert len(live) == 1 and live[0]["kind"] == "shell"
+        assert [g["id"] for g in status["active_grants"]] == [grant["id"]]
+        assert "ssh" in status["listeners"] and "admin" in status["listeners"]
+        assert live_sessions_metric(env) == 1
+        text = jit("status", "-c", str(env.config_path))
+        assert f"alice  {env.login}@web1" in text.stdout.replace("   ", "  ")
+        r = jit("sessions", "kill", str(live[0]["id"]), "-c", str(env.config_path))
+        assert r.returncode == 0, r.stderr
+        s.expect(b"ended by an operator")
+        assert s.wait() != 0
+    deadline = time.monotonic() + 5
+    while live_sessions_metric(env) != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # the grant survived the kill; revoke it from the host
+    assert env.jump("alice", "true").returncode == 0
+    r = jit("grants", "revoke", str(grant["id"]), "-c", str(env.config_path))
+    assert r.returncode == 0, r.stderr
+    assert env.jump("alice", "true").returncode == 255
+    assert env.wait_event("access.grant.revoked", lambda e: e["actor"] == "local:root")
+
+    # recordings: find by user and target, play, export
+    r = jit("recordings", "list", "--user", "alice", "--target", "web1", "--since", "1h",
+            "-c", str(env.config_path), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["recordings"]
+    assert rows and rows[0]["user"] == "alice" and rows[0]["target"] == "web1"
+    sid = rows[0]["id"]
+    r = jit("recordings", "play", str(sid), "--speed", "50", "-c", str(env.config_path))
+    assert r.returncode == 0 and "OPS-42" in r.stdout, r.stderr
+    out = env.root / "export"
+    r = jit("recordings", "export", str(sid), "--out", str(out), "-c", str(env.config_path))
+    assert r.returncode == 0, r.stderr
+    cast = (out / f"session-{sid}.cast").read_text()
+    assert json.loads(cast.splitlines()[0])["version"] == 2
+    events = [json.loads(l) for l in (out / f"session-{sid}.audit.jsonl").read_text()
+              .splitlines()]
+    assert {"ssh.session.start", "ssh.session.end"} <= {e["type"] for e in events}
+    # and approvers over SSH
+    r = env.ssh("bob", f"recordings play {sid} --speed 50")
+    assert r.returncode == 0 and b"OPS-42" in r.stdout, r.stderr
+    r = env.ssh("alice", "recordings list")
+    assert r.returncode == 1 and b"approvers" in r.stderr
+
+
+def test_admin_socket_refuses_users_outside_the_admin_group(ops_env):
+    env = ops_env
+    r = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", RAW_CLIENT,
+                        str(env.admin_socket)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "refused: Permission denied" in r.stdout  # mode 0660
+    os.chmod(env.admin_socket, 0o666)  # even when the file mode lets it in, SO_PEERCRED does not
+    r = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", RAW_CLIENT,
+                        str(env.admin_socket)], capture_output=True, text=True, timeout=30)
+    assert "not allowed" in r.stdout and "live_sessions" not in r.stdout
+    assert env.wait_event("proxy.admin.refused", lambda e: e["actor"] == "local:nobody")
