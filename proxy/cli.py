@@ -38,6 +38,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    from proxy.config import config_warnings
+    for line in config_warnings(args.config, config):
+        print(line, file=sys.stderr)
     print(f"{args.config}: ok ({len(config.users)} users, {len(config.targets)} targets, "
           f"{len(config.policies)} policies)")
     return 0

@@ -450,6 +450,36 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     return config
 
 
+BROAD_ROLES = {"pg_read_all_data", "pg_write_all_data", "pg_read_server_files",
+               "pg_write_server_files", "pg_execute_server_program", "pg_monitor",
+               "pg_read_all_settings", "pg_read_all_stats", "pg_signal_backend"}
+
+
+def warnings(config: Config) -> list[tuple[Path_, str]]:
+    """Valid but risky settings: roles that reach beyond the target's database."""
+    out = []
+    for name, target in config.targets.items():
+        if isinstance(target, PostgresTarget):
+            for key, members in target.roles.items():
+                for i, role in enumerate(members):
+                    if role in BROAD_ROLES:
+                        out.append((("targets", name, "roles", key, i),
+                                    f"{role} reaches every database of the cluster, not just "
+                                    f"{target.database!r}; prefer a role granted on it alone"))
+    return out
+
+
+def config_warnings(path: Path | str, config: Config) -> list[str]:
+    """``FILE:LINE: key.path: warning`` lines for ``warnings(config)``."""
+    text = Path(path).read_text(encoding="utf-8")
+    builder = _Builder()
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        builder.build(root)
+    return [f"{path}:{_line_for(loc, builder.lines)}: {format_path(loc)}: warning: {msg}"
+            for loc, msg in warnings(config)]
+
+
 def _reference_problems(config: Config) -> list[tuple[Path_, str]]:
     """Problems that need the whole file: names that point at nothing."""
     problems: list[tuple[Path_, str]] = []

@@ -69,7 +69,8 @@ class PgCluster:
         self.admin_password_file = self.root / "admin.password"
         self.admin_password_file.write_text(self.SUPERUSER_PASSWORD + "\n")
         os.chmod(self.admin_password_file, 0o600)
-        self.sql("postgres", "CREATE ROLE app_owner NOLOGIN; CREATE ROLE app_writer NOLOGIN")
+        self.sql("postgres", "CREATE ROLE app_owner NOLOGIN; CREATE ROLE app_writer NOLOGIN;"
+                             " CREATE ROLE app_reader NOLOGIN")
         self.sql("postgres", "CREATE DATABASE orders OWNER app_owner")
         self.sql("postgres", "CREATE DATABASE other")
         self.sql("orders", """
@@ -77,6 +78,7 @@ class PgCluster:
             INSERT INTO items VALUES (1, 'disk'), (2, 'cpu'), (3, NULL);
             ALTER TABLE items OWNER TO app_owner;
             GRANT SELECT, INSERT, UPDATE, DELETE ON items TO app_writer;
+            GRANT SELECT ON items TO app_reader;
             GRANT CREATE, USAGE ON SCHEMA public TO app_writer;
         """)
         self.sql("other", "CREATE TABLE notes (id int); INSERT INTO notes VALUES (42);")
@@ -166,7 +168,7 @@ class Env:
                 "kind": "postgres", "address": "127.0.0.1", "port": pg.port,
                 "database": "orders",
                 "admin": {"user": "postgres", "password_file": str(pg.admin_password_file)},
-                "roles": {"read": ["pg_read_all_data"], "write": ["app_writer"]},
+                "roles": {"read": ["app_reader"], "write": ["app_writer"]},
                 "owner": "app_owner",
                 "tls": {"mode": "verify-full", "ca_file": str(pg.ca_file)}}
             config["policies"].append({"name": "db", "targets": ["orders"],

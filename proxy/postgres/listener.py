@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import logging
 import os
 import secrets
@@ -25,18 +26,20 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import scramp
 
 from ca.keys import write_secret_file
 from ca.x509 import X509CertificateAuthority
 from proxy.access.model import Grant
 from proxy.config import PostgresTarget
-from proxy.pgwire import (ADMIN_SHUTDOWN, CONNECTION_FAILURE, INVALID_AUTHORIZATION_SPECIFICATION,
+from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE, INVALID_AUTHORIZATION_SPECIFICATION,
                           INVALID_PASSWORD, AuthenticationCleartextPassword,
                           AuthenticationMD5Password, AuthenticationOk, AuthenticationSASL,
                           AuthenticationSASLContinue, AuthenticationSASLFinal, BackendKeyData,
-                          Bind, CancelRequest, ErrorResponse, Execute, Frame, FunctionCall,
-                          GSSENCRequest, MessageDecoder, NoticeResponse, ParameterStatus, Parse,
+                          Bind, CancelRequest, Close, ErrorResponse, Execute, Frame, FunctionCall,
+                          GSSENCRequest, MessageDecoder, NegotiateProtocolVersion,
+                          NoticeResponse, ParameterStatus, Parse,
                           PasswordMessage, ProtocolError, Query, ReadyForQuery,
                           SASLInitialResponse, SASLResponse, SSLRequest, StartupDecoder,
                           StartupMessage, Terminate, decode_backend, decode_frontend,
@@ -54,8 +57,38 @@ READ_SIZE = 65536
 UPSTREAM_TIMEOUT = 15.0
 AUDIT_SQL_LIMIT = 65536          # characters of SQL kept in one db.query event
 # startup parameters passed on to the target; others (notably ``options``) are dropped
-PASSED_PARAMETERS = ("application_name", "client_encoding", "DateStyle", "TimeZone",
-                     "extra_float_digits", "search_path")
+PASSED_PARAMETERS = ("DateStyle", "TimeZone", "extra_float_digits", "search_path")
+# client encodings whose bytes read the same as UTF-8 for SQL syntax (no multibyte sequence can
+# hide a quote or a backslash); anything else would let the audited text differ from what runs
+SAFE_CLIENT_ENCODINGS = {"UTF8", "UNICODE", "SQLASCII", "AUTO"}
+
+
+# statements that change the client encoding are refused before they reach the server (the
+# ParameterStatus watch ends the session if one gets there by another route, e.g. dynamic SQL)
+ENCODING_CHANGE = re.compile(r"client_encoding|\bset\s+names\b", re.I)
+
+
+def safe_encoding(name: str) -> bool:
+    """Whether a client_encoding name (any spelling: 'utf-8', UTF8, "'UTF8'") is one of them."""
+    return name.strip(" '\"").upper().replace("-", "").replace("_", "") in SAFE_CLIENT_ENCODINGS
+
+
+PARAMS_AUDITED = 50        # Bind parameters kept in one db.query event
+PARAM_AUDIT_LIMIT = 256    # characters of one parameter kept
+
+
+def _params(bind: Bind) -> list[str | None]:
+    """Bind parameter values for the audit: text as text, binary as hex, NULL as None, each cut
+    to PARAM_AUDIT_LIMIT characters."""
+    out: list[str | None] = []
+    for i, value in enumerate(bind.params[:PARAMS_AUDITED]):
+        if value is None:
+            out.append(None)
+        elif bind.param_format(i) == 1:
+            out.append("\\x" + value[:PARAM_AUDIT_LIMIT // 2].hex())
+        else:
+            out.append(value.decode("utf-8", "replace")[:PARAM_AUDIT_LIMIT])
+    return out
 
 
 class FrameBoundaries:
@@ -69,9 +102,15 @@ class FrameBoundaries:
         ProtocolError: a length field below 4 (PostgreSQL docs, "Message Formats").
     """
 
-    def __init__(self) -> None:
+    WATCH_LIMIT = 10000  # bytes of a watched message body
+
+    def __init__(self, watch: bytes = b"S") -> None:
         self._header = bytearray()
         self._remaining = 0
+        self._watch = watch
+        self._body: bytearray | None = None  # the watched message being collected
+        self._type = b""
+        self.watched: list[Frame] = []  # complete watched messages, for the caller to drain
 
     @property
     def at_boundary(self) -> bool:
@@ -82,10 +121,13 @@ class FrameBoundaries:
         while pos < n:
             if self._remaining:
                 step = min(self._remaining, n - pos)
+                if self._body is not None:
+                    self._body += data[pos:pos + step]
                 pos += step
                 self._remaining -= step
                 if not self._remaining:
                     last = pos
+                    self._complete()
                 continue
             take = min(5 - len(self._header), n - pos)
             self._header += data[pos:pos + take]
@@ -94,11 +136,22 @@ class FrameBoundaries:
                 length = int.from_bytes(self._header[1:5], "big")
                 if length < 4:
                     raise ProtocolError(f"server message length {length} is below 4")
+                self._type = bytes(self._header[:1])
                 self._remaining = length - 4
                 self._header.clear()
+                if self._type in self._watch:
+                    if self._remaining > self.WATCH_LIMIT:
+                        raise ProtocolError(f"server message {self._type!r} is too long")
+                    self._body = bytearray()
                 if not self._remaining:
                     last = pos
+                    self._complete()
         return last
+
+    def _complete(self) -> None:
+        if self._body is not None:
+            self.watched.append(Frame(self._type, bytes(self._body)))
+            self._body = None
 
 
 @dataclass
@@ -117,6 +170,7 @@ class PostgresFrontDoor:
         self.roles = roles
         self.x509 = x509
         self.secrets = OneTimeSecrets()
+        dummy_verifier()  # derived now, not during the first failed login
         self.cancel_keys: dict[tuple[int, int], _CancelTarget] = {}
         self.server: asyncio.base_events.Server | None = None
         self.tls: ssl.SSLContext | None = None
@@ -164,6 +218,12 @@ class PostgresFrontDoor:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = PgClient(self, reader, writer)
+        if not self.service.admit(client.address):
+            writer.write(error_response("FATAL", "53300", "jit-proxy: too many unauthenticated "
+                                                          "connections; try again later"))
+            writer.close()
+            return
+        client.admitted = True
         self.clients.add(client)
         try:
             await client.run()
@@ -172,6 +232,7 @@ class PostgresFrontDoor:
         except Exception:  # one connection's failure never touches the others
             log.exception("PostgreSQL client connection failed")
         finally:
+            client.leave_preauth()
             self.clients.discard(client)
             client.abort()
 
@@ -222,6 +283,8 @@ class PgClient:
         self.writer = writer
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        self.address = peer[0] if peer else "unknown"
+        self.admitted = False
         self.user = ""
         self.target_name = ""
         self.grant: Grant | None = None
@@ -242,20 +305,27 @@ class PgClient:
 
     # --- plumbing --------------------------------------------------------------------------------
 
+    def leave_preauth(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.service.leave(self.address)
+
     async def _send(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()
 
     async def _fatal(self, sqlstate: str, message: str) -> None:
         try:
-            await self._send(error_response("FATAL", sqlstate, message))
-        except (ConnectionError, RuntimeError):
+            self.writer.write(error_response("FATAL", sqlstate, message))
+            await asyncio.wait_for(self.writer.drain(), 5)  # a client that does not read
+        except (ConnectionError, RuntimeError, OSError, asyncio.TimeoutError):
             pass
 
     def abort(self) -> None:
+        """Drop both connections now (no TLS goodbye a stalled peer could hold up)."""
         for w in (self.writer, self.up_writer):
-            if w is not None and not w.is_closing():
-                w.close()
+            if w is not None:
+                w.transport.abort()
 
     async def _read_frame(self, frames: MessageDecoder, reader: asyncio.StreamReader,
                           timeout: float) -> Frame:
@@ -277,9 +347,13 @@ class PgClient:
                 startup = await self._startup(grace)
                 if startup is None:
                     return
-                frames = MessageDecoder.for_frontend_messages(cfg.postgres.max_message_length)
-                if not await self._authenticate(startup, frames, grace):
+                # until authenticated a client may only send password messages (64 KiB at most)
+                auth_frames = MessageDecoder(AUTH_MESSAGE_LIMIT, allowed_types=frozenset({b"p"}))
+                if not await self._authenticate(startup, auth_frames, grace):
                     return
+                if auth_frames.buffered:
+                    raise ProtocolError("the client sent messages before authentication ended")
+            frames = MessageDecoder.for_frontend_messages(cfg.postgres.max_message_length)
             if not await self._connect_upstream(startup):
                 return
             await self._relay(frames)
@@ -290,8 +364,12 @@ class PgClient:
             self.end_reason = f"protocol error: {exc.message[:200]}"
             await self._fatal(exc.sqlstate, exc.message)
         except asyncio.TimeoutError:
-            self.end_reason = "timeout"
-            await self._fatal(INVALID_AUTHORIZATION_SPECIFICATION, "jit-proxy: login timed out")
+            if self.session_id is None:
+                self.end_reason = "login timed out"
+                await self._fatal(INVALID_AUTHORIZATION_SPECIFICATION,
+                                  "jit-proxy: login timed out")
+            else:
+                self.end_reason = self.ending_reason if self.ending else "timeout"
         finally:
             await self._finish()
 
@@ -321,6 +399,14 @@ class PgClient:
                 self._startup_rest = decoder.take_remaining()
                 self.user = packet.parameters.get("user", "")
                 self.target_name = packet.parameters.get("database") or self.user
+                encoding = packet.parameters.get("client_encoding", "UTF8")
+                if not safe_encoding(encoding):
+                    self.service.audit_unauthenticated(
+                        "db.login.refused", self.user, self.peer, target=self.target_name[:256],
+                        why=f"client_encoding {encoding[:32]}")
+                    await self._fatal("22023", "jit-proxy requires client_encoding UTF8 (the "
+                                               "proxy audits statements as UTF-8)")
+                    return None
                 if not tls:
                     self.service.auth_failure(self.user, self.peer, method="scram",
                                               target=self.target_name[:256], why="no TLS")
@@ -380,6 +466,7 @@ class PgClient:
             return False
         await self._send(AuthenticationSASLFinal(server_final.encode()).encode())
         assert self.grant is not None
+        self.leave_preauth()
         self.service.audit.emit("auth.success", self.user, method="scram",
                                 target=self.target_name, grant=self.grant.id, peer=self.peer)
         return True
@@ -390,29 +477,17 @@ class PgClient:
         target = self.service.config.targets[self.target_name]
         assert isinstance(target, PostgresTarget)
         try:
-            creds = await self.door.roles.credentials(grant)
-            self.role = creds.name
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(target.address, target.port, limit=READ_SIZE),
-                UPSTREAM_TIMEOUT)
-            self.up_reader, self.up_writer = reader, writer
-            tls = upstream_ssl(target)
-            if tls:
-                writer.write(SSLRequest().encode())
-                await writer.drain()
-                answer = await asyncio.wait_for(reader.readexactly(1), UPSTREAM_TIMEOUT)
-                if answer != b"S":
-                    raise ConnectionError(f"{self.target_name} does not offer TLS")
-                await writer.start_tls(tls, server_hostname=target.tls.server_name
-                                       or target.address)
-            params = {"user": creds.name, "database": target.database,
-                      "application_name": "jit-proxy"}
-            params.update({k: v for k, v in startup.parameters.items() if k in PASSED_PARAMETERS})
-            writer.write(StartupMessage(startup.protocol_version, params).encode())
-            await writer.drain()
-            ready = await self._upstream_login(creds.name, creds.password, bool(tls))
+            async with self.door.roles.login_window(grant) as creds:
+                self.role = creds.name
+                ready = await self._login_as(target, startup, creds.name, creds.password)
+        except LookupError:
+            self.end_reason = "grant ended"
+            await self._fatal(ADMIN_SHUTDOWN, f"jit-proxy: access to {grant.login}@"
+                                              f"{self.target_name} has ended")
+            return False
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ssl.SSLError,
-                ConnectionError, scramp.ScramException, ProtocolError) as exc:
+                ConnectionError, scramp.ScramException, ProtocolError,
+                asyncpg.PostgresError) as exc:
             self.service.audit.emit("db.upstream.failed", self.user, target=self.target_name,
                                     grant=grant.id, error=str(exc)[:500])
             await self._fatal(CONNECTION_FAILURE,
@@ -429,7 +504,32 @@ class PgClient:
         self.service.audit.emit("db.session.start", self.user, session=record.id,
                                 target=self.target_name, role=self.role, grant=grant.id,
                                 peer=self.peer)
+        if grant.id not in self.service.active:  # ended while we were logging in
+            await self.terminate(f"access to {grant.login}@{self.target_name} has ended")
         return True
+
+    async def _login_as(self, target: PostgresTarget, startup: StartupMessage, role: str,
+                        password: str) -> bool | None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(target.address, target.port, limit=READ_SIZE),
+            UPSTREAM_TIMEOUT)
+        self.up_reader, self.up_writer = reader, writer
+        tls = upstream_ssl(target)
+        if tls:
+            writer.write(SSLRequest().encode())
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readexactly(1), UPSTREAM_TIMEOUT)
+            if answer != b"S":
+                raise ConnectionError(f"{self.target_name} does not offer TLS")
+            await writer.start_tls(tls, server_hostname=target.tls.server_name or target.address)
+        params = {k: v for k, v in startup.parameters.items() if k in PASSED_PARAMETERS}
+        # the proxy audits SQL as UTF-8, so the server must read it as UTF-8 too; and
+        # pg_stat_activity says who is behind the role
+        params.update({"user": role, "database": target.database, "client_encoding": "UTF8",
+                       "application_name": f"jit-proxy {self.user}"[:63]})
+        writer.write(StartupMessage(startup.protocol_version, params).encode())
+        await writer.drain()
+        return await self._upstream_login(role, password, bool(tls))
 
     async def _upstream_login(self, role: str, password: str, tls: bool) -> bool | None:
         """Authenticate upstream, pass ParameterStatus and notices on, hand the client our own
@@ -465,7 +565,7 @@ class PgClient:
                     "md5" + hashlib.md5(inner.encode() + msg.salt).hexdigest()).encode()
             elif isinstance(msg, AuthenticationOk):
                 pass
-            elif isinstance(msg, (ParameterStatus, NoticeResponse)):
+            elif isinstance(msg, (ParameterStatus, NoticeResponse, NegotiateProtocolVersion)):
                 to_client.append(frame.encode())
             elif isinstance(msg, BackendKeyData):
                 ours = (secrets.randbits(31) or 1, secrets.randbits(32) - 2**31)
@@ -536,27 +636,52 @@ class PgClient:
             frames.feed(data)
 
     def _audit_frame(self, frame: Frame) -> None:
+        """Audit what will run, as the server will see it: Execute reports the SQL its portal
+        was bound to (a later Parse cannot rewrite history) and the Bind parameters."""
         if frame.type not in (b"Q", b"P", b"B", b"E", b"F", b"C"):
             return
         msg = decode_frontend(frame)
+        sql = msg.sql if isinstance(msg, Query) else msg.query if isinstance(msg, Parse) else None
+        if sql is not None and ENCODING_CHANGE.search(sql):
+            self._audit_sql("simple" if isinstance(msg, Query) else "parse", sql, None,
+                            refused="changes the client encoding")
+            raise ProtocolError("jit-proxy requires client_encoding UTF8 (the proxy audits "
+                                "statements as UTF-8): statements that change it are refused",
+                                sqlstate="0A000")
         if isinstance(msg, Query):
             self._audit_sql("simple", msg.sql, None)
         elif isinstance(msg, Parse):
-            self.statements[msg.name] = msg.query
-            self._audit_sql("parse", msg.query, msg.name)
+            if msg.name and msg.name in self.statements:
+                # the server refuses to redefine a named statement (42P05): it keeps the old one
+                self._audit_sql("parse", msg.query, msg.name, refused="statement exists")
+            else:
+                self.statements[msg.name] = msg.query
+                self._audit_sql("parse", msg.query, msg.name)
         elif isinstance(msg, Bind):
-            self.portals[msg.portal] = msg.statement
+            self.portals[msg.portal] = (msg.statement, self.statements.get(msg.statement, ""),
+                                        _params(msg))
         elif isinstance(msg, Execute):
-            name = self.portals.get(msg.portal, "")
-            self._audit_sql("execute", self.statements.get(name, ""), name)
+            name, sql, params = self.portals.get(msg.portal, ("", "", []))
+            self._audit_sql("execute", sql, name, params=params)
+        elif isinstance(msg, Close):
+            (self.statements if msg.kind == "S" else self.portals).pop(msg.name, None)
         elif isinstance(msg, FunctionCall):
-            self._audit_sql("function_call", f"function oid {msg.function_oid}", None)
+            self._audit_sql("function_call", f"function oid {msg.function_oid}", None,
+                            refused="the fast-path interface is not relayed")
+            raise ProtocolError("jit-proxy does not relay the fast-path function call "
+                                "interface; call the function with SELECT",
+                                sqlstate="0A000")
 
-    def _audit_sql(self, kind: str, sql: str, statement: str | None) -> None:
-        fields = {"session": self.session_id, "target": self.target_name, "role": self.role,
-                  "kind": kind, "sql": sql[:AUDIT_SQL_LIMIT]}
+    def _audit_sql(self, kind: str, sql: str, statement: str | None,
+                   params: list | None = None, refused: str | None = None) -> None:
+        fields: dict = {"session": self.session_id, "target": self.target_name,
+                        "role": self.role, "kind": kind, "sql": sql[:AUDIT_SQL_LIMIT]}
         if statement is not None:
             fields["statement"] = statement
+        if params:
+            fields["params"] = params
+        if refused:
+            fields["refused"] = refused
         if len(sql) > AUDIT_SQL_LIMIT:
             fields["sql_truncated"] = True
             fields["sql_sha256"] = hashlib.sha256(sql.encode()).hexdigest()
@@ -575,6 +700,17 @@ class PgClient:
             if not data:
                 return
             last = self._boundaries.feed(data)
+            for frame in self._boundaries.watched:
+                status = decode_backend(frame)
+                if (isinstance(status, ParameterStatus) and status.name == "client_encoding"
+                        and not safe_encoding(status.value)):
+                    self.service.audit.emit("db.session.refused", self.user,
+                                            session=self.session_id, target=self.target_name,
+                                            why=f"client_encoding set to {status.value[:32]}")
+                    self.ending = ("terminating connection: jit-proxy requires client_encoding "
+                                   "UTF8 (the proxy audits statements as UTF-8)")
+                    self.ending_reason = "client_encoding changed"
+            self._boundaries.watched.clear()
             if self.ending is not None and last is not None:
                 data = data[:last]  # up to the end of the last whole message, then our FATAL
                 self.bytes_down += len(data)
@@ -594,8 +730,12 @@ class PgClient:
         self.ending_reason = reason
         if self._pump is not None and self._reading_upstream and self._boundaries.at_boundary:
             self._pump.cancel()  # idle between messages: our FATAL can go at once
-        if self.up_writer is not None:
-            asyncio.get_running_loop().call_later(2.0, self.abort)
+        asyncio.get_running_loop().call_later(2.0, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.ending is not None and not self.writer.transport.is_closing():
+            self.end_reason = self.ending_reason
+            self.abort()
 
     async def _finish(self) -> None:
         if self.session_id is not None:

@@ -1,9 +1,10 @@
 """Ephemeral PostgreSQL roles: created at approval, torn down at the grant's end.
 
 What it is for: on one target cluster, as its configured admin, (1) create a grant's role — a
-prefixed, unique, quoted name, LOGIN, a random password sent only as a SCRAM-SHA-256 verifier so the
-plaintext reaches no server log, ``VALID UNTIL`` the grant's end, member of exactly the granted
-roles; (2) tear it down in DESIGN.md's order — NOLOGIN, terminate its backends, in every database
+prefixed, unique, quoted name marked by a comment, NOLOGIN except while the proxy itself logs in
+(a login window that also sets a fresh password, sent only as a SCRAM-SHA-256 verifier so the
+plaintext reaches no server log: a password the user sets with ALTER ROLE is useless),
+``VALID UNTIL`` the grant's end, member of exactly the granted roles; (2) tear it down in DESIGN.md's order — NOLOGIN, terminate its backends, in every database
 reassign what it owns to the configured owner and drop the rest, DROP ROLE — reporting each step;
 (3) list the prefixed roles that exist, for reconciliation.
 
@@ -32,6 +33,7 @@ from proxy.postgres.sql import quote_ident, quote_literal
 StepReporter = Callable[[str, dict], None]
 SCRAM_ITERATIONS = 4096
 TERMINATE_WAIT = 5.0  # seconds to wait for terminated backends to go away
+ROLE_MARKER = "jit-proxy ephemeral role"  # start of the comment on every role the proxy creates
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Provisioner:
         self.prefix = prefix
         self.report = report
         self.connect_timeout = connect_timeout
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
 
     async def _admin(self, database: str | None = None) -> asyncpg.Connection:
         t = self.target
@@ -96,27 +100,44 @@ class Provisioner:
 
     async def _with_admin(self, fn: Callable[[asyncpg.Connection], Awaitable], *,
                           database: str | None = None):
-        conn = await self._admin(database)
-        try:
-            return await fn(conn)
-        finally:
-            await conn.close(timeout=5)
+        """Run ``fn`` on an admin connection: the kept one for the admin database (opened on
+        first use, reopened when broken; one statement sequence at a time), a fresh one for any
+        other database."""
+        if database is not None and database != self.target.admin.database:
+            conn = await self._admin(database)
+            try:
+                return await fn(conn)
+            finally:
+                await conn.close(timeout=5)
+        async with self._lock:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await self._admin()
+            try:
+                return await fn(self._conn)
+            except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
+                self._conn.terminate()
+                self._conn = None
+                raise
 
-    async def create_role(self, name: str, member_of: list[str], valid_until: float
-                          ) -> EphemeralRole:
-        """Create ``name`` (or, if it exists from before a crash, reset it) with a new password.
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close(timeout=5)
+        self._conn = None
+
+    async def create_role(self, name: str, member_of: list[str], valid_until: float,
+                          grant_id: int) -> None:
+        """Create ``name`` NOLOGIN (or, if it exists from before a crash, reset it), marked as
+        ours by its comment. It can log in only while the proxy opens a login window.
 
         Args:
             valid_until: POSIX seconds; becomes ``VALID UNTIL``.
         Raises:
             asyncpg.PostgresError, OSError: the admin connection or a statement failed.
         """
-        password = secrets.token_urlsafe(32)
         until = datetime.fromtimestamp(valid_until, timezone.utc).isoformat()
-        attrs = (f"LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
-                 f"PASSWORD {quote_literal(scram_verifier(password))} "
+        attrs = (f"NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+                 f"PASSWORD {quote_literal(scram_verifier(secrets.token_urlsafe(32)))} "
                  f"VALID UNTIL {quote_literal(until)}")
-        roles = ", ".join(quote_ident(r) for r in member_of)
 
         async def run(conn: asyncpg.Connection) -> None:
             async with conn.transaction():
@@ -125,20 +146,26 @@ class Provisioner:
                     await conn.execute(f"ALTER ROLE {quote_ident(name)} WITH {attrs}")
                 else:
                     await conn.execute(f"CREATE ROLE {quote_ident(name)} WITH {attrs}")
+                await conn.execute(f"COMMENT ON ROLE {quote_ident(name)} IS "
+                                   f"{quote_literal(f'{ROLE_MARKER} (grant {grant_id})')}")
                 for role in member_of:
                     await conn.execute(f"GRANT {quote_ident(role)} TO {quote_ident(name)}")
         await self._with_admin(run)
         self.report("db.role.created", {"role": name, "member_of": member_of,
                                         "valid_until": until})
-        return EphemeralRole(name, password)
 
-    async def reset_password(self, name: str) -> EphemeralRole:
-        """Give an existing role a new password (after a restart: passwords live only in memory)."""
+    async def open_login(self, name: str) -> EphemeralRole:
+        """Let ``name`` log in, with a fresh password only the proxy knows (a password the user
+        set with ALTER ROLE is overwritten, and useless anyway once the window closes)."""
         password = secrets.token_urlsafe(32)
         await self._with_admin(lambda c: c.execute(
-            f"ALTER ROLE {quote_ident(name)} PASSWORD {quote_literal(scram_verifier(password))}"))
-        self.report("db.role.password_reset", {"role": name})
+            f"ALTER ROLE {quote_ident(name)} LOGIN PASSWORD "
+            f"{quote_literal(scram_verifier(password))}"))
         return EphemeralRole(name, password)
+
+    async def close_login(self, name: str) -> None:
+        """NOLOGIN again: sessions already open carry on, nobody can start a new one."""
+        await self._with_admin(lambda c: c.execute(f"ALTER ROLE {quote_ident(name)} NOLOGIN"))
 
     async def teardown(self, name: str) -> None:
         """NOLOGIN, terminate backends, reassign/drop owned objects in every database, DROP ROLE.
@@ -147,11 +174,10 @@ class Provisioner:
         Raises:
             asyncpg.PostgresError, OSError: a step failed (the caller retries the whole teardown).
         """
-        conn = await self._admin()
-        try:
+        async def first_steps(conn: asyncpg.Connection) -> list[str] | None:
             if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
                 self.report("db.role.dropped", {"role": name, "already_gone": True})
-                return
+                return None
             await conn.execute(f"ALTER ROLE {quote_ident(name)} NOLOGIN")
             self.report("db.role.nologin", {"role": name})
             killed = await conn.fetchval(
@@ -163,10 +189,11 @@ class Provisioner:
                                       name) and loop.time() < deadline:
                 await asyncio.sleep(0.05)
             self.report("db.role.backends_terminated", {"role": name, "count": killed})
-            databases = [r["datname"] for r in await conn.fetch(
+            return [r["datname"] for r in await conn.fetch(
                 "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname")]
-        finally:
-            await conn.close(timeout=5)
+        databases = await self._with_admin(first_steps)
+        if databases is None:
+            return
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:
                 async with c.transaction():
@@ -180,8 +207,11 @@ class Provisioner:
         self.report("db.role.dropped", {"role": name})
 
     async def existing_roles(self) -> list[str]:
-        """Roles on the cluster whose names start with the prefix."""
+        """Roles on the cluster that the proxy created: the prefix and our comment on the role
+        (a role an operator created with the same prefix is left alone)."""
         rows = await self._with_admin(lambda c: c.fetch(
-            "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY rolname",
-            self.prefix))
+            "SELECT r.rolname FROM pg_roles r JOIN pg_shdescription d ON d.objoid = r.oid"
+            " AND d.classoid = 'pg_authid'::regclass"
+            " WHERE starts_with(r.rolname, $1) AND starts_with(d.description, $2)"
+            " ORDER BY r.rolname", self.prefix, ROLE_MARKER))
         return [r["rolname"] for r in rows]

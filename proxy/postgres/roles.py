@@ -1,19 +1,23 @@
 """The ephemeral roles of all PostgreSQL grants: provisioning, credentials, teardown, reconciliation.
 
 What it is for: the ``GrantHooks`` of PostgreSQL targets. At approval it creates the grant's role
-(``Provisioner.create_role``); the listener asks it for the role's credentials; at the grant's end
+(``Provisioner.create_role``, NOLOGIN); the listener opens a login window for each client
+(``login_window``: LOGIN with a fresh password, closed again once the proxy is in); at the grant's end
 it tears the role down in the background, retrying with exponential backoff so that one failing
 cluster never blocks other grants; at start it reconciles: roles of ended grants and prefixed roles
 that no live grant owns are dropped.
 
-What it must not do: write a password anywhere (memory only: after a restart the role gets a new
-one), or let a teardown failure propagate into the grant's end.
+What it must not do: write a password anywhere (each login window sets a fresh one, kept in memory
+only while the window is open), or let a teardown failure propagate into the grant's end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from proxy.access.model import Grant
 from proxy.config import PostgresTarget
@@ -26,10 +30,19 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 60.0
 
 
+@dataclass
+class _Window:
+    count: int = 0
+    role: EphemeralRole | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class RoleManager:
     def __init__(self, service: AccessService):
         self.service = service
-        self.roles: dict[int, EphemeralRole] = {}
+        self.roles: dict[int, str] = {}  # grant id -> role name, for roles that exist
+        self._windows: dict[int, _Window] = {}
+        self._provisioners: dict[str, Provisioner] = {}
         self.teardowns: dict[str, asyncio.Task] = {}
         self._creating: dict[int, asyncio.Task] = {}
 
@@ -38,12 +51,21 @@ class RoleManager:
         return target if isinstance(target, PostgresTarget) else None
 
     def provisioner(self, target_name: str) -> Provisioner:
+        """The target's provisioner (one per target, rebuilt when a reload changed it)."""
         target = self._target(target_name)
         assert target is not None and self.service.config.postgres is not None
+        prefix = self.service.config.postgres.role_prefix
+        cached = self._provisioners.get(target_name)
+        if cached is not None and cached.target is target and cached.prefix == prefix:
+            return cached
+        if cached is not None:
+            self.service.spawn(cached.close())
 
         def report(step: str, fields: dict) -> None:
             self.service.audit.emit(step, "system", target=target_name, **fields)
-        return Provisioner(target_name, target, self.service.config.postgres.role_prefix, report)
+        fresh = Provisioner(target_name, target, prefix, report)
+        self._provisioners[target_name] = fresh
+        return fresh
 
     def role_name(self, grant: Grant) -> str:
         assert self.service.config.postgres is not None
@@ -61,38 +83,70 @@ class RoleManager:
         self.roles.pop(grant.id, None)
         self.schedule_teardown(grant.target, self.role_name(grant), grant.id)
 
-    # --- credentials -----------------------------------------------------------------------------
+    # --- roles and login windows -----------------------------------------------------------------
 
-    async def credentials(self, grant: Grant) -> EphemeralRole:
-        """The role and password to log in upstream for ``grant``, creating the role if needed
-        (first use, or after a restart, when only the name survived).
+    async def credentials(self, grant: Grant) -> str:
+        """Make sure the grant's role exists (first use, or after a restart); returns its name.
 
         Raises:
+            LookupError: the grant is no longer active.
             asyncpg.PostgresError, OSError: the target cluster refused or is unreachable.
         """
-        role = self.roles.get(grant.id)
-        if role is not None:
-            return role
+        if grant.id not in self.service.active:
+            raise LookupError(f"grant {grant.id} has ended")
+        if grant.id in self.roles:
+            return self.role_name(grant)
         task = self._creating.get(grant.id)
         if task is None:  # one creation at a time per grant, shared by concurrent callers
             task = asyncio.get_running_loop().create_task(self._create(grant))
             self._creating[grant.id] = task
             task.add_done_callback(lambda _: self._creating.pop(grant.id, None))
-        return await asyncio.shield(task)
+        await asyncio.shield(task)
+        return self.role_name(grant)
 
-    async def _create(self, grant: Grant) -> EphemeralRole:
+    async def _create(self, grant: Grant) -> None:
         target = self._target(grant.target)
         assert target is not None
         name = self.role_name(grant)
-        role = await self.provisioner(grant.target).create_role(
-            name, list(target.roles[grant.login]), grant.ends_at)
+        await self.provisioner(grant.target).create_role(
+            name, list(target.roles[grant.login]), grant.ends_at, grant.id)
         await self.service.store.record_db_role(grant_id=grant.id, target=grant.target,
                                                 role=name, now=self.service.clock.now())
         if grant.id in self.service.active:
-            self.roles[grant.id] = role
+            self.roles[grant.id] = name
         else:  # the grant ended while we were creating: undo at once
             self.schedule_teardown(grant.target, name, grant.id)
-        return role
+            raise LookupError(f"grant {grant.id} has ended")
+
+    @contextlib.asynccontextmanager
+    async def login_window(self, grant: Grant) -> AsyncIterator[EphemeralRole]:
+        """The role may log in (with a fresh password) while the block runs; windows of
+        concurrent clients of the same grant share one opening.
+
+        Raises:
+            LookupError: the grant is no longer active.
+            asyncpg.PostgresError, OSError: the target cluster refused or is unreachable.
+        """
+        name = await self.credentials(grant)
+        window = self._windows.setdefault(grant.id, _Window())
+        provisioner = self.provisioner(grant.target)
+        async with window.lock:
+            if window.count == 0:
+                window.role = await provisioner.open_login(name)
+            window.count += 1
+        try:
+            assert window.role is not None
+            yield window.role
+        finally:
+            async with window.lock:
+                window.count -= 1
+                if window.count == 0:
+                    window.role = None
+                    self._windows.pop(grant.id, None)
+                    try:
+                        await provisioner.close_login(name)
+                    except Exception as exc:  # teardown makes it NOLOGIN in any case
+                        log.warning("closing the login window of %s failed: %s", name, exc)
 
     # --- teardown --------------------------------------------------------------------------------
 
@@ -148,3 +202,8 @@ class RoleManager:
     async def close(self) -> None:
         for task in list(self.teardowns.values()) + list(self._creating.values()):
             task.cancel()
+        for provisioner in self._provisioners.values():
+            try:
+                await provisioner.close()
+            except Exception:
+                pass

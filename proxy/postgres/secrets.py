@@ -32,9 +32,16 @@ class Verifier:
         return self.salt, self.stored_key, self.server_key, self.iterations
 
 
+_DUMMY: Verifier | None = None
+
+
 def dummy_verifier() -> Verifier:
-    """A verifier nobody knows the secret of, so a missing grant fails exactly like a wrong secret."""
-    return _verifier(secrets.token_urlsafe(24), grant_id=0, expires_at=0.0)
+    """A verifier nobody knows the secret of, so a missing grant fails exactly like a wrong
+    secret. Made once: deriving it per login would make failures measurably slower."""
+    global _DUMMY
+    if _DUMMY is None:
+        _DUMMY = _verifier(secrets.token_urlsafe(24), grant_id=0, expires_at=0.0)
+    return _DUMMY
 
 
 def _verifier(secret: str, grant_id: int, expires_at: float) -> Verifier:

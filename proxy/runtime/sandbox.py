@@ -191,7 +191,7 @@ def sandbox_config(d: Path, target_port: int, target_host_key: str, alice: str, 
         config["targets"]["orders"] = {
             "kind": "postgres", "address": "127.0.0.1", "port": pg.port, "database": "orders",
             "admin": {"user": "postgres", "password_file": str(d / "pg" / "admin.password")},
-            "roles": {"read": ["pg_read_all_data"]}, "owner": "app_owner",
+            "roles": {"read": ["orders_reader"]}, "owner": "app_owner",
             "tls": {"mode": "verify-full", "ca_file": str(d / "pg" / "upstream-ca.pem")},
             "description": "throwaway PostgreSQL database of the sandbox"}
         config["policies"].append({"name": "orders-read", "targets": ["orders"],
@@ -208,6 +208,11 @@ CREATE TABLE orders (id serial PRIMARY KEY, customer text NOT NULL, status text 
 INSERT INTO orders (customer, status) VALUES ('acme', 'shipped'), ('globex', 'stuck'),
   ('initech', 'stuck'), ('umbrella', 'paid');
 ALTER TABLE orders OWNER TO app_owner;
+CREATE ROLE orders_reader NOLOGIN;
+GRANT CONNECT ON DATABASE orders TO orders_reader;
+GRANT USAGE ON SCHEMA public TO orders_reader;
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO orders_reader;
+ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA public GRANT SELECT ON TABLES TO orders_reader;
 """
 
 

@@ -95,6 +95,9 @@ class AccessService:
     _unpersisted: dict[int, Grant] = field(default_factory=dict)
     _background: set[asyncio.Task] = field(default_factory=set)
     _auth_failures: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    _preauth: dict[str, int] = field(default_factory=dict)
+    _preauth_total: int = 0
+    _refused_preauth: int = 0
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background; ``drain`` waits for all of them (at shutdown)."""
@@ -309,6 +312,31 @@ class AccessService:
             self._unpersisted[ended.id] = ended
         else:
             self._unpersisted.pop(ended.id, None)
+
+    def admit(self, address: str) -> bool:
+        """Count a new unauthenticated connection (SSH or PostgreSQL) from ``address``; False
+        when over ``ssh.max_unauthenticated`` in all or ``ssh.max_unauthenticated_per_address``
+        (like sshd's MaxStartups). Every True must be followed by one ``leave``."""
+        cfg = self.config.ssh
+        if (self._preauth_total >= cfg.max_unauthenticated or
+                self._preauth.get(address, 0) >= cfg.max_unauthenticated_per_address):
+            self._refused_preauth += 1
+            if self._refused_preauth in (1, 10, 100, 1000) or self._refused_preauth % 10000 == 0:
+                self.audit.emit("ssh.connection.refused", "system", peer=address,
+                                why="too many unauthenticated connections",
+                                refused_so_far=self._refused_preauth)
+            return False
+        self._preauth_total += 1
+        self._preauth[address] = self._preauth.get(address, 0) + 1
+        return True
+
+    def leave(self, address: str) -> None:
+        self._preauth_total -= 1
+        left = self._preauth.get(address, 1) - 1
+        if left:
+            self._preauth[address] = left
+        else:
+            self._preauth.pop(address, None)
 
     def auth_failure(self, claimed_user: str, peer: str, **fields: Any) -> None:
         """Audit a failed login (``auth.failure``), rate-limited per source address."""

@@ -43,33 +43,7 @@ class FrontDoor:
         self._keys_config: Any = None
         self._inner_base: asyncssh.SSHServerConnectionOptions | None = None
         self.connections: set[SSHServerConnection] = set()
-        self._preauth: dict[str, int] = {}
-        self._preauth_total = 0
-        self._refused_preauth = 0
 
-    def admit(self, address: str) -> bool:
-        """Count a new unauthenticated connection from ``address``; False when over the limits
-        (``ssh.max_unauthenticated`` in all, ``ssh.max_unauthenticated_per_address`` each)."""
-        cfg = self.service.config.ssh
-        if (self._preauth_total >= cfg.max_unauthenticated or
-                self._preauth.get(address, 0) >= cfg.max_unauthenticated_per_address):
-            self._refused_preauth += 1
-            if self._refused_preauth in (1, 10, 100, 1000) or self._refused_preauth % 10000 == 0:
-                self.service.audit.emit("ssh.connection.refused", "system", peer=address,
-                                        why="too many unauthenticated connections",
-                                        refused_so_far=self._refused_preauth)
-            return False
-        self._preauth_total += 1
-        self._preauth[address] = self._preauth.get(address, 0) + 1
-        return True
-
-    def leave(self, address: str) -> None:
-        self._preauth_total -= 1
-        left = self._preauth.get(address, 1) - 1
-        if left:
-            self._preauth[address] = left
-        else:
-            self._preauth.pop(address, None)
 
     def user_key_blobs(self, user: str) -> list[bytes]:
         config = self.service.config
@@ -257,7 +231,7 @@ class ProxyServer(asyncssh.SSHServer):
         self.door.connections.add(conn)
         self.peer = _peer(conn)
         self.address = self.peer.rsplit(":", 1)[0]
-        if not self.door.admit(self.address):
+        if not self.door.service.admit(self.address):
             # like sshd's MaxStartups: unauthenticated connections are a bounded resource
             asyncio.get_running_loop().call_soon(
                 conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS,
@@ -304,7 +278,7 @@ class ProxyServer(asyncssh.SSHServer):
     def _leave(self) -> None:
         if getattr(self, "admitted", False):
             self.admitted = False
-            self.door.leave(self.address)
+            self.door.service.leave(self.address)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave()

@@ -56,3 +56,14 @@ def test_unreadable_and_non_yaml_files(tmp_path):
     f.write_text("users:\n  alice: [\n")
     r = check(f)
     assert r.returncode == 1 and re.search(r"broken\.yaml:\d+: not valid YAML", r.stderr)
+
+
+def test_roles_reaching_every_database_are_warned_about(tmp_path):
+    text = EXAMPLE.read_text().replace("read: [orders_reader]", "read: [pg_read_all_data]")
+    f = tmp_path / "broad.yaml"
+    f.write_text(text)
+    r = check(f)
+    assert r.returncode == 0  # valid, but
+    line = _line_of(text, "read: [pg_read_all_data]")
+    assert f"{f}:{line}: targets.orders.roles.read[0]: warning: pg_read_all_data reaches every " \
+           f"database" in r.stderr

@@ -360,14 +360,70 @@ def test_after_kill_9_and_a_restart_past_the_end_the_role_is_dropped(fresh_pg_en
     grant = db_grant(env, duration="4s")
     role = f"{env.role_prefix}alice_g{grant['id']}"
     assert psql(env, db_login(env), "SELECT current_user").stdout.strip() == role
-    # a stray role with our prefix that no grant owns (e.g. created just before a crash)
-    env.pg.sql("postgres", f'CREATE ROLE "{env.role_prefix}stray_g999" LOGIN')
+    # a stray role of ours that no grant owns (e.g. created just before a crash), and a role an
+    # operator created with the same prefix, which is not ours to drop
+    stray, operators = f"{env.role_prefix}stray_g999", f"{env.role_prefix}reporting"
+    env.pg.sql("postgres", f'CREATE ROLE "{stray}" LOGIN; COMMENT ON ROLE "{stray}" IS '
+                           f"'jit-proxy ephemeral role (grant 999)'; CREATE ROLE \"{operators}\"")
     env.stop(signal.SIGKILL)
     time.sleep(max(0.0, _ends_at(grant) - time.time()) + 0.5)
     assert env.pg.sql("postgres", f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'", fetch=True)
     started = time.time()
     env.start()
     while env.pg.sql("postgres", "SELECT 1 FROM pg_roles WHERE starts_with(rolname, "
-                     f"'{env.role_prefix}')", fetch=True):
+                     f"'{env.role_prefix}') AND rolname <> '{operators}'", fetch=True):
         assert time.time() - started < 5.0, "roles outlived the restart by 5 s"
         time.sleep(0.1)
+    assert env.pg.sql("postgres", f"SELECT 1 FROM pg_roles WHERE rolname = '{operators}'",
+                      fetch=True), "reconciliation dropped a role the proxy did not create"
+    env.pg.sql("postgres", f'DROP ROLE "{operators}"')
+
+
+def test_a_password_the_user_sets_does_not_open_a_way_around_the_proxy(pg_env, pg_cluster):
+    grant = db_grant(pg_env)
+    role = f"{pg_env.role_prefix}alice_g{grant['id']}"
+    r = psql(pg_env, db_login(pg_env), f"ALTER ROLE current_user PASSWORD 'chosen-by-alice'")
+    assert r.returncode == 0, r.stderr  # PostgreSQL lets any role do this
+
+    async def direct():
+        return await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=role,
+                                     password="chosen-by-alice", database="postgres", ssl=False)
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="not permitted to log in"):
+        asyncio.run(direct())  # NOLOGIN outside the proxy's own login windows
+    r = psql(pg_env, db_login(pg_env), "SELECT current_user")
+    assert r.returncode == 0 and r.stdout.strip() == role  # the proxy still gets in
+
+
+def test_client_encodings_the_audit_could_misread_are_refused(pg_env):
+    db_grant(pg_env)
+    r = psql(pg_env, db_login(pg_env), "SELECT 1", extra="client_encoding=SJIS")
+    assert r.returncode == 2 and "requires client_encoding UTF8" in r.stderr
+    r = psql(pg_env, db_login(pg_env), "SET client_encoding TO 'SJIS'; SELECT 'after'")
+    assert "requires client_encoding UTF8" in r.stderr and "after" not in r.stdout
+    # by a route the statement check cannot see: the server's ParameterStatus ends the session
+    dynamic = ("DO $$ BEGIN EXECUTE 'SET CLIENT_' || 'ENCODING TO SJIS'; END $$;\n"
+               "SELECT 'after dynamic';\n")
+    login = db_login(pg_env)
+    r = subprocess.run(_psql_args(pg_env, login) + ["-At"], input=dynamic, capture_output=True,
+                       text=True, timeout=30, env={**os.environ, "PGPASSWORD": login["password"]})
+    assert "requires client_encoding UTF8" in r.stderr and "after dynamic" not in r.stdout
+    assert pg_env.wait_event("db.session.refused", lambda e: "SJIS" in e["why"])
+
+
+def test_execute_is_audited_with_the_sql_and_parameters_it_was_bound_to(pg_env):
+    import struct
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    ctx = ssl.create_default_context(cafile=ca_file(pg_env))
+
+    async def scenario():
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg_env.pg_port, user="alice",
+                                     password=login["password"], database="orders", ssl=ctx)
+        try:
+            assert await conn.fetchval("SELECT name FROM items WHERE id = $1", 2) == "cpu"
+        finally:
+            await conn.close()
+    asyncio.run(scenario())
+    execs = [e for e in pg_env.audit_events("db.query") if e["kind"] == "execute"
+             and "FROM items WHERE id" in e["sql"]]
+    assert execs and execs[-1]["params"] == ["\\x00000002"]  # asyncpg binds int4 in binary
