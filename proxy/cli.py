@@ -18,9 +18,24 @@ from proxy import __version__
 DEFAULT_CONFIG = "/etc/jit-proxy/jit-proxy.yaml"
 
 
+class LogfmtFormatter(logging.Formatter):
+    """One line per event, ``key=value`` pairs (logfmt), for journald and log shippers:
+    ``ts=2026-11-29T08:00:00.000Z level=info logger=jit_proxy.daemon msg="..."``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from proxy.clock import rfc3339
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        quoted = '"' + msg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return (f"ts={rfc3339(record.created)} level={record.levelname.lower()} "
+                f"logger={record.name} msg={quoted}")
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -79,6 +80,7 @@ class Daemon:
         store = await SQLiteStore.open(state / "jit-proxy.db")
         audit = AuditLog(cfg.audit_log_path, self.clock)
         self.service = AccessService(cfg, store, audit, self.clock, ca, host_key)
+        audit.observers.append(_log_event)
         if cfg.postgres is not None:
             from ca.x509 import X509CertificateAuthority
             from proxy.postgres.listener import PostgresFrontDoor
@@ -296,6 +298,18 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
     while True:
         notifier.notify(WATCHDOG=1)
         await asyncio.sleep(interval)
+
+
+_audit_log = logging.getLogger("jit_proxy.audit")
+
+
+def _log_event(event: dict) -> None:
+    """Every audit event also goes to the operator's log (journald), as one line; the audit log
+    never holds secrets, so neither does this."""
+    fields = {k: v for k, v in event.items() if k not in ("prev", "hash", "ts")}
+    level = logging.WARNING if (event["type"].endswith((".refused", ".failed", ".failure"))
+                                or "error" in event["type"]) else logging.INFO
+    _audit_log.log(level, json.dumps(fields, ensure_ascii=False, separators=(",", ":")))
 
 
 def run(coro) -> int:

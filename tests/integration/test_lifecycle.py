@@ -89,3 +89,31 @@ def test_sigterm_with_live_ssh_and_psql_sessions(fresh_pg_env):
                         str(env.state / "audit.jsonl")], capture_output=True, text=True)
     assert v.returncode == 0, v.stderr
     env.start()  # for the fixture's teardown
+
+
+def test_logs_are_one_logfmt_line_per_event_and_hold_no_secret(fresh_pg_env):
+    import re
+    env = fresh_pg_env
+    req = env.json("alice", "request orders --role read --for 10m --reason logs")
+    env.json("bob", f"approve {req['id']}")
+    login = env.json("alice", "db-login orders")
+    (env.root / "jit-ca.pem").write_bytes(env.ssh("alice", "ca --pg").stdout)
+    r = subprocess.run(["psql", "-X", "-At", f"host=127.0.0.1 port={env.pg_port} user=alice "
+                        f"dbname=orders sslmode=verify-full sslrootcert={env.root / 'jit-ca.pem'}",
+                        "-c", "SELECT 1"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PGPASSWORD": login["password"]})
+    assert r.returncode == 0, r.stderr
+    env.wait_event("db.session.end")
+    env.stop()
+    log = env.log_path.read_text()
+    lines = [l for l in log.splitlines() if l.strip()]
+    pattern = re.compile(r'^ts=\S+Z level=(debug|info|warning|error|critical) logger=\S+ msg=".*"$')
+    assert lines and all(pattern.match(l) for l in lines), [l for l in lines
+                                                            if not pattern.match(l)][:3]
+    assert any('\\"type\\":\\"db.session.start\\"' in l for l in lines)  # audit events, too
+    assert login["password"] not in log
+    for key in (env.state / "ca").iterdir():  # no key material either
+        if not key.name.endswith(".pub") and key.suffix != ".pem":
+            body = [l for l in key.read_text().splitlines() if l and not l.startswith("-----")]
+            assert all(part not in log for part in body)
+    env.start()
