@@ -261,6 +261,9 @@ def test_garbage_and_a_huge_length_prefix_get_08P01_and_others_carry_on(pg_env):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PGPASSWORD": login["password"]})
     try:
+        other.stdin.write("SELECT 'connected';\n")  # logged in before the next db-login
+        other.stdin.flush()                           # replaces alice's secret
+        assert other.stdout.readline() == "connected\n"
         for payload in (struct.pack("!i", 1 << 30) + b"\x00\x03\x00\x00",  # 1 GB startup length
                         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
             with socket.create_connection(("127.0.0.1", pg_env.pg_port), timeout=10) as s:
