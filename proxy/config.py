@@ -193,6 +193,31 @@ class Permissions(_Model):
     x11_forwarding: bool = False
 
 
+class AutoApprove(_Model):
+    """Requests matching every list given here are approved by the policy itself (audited as an
+    approval by ``policy:NAME``): e.g. the on-call group, or targets marked low-risk."""
+
+    requesters: list[str] = Field(default_factory=list)
+    targets: list[Name] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _something(self) -> "AutoApprove":
+        if not self.requesters and not self.targets:
+            raise ValueError("give requesters, targets or both (an empty rule would approve "
+                             "every request)")
+        return self
+
+
+def _regex(value: Any) -> Any:
+    if value is not None:
+        import re
+        try:
+            re.compile(value)
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+    return value
+
+
 class Policy(_Model):
     name: Name
     targets: list[Name] = Field(min_length=1)
@@ -205,6 +230,13 @@ class Policy(_Model):
     approvers: list[str] = Field(min_length=1)
     max_duration: Duration = 3600
     allow: Permissions = Permissions()
+    # distinct approvers needed before a grant exists
+    approvals: int = Field(1, ge=1, le=10)
+    # a pending request expires this long after it was made (independent of max_duration)
+    request_ttl: Duration = 86400
+    # the reason must match this regular expression (e.g. a ticket id: "INC-[0-9]+")
+    reason_pattern: Annotated[str | None, BeforeValidator(_regex)] = None
+    auto_approve: AutoApprove | None = None
 
 
 class Config(_Model):
@@ -520,17 +552,24 @@ def _reference_problems(config: Config) -> list[tuple[Path_, str]]:
                     problems.append((("policies", p, "targets", i),
                                      f"PostgreSQL target {t!r} needs the 'postgres' section "
                                      f"(the proxy's PostgreSQL port)"))
-        for field in ("requesters", "approvers"):
-            for i, ref in enumerate(getattr(policy, field)):
-                kind, _, name = ref.rpartition(":")
-                loc = ("policies", p, field, i)
-                if kind == "group":
-                    if name not in groups:
-                        problems.append((loc, f"unknown group {name!r} (known: {known(groups)})"))
-                elif kind in ("", "user"):
-                    if name not in users:
-                        problems.append((loc, f"unknown user {name!r} (known: {known(users)})"))
-                else:
-                    problems.append((loc, f"expected 'user:NAME', 'group:NAME' or a user name, "
-                                          f"got {ref!r}"))
+        refs = [(("policies", p, f, i), ref) for f in ("requesters", "approvers")
+                for i, ref in enumerate(getattr(policy, f))]
+        if policy.auto_approve is not None:
+            refs += [(("policies", p, "auto_approve", "requesters", i), ref)
+                     for i, ref in enumerate(policy.auto_approve.requesters)]
+            for i, t in enumerate(policy.auto_approve.targets):
+                if t not in policy.targets:
+                    problems.append((("policies", p, "auto_approve", "targets", i),
+                                     f"target {t!r} is not one of this policy's targets"))
+        for loc, ref in refs:
+            kind, _, name = ref.rpartition(":")
+            if kind == "group":
+                if name not in groups:
+                    problems.append((loc, f"unknown group {name!r} (known: {known(groups)})"))
+            elif kind in ("", "user"):
+                if name not in users:
+                    problems.append((loc, f"unknown user {name!r} (known: {known(users)})"))
+            else:
+                problems.append((loc, f"expected 'user:NAME', 'group:NAME' or a user name, "
+                                      f"got {ref!r}"))
     return problems

@@ -8,6 +8,7 @@ What it must not do: I/O, or read the clock (``now`` is passed in).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from proxy.access.duration import format_duration
@@ -61,6 +62,9 @@ def decide_request(config: Config, user: str, target: str, login: str, duration:
         return Decision(False, f"no policy lets {user} request {login}@{target}")
     for policy in matching:
         if duration <= policy.max_duration:
+            if policy.reason_pattern and not re.search(policy.reason_pattern, reason):
+                return Decision(False, f"the reason must match {policy.reason_pattern!r} "
+                                       f"(policy {policy.name}), e.g. a ticket id")
             return Decision(True, f"allowed by policy {policy.name}", policy.name)
     longest = max(p.max_duration for p in matching)
     return Decision(False, f"duration {format_duration(duration)} exceeds the maximum of "
@@ -76,10 +80,17 @@ def policy_named(config: Config, name: str) -> Policy | None:
     return next((p for p in config.policies if p.name == name), None)
 
 
-def decide_approval(config: Config, approver: str, request: AccessRequest) -> Decision:
-    """May ``approver`` approve (or deny) ``request``? Requesters never decide their own."""
+def decide_approval(config: Config, approver: str, request: AccessRequest,
+                    now: float | None = None, prior_approvers: tuple[str, ...] = ()) -> Decision:
+    """May ``approver`` approve (or deny) ``request`` at ``now``? Requesters never decide their
+    own, nobody approves the same request twice, and expired requests cannot be decided."""
     if request.status is not RequestStatus.PENDING:
         return Decision(False, f"request {request.id} is {request.status.value}, not pending")
+    if now is not None and request_expired(config, request, now):
+        return Decision(False, f"request {request.id} has expired; ask for a new one")
+    if approver in prior_approvers:
+        return Decision(False, f"you already approved request {request.id}; it needs another "
+                               f"approver")
     if approver == request.requester:
         return Decision(False, "you cannot approve or deny your own request")
     policy = policy_named(config, request.policy)
@@ -88,6 +99,25 @@ def decide_approval(config: Config, approver: str, request: AccessRequest) -> De
     if not config.matches(approver, policy.approvers):
         return Decision(False, f"{approver} is not an approver for policy {policy.name}")
     return Decision(True, f"approver under policy {policy.name}", policy.name)
+
+
+def request_expired(config: Config, request: AccessRequest, now: float) -> bool:
+    """A pending request lapses ``request_ttl`` seconds after it was made (its policy's; a
+    day when the policy is gone)."""
+    policy = policy_named(config, request.policy)
+    ttl = policy.request_ttl if policy is not None else 86400
+    return now >= request.created_at + ttl
+
+
+def auto_approves(config: Config, request: AccessRequest) -> bool:
+    """Whether the request's policy approves it by itself (its ``auto_approve`` rule matches)."""
+    policy = policy_named(config, request.policy)
+    rule = policy.auto_approve if policy is not None else None
+    if rule is None:
+        return False
+    if rule.requesters and not config.matches(request.requester, rule.requesters):
+        return False
+    return not rule.targets or request.target in rule.targets
 
 
 def decide_revoke(config: Config, actor: str, grant: Grant) -> Decision:

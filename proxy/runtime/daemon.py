@@ -27,6 +27,7 @@ from proxy.store.sqlite import SQLiteStore
 log = logging.getLogger("jit_proxy.daemon")
 
 SWEEP_INTERVAL = 0.25   # seconds between expiry checks (sessions close within this of the end)
+PENDING_SWEEP_TICKS = 4  # pending requests are checked for their TTL every second
 RENEW_INTERVAL = 600.0  # seconds between host certificate renewal checks
 
 
@@ -141,10 +142,14 @@ class Daemon:
 
     async def _sweep(self) -> None:
         assert self.service is not None
+        ticks = 0
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            ticks += 1
             try:
                 await self.service.expire_due()
+                if ticks % PENDING_SWEEP_TICKS == 0:
+                    await self.service.expire_pending()
             except Exception:  # keep sweeping; the failure is logged with its grant
                 log.exception("expiry sweep failed")
 

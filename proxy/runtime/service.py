@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import asyncssh
@@ -61,6 +61,15 @@ class Terminable(Protocol):
 
     async def terminate(self, line: str, reason: str = "grant ended") -> None:
         """Close with ``line`` shown to the user; ``reason`` goes into the session's audit."""
+
+
+@dataclass(frozen=True)
+class ApprovalProgress:
+    """An approval was recorded; the request needs ``needed`` distinct approvers in all."""
+
+    request_id: int
+    approvals: int
+    needed: int
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,28 @@ class AccessService:
                                               policy=decision.policy or "", now=self.clock.now())
         self.audit.emit("access.request.created", actor, request=req.id, target=target,
                         login=login, duration=duration, reason=reason, policy=req.policy)
+        if policy.auto_approves(self.config, req):
+            grant = await self._grant(req, f"policy:{req.policy}", "approved by policy",
+                                      auto=True)
+            return replace(req, status=RequestStatus.APPROVED,
+                           decided_by=f"policy:{req.policy}", decided_at=grant.starts_at)
         return req
+
+    async def expire_pending(self) -> int:
+        """Mark pending requests past their policy's request TTL as expired; returns how many."""
+        now = self.clock.now()
+        count = 0
+        for req in await self.store.list_requests(status=RequestStatus.PENDING, limit=100_000):
+            if policy.request_expired(self.config, req, now):
+                try:
+                    await self.store.decide_request(req.decided("expire", "system", now, None),
+                                                    grant_ends_at=None, now=now)
+                except LookupError:
+                    continue
+                self.audit.emit("access.request.expired", "system", request=req.id,
+                                requester=req.requester, target=req.target)
+                count += 1
+        return count
 
     async def _pending(self, actor: str, request_id: int, what: str) -> AccessRequest:
         req = await self.store.get_request(request_id)
@@ -154,7 +184,8 @@ class AccessService:
             self.audit.emit(f"access.{what}.refused", actor, request=request_id,
                             why="no such request")
             raise AccessError(f"no request {request_id}")
-        decision = policy.decide_approval(self.config, actor, req)
+        prior = tuple(await self.store.approvers_of(req.id)) if what == "approval" else ()
+        decision = policy.decide_approval(self.config, actor, req, self.clock.now(), prior)
         if not decision:
             self.audit.emit(f"access.{what}.refused", actor, request=request_id,
                             why=decision.reason)
@@ -167,9 +198,23 @@ class AccessService:
             self.audit.emit(event, actor, why=problem)
             raise AccessError(problem)
 
-    async def approve(self, actor: str, request_id: int, comment: str | None) -> Grant:
+    async def approve(self, actor: str, request_id: int, comment: str | None
+                      ) -> Grant | ApprovalProgress:
+        """One approval; the grant once the policy's number of distinct approvers is reached."""
         self._check_text(actor, comment, "comment", "access.approval.refused")
         req = await self._pending(actor, request_id, "approval")
+        p = policy.policy_named(self.config, req.policy)
+        needed = p.approvals if p is not None else 1
+        have = len(await self.store.approvers_of(req.id)) + 1
+        if have < needed:
+            await self.store.add_approval(req.id, actor, comment, self.clock.now())
+            self.audit.emit("access.request.approval_recorded", actor, request=req.id,
+                            comment=comment, approvals=have, needed=needed)
+            return ApprovalProgress(req.id, have, needed)
+        return await self._grant(req, actor, comment)
+
+    async def _grant(self, req: AccessRequest, actor: str, comment: str | None,
+                     auto: bool = False) -> Grant:
         now = self.clock.now()
         try:
             grant = await self.store.decide_request(req.decided("approve", actor, now, comment),
@@ -179,7 +224,7 @@ class AccessService:
         assert grant is not None
         self.active[grant.id] = grant
         self.audit.emit("access.request.approved", actor, request=req.id, comment=comment,
-                        requester=req.requester)
+                        requester=req.requester, by_policy=auto)
         self.audit.emit("access.grant.created", actor, grant=grant.id, request=req.id,
                         user=grant.user, target=grant.target, login=grant.login,
                         starts_at=rfc3339(grant.starts_at), ends_at=rfc3339(grant.ends_at))

@@ -18,7 +18,7 @@ from typing import Any
 from proxy.access import policy
 from proxy.access.duration import format_duration, parse_duration
 from proxy.clock import rfc3339
-from proxy.runtime.service import AccessError, AccessService
+from proxy.runtime.service import AccessError, AccessService, ApprovalProgress
 
 MAX_COMMAND_LINE = 16384  # characters
 
@@ -240,6 +240,10 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         return {"help": HELP}, HELP
     if args.command == "request":
         r = await service.request(actor, args.target, args.login, args.duration, args.reason)
+        if r.status.value == "approved":
+            return _request_dict(r), (
+                f"request {r.id} approved by policy {r.policy}: {r.login}@{r.target} for "
+                f"{format_duration(r.duration)}; connect now\n")
         return _request_dict(r), (
             f"request {r.id} created: {r.login}@{r.target} for {format_duration(r.duration)} "
             f"(policy {r.policy}); waiting for approval.\n")
@@ -251,6 +255,10 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
             rows, ["ID", "STATUS", "REQUESTER", "ACCESS", "FOR", "CREATED", "REASON"])
     if args.command == "approve":
         g = await service.approve(actor, args.id, args.comment)
+        if isinstance(g, ApprovalProgress):
+            return ({"request": g.request_id, "approvals": g.approvals, "needed": g.needed},
+                    f"request {g.request_id}: approval {g.approvals} of {g.needed} recorded; "
+                    f"it needs another approver\n")
         return _grant_dict(g), (f"request {args.id} approved: grant {g.id} gives {g.user} "
                                 f"{g.login}@{g.target} until {rfc3339(g.ends_at)}\n")
     if args.command == "deny":

@@ -228,6 +228,20 @@ class SQLiteStore:
                                      (cur.lastrowid,)).fetchone())
         return await self._write(fn)
 
+    async def add_approval(self, request_id: int, approver: str, comment: str | None,
+                           now: float) -> None:
+        """Record one approval of a request that needs several (the request stays pending)."""
+        await self._write(lambda db: db.execute(
+            "INSERT INTO approvals (request_id, approver, decision, comment, at) VALUES"
+            " (?,?,?,?,?)", (request_id, approver, "approval", comment, now)))
+
+    async def approvers_of(self, request_id: int) -> list[str]:
+        """Who has approved the request so far, in order."""
+        rows = await self._read("SELECT approver FROM approvals WHERE request_id=? AND"
+                                " decision IN ('approval', 'approved') ORDER BY rowid",
+                                (request_id,))
+        return [r["approver"] for r in rows]
+
     # --- grants ---------------------------------------------------------------------------------
 
     async def get_grant(self, grant_id: int) -> Grant | None:

@@ -1,0 +1,74 @@
+"""Approval policy (issue 4, first slice): several approvers, request TTL, reason patterns,
+auto-approval — through the command shell against a real store, with a clock moved by hand."""
+
+from __future__ import annotations
+
+import asyncio
+
+from jitp_unit_support import config_text
+from proxy.clock import ManualClock
+from proxy.ssh.commands import run_command
+from test_unit_commands import T0, host_key, service_in  # noqa: F401 (host_key: a fixture)
+
+POLICY = config_text().replace("""    approvers: [group:sre, user:carol]
+    max_duration: 2h""", """    approvers: [group:sre, user:carol]
+    max_duration: 2h
+    approvals: 2
+    request_ttl: 1h
+    reason_pattern: "INC-[0-9]+"
+    auto_approve:
+      requesters: [user:carol]""")
+
+
+def test_two_distinct_approvers_are_needed(tmp_path, host_key):
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=POLICY) as svc:
+            r = await run_command(svc, "alice", "request web1 --login deploy --for 10m "
+                                                "--reason INC-7 disk")
+            assert r.status == 0, r.err
+            r = await run_command(svc, "alice", "approve 1")
+            assert r.status == 1 and "your own request" in r.err
+            r = await run_command(svc, "bob", "approve 1")
+            assert r.status == 0 and "approval 1 of 2 recorded" in r.out
+            assert svc.active == {}  # not granted after one approval
+            r = await run_command(svc, "bob", "approve 1")
+            assert r.status == 1 and "already approved" in r.err
+            assert svc.active == {}  # nor after the same approver twice
+            r = await run_command(svc, "carol", "approve 1 --comment second")
+            assert r.status == 0 and "grant 1 gives alice" in r.out, r.err
+            assert [g.user for g in svc.active.values()] == ["alice"]
+    asyncio.run(scenario())
+
+
+def test_an_expired_pending_request_cannot_be_approved(tmp_path, host_key):
+    clock = ManualClock(T0)
+
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=POLICY, clock=clock) as svc:
+            await run_command(svc, "alice", "request web1 --login deploy --for 10m "
+                                            "--reason INC-8")
+            clock.advance(3601)
+            r = await run_command(svc, "bob", "approve 1")
+            assert r.status == 1 and "expired" in r.err
+            assert await svc.expire_pending() == 1
+            r = await run_command(svc, "bob", "requests --json")
+            assert '"status": "expired"' in r.out
+    asyncio.run(scenario())
+
+
+def test_reason_pattern_and_auto_approval(tmp_path, host_key):
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=POLICY) as svc:
+            r = await run_command(svc, "alice", "request web1 --login deploy --for 10m "
+                                                "--reason just because")
+            assert r.status == 1 and "must match 'INC-[0-9]+'" in r.err
+            r = await run_command(svc, "carol", "request web1 --login deploy --for 10m "
+                                                "--reason INC-9 on call")
+            assert r.status == 0 and "approved by policy web-deploy" in r.out, r.err
+            assert [g.user for g in svc.active.values()] == ["carol"]
+    asyncio.run(scenario())
+    import json
+    events = [json.loads(l) for l in (tmp_path / "state" / "audit.jsonl").read_text()
+              .splitlines()]
+    approved = [e for e in events if e["type"] == "access.request.approved"]
+    assert approved[-1]["actor"] == "policy:web-deploy" and approved[-1]["by_policy"] is True
