@@ -237,6 +237,9 @@ class Policy(_Model):
     # the reason must match this regular expression (e.g. a ticket id: "INC-[0-9]+")
     reason_pattern: Annotated[str | None, BeforeValidator(_regex)] = None
     auto_approve: AutoApprove | None = None
+    # when the granted time starts: at approval, or at the first session (an unused grant then
+    # lapses request_ttl after approval)
+    window_starts: Literal["approval", "first_use"] = "approval"
 
 
 class Config(_Model):

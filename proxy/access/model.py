@@ -100,6 +100,15 @@ class Grant:
     status: GrantStatus = GrantStatus.ACTIVE
     ended_at: float | None = None
     ended_by: str | None = None
+    # a first-use window: until the first session, [starts_at, ends_at) is only the deadline to
+    # start; the first session starts ``duration`` seconds of access
+    awaiting_first_use: bool = False
+    duration: int | None = None
+
+    def started(self, now: float) -> "Grant":
+        """The grant once its first session starts the window (first-use policies)."""
+        assert self.awaiting_first_use and self.duration is not None
+        return replace(self, starts_at=now, ends_at=now + self.duration, awaiting_first_use=False)
 
     def is_live(self, now: float) -> bool:
         return self.status is GrantStatus.ACTIVE and self.starts_at <= now < self.ends_at

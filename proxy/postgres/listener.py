@@ -241,6 +241,9 @@ class PostgresFrontDoor:
     async def granted(self, grant: Grant) -> None:
         pass
 
+    async def window_started(self, grant: Grant) -> None:
+        pass
+
     def ended(self, grant: Grant) -> None:
         self.secrets.forget_grant(grant.id)
 
@@ -466,6 +469,7 @@ class PgClient:
             return False
         await self._send(AuthenticationSASLFinal(server_final.encode()).encode())
         assert self.grant is not None
+        self.grant = await self.service.use_grant(self.grant)
         self.leave_preauth()
         self.service.audit.emit("auth.success", self.user, method="scram",
                                 target=self.target_name, grant=self.grant.id, peer=self.peer)

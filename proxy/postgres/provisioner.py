@@ -154,6 +154,12 @@ class Provisioner:
         self.report("db.role.created", {"role": name, "member_of": member_of,
                                         "valid_until": until})
 
+    async def set_valid_until(self, name: str, valid_until: float) -> None:
+        """Move ``VALID UNTIL`` (a first-use grant's window started)."""
+        until = datetime.fromtimestamp(valid_until, timezone.utc).isoformat()
+        await self._with_admin(lambda c: c.execute(
+            f"ALTER ROLE {quote_ident(name)} VALID UNTIL {quote_literal(until)}"))
+
     async def open_login(self, name: str) -> EphemeralRole:
         """Let ``name`` log in, with a fresh password only the proxy knows (a password the user
         set with ALTER ROLE is overwritten, and useless anyway once the window closes)."""

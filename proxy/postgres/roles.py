@@ -77,6 +77,11 @@ class RoleManager:
         if self._target(grant.target) is not None:
             await self.credentials(grant)
 
+    async def window_started(self, grant: Grant) -> None:
+        if self._target(grant.target) is not None and grant.id in self.roles:
+            await self.provisioner(grant.target).set_valid_until(self.role_name(grant),
+                                                                 grant.ends_at)
+
     def ended(self, grant: Grant) -> None:
         if self._target(grant.target) is None:
             return

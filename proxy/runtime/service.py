@@ -55,6 +55,9 @@ class GrantHooks(Protocol):
     def ended(self, grant: Grant) -> None:
         """Start the teardown; must not block (retries are the hook's own business)."""
 
+    async def window_started(self, grant: Grant) -> None:
+        """A first-use grant's access window started: its end is now known."""
+
 
 class Terminable(Protocol):
     """A live connection under a grant that the service can end."""
@@ -216,9 +219,13 @@ class AccessService:
     async def _grant(self, req: AccessRequest, actor: str, comment: str | None,
                      auto: bool = False) -> Grant:
         now = self.clock.now()
+        p = policy.policy_named(self.config, req.policy)
+        first_use = p is not None and p.window_starts == "first_use"
+        ends = now + (p.request_ttl if first_use and p is not None else req.duration)
         try:
             grant = await self.store.decide_request(req.decided("approve", actor, now, comment),
-                                                    grant_ends_at=now + req.duration, now=now)
+                                                    grant_ends_at=ends, now=now,
+                                                    first_use=first_use)
         except LookupError as exc:
             raise AccessError(str(exc)) from None
         assert grant is not None
@@ -287,6 +294,25 @@ class AccessService:
             raise AccessError(f"grant {grant_id} has already {ended}" if ended == "ended"
                               else f"grant {grant_id} is already {ended}")
         return await self.end_grant(grant, "revoke", actor)
+
+    async def use_grant(self, grant: Grant) -> Grant:
+        """The grant a new session runs under: a first-use grant starts its window now."""
+        current = self.active.get(grant.id, grant)
+        if not current.awaiting_first_use:
+            return current
+        started = current.started(self.clock.now())
+        if await self.store.start_window(started):
+            self.active[grant.id] = started
+            self.audit.emit("access.grant.started", current.user, grant=grant.id,
+                            starts_at=rfc3339(started.starts_at),
+                            ends_at=rfc3339(started.ends_at))
+            for hook in self.hooks:
+                try:
+                    await hook.window_started(started)
+                except Exception as exc:
+                    log.error("starting the window of grant %s failed: %r", grant.id, exc)
+            return started
+        return self.active.get(grant.id, current)
 
     def live_grant(self, user: str, target: str, login: str) -> Grant | None:
         return policy.find_live_grant(list(self.active.values()), user, target, login,

@@ -76,7 +76,7 @@ class JumpConnection(asyncssh.SSHServer):
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
 
-    def begin_auth(self, username: str) -> bool:
+    async def begin_auth(self, username: str) -> bool:
         grant = self.service.live_grant(self.user, self.target_name, username)
         if grant is None:
             self.service.audit.emit("ssh.session.refused", self.user, target=self.target_name,
@@ -85,6 +85,7 @@ class JumpConnection(asyncssh.SSHServer):
             self.conn.send_auth_banner(
                 self.service.describe_denial(self.user, self.target_name, username) + "\n")
             return True  # every method then fails: "Permission denied"
+        grant = await self.service.use_grant(grant)  # a first-use window starts here
         self.login, self.grant = username, grant
         self.service.attach(grant.id, self)
         self.service.audit.emit("ssh.connection.start", self.user, target=self.target_name,

@@ -69,6 +69,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX db_roles_live ON db_roles(dropped_at);
     """,
+    # 3: first-use access windows
+    """
+    ALTER TABLE grants ADD COLUMN awaiting_first_use INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE grants ADD COLUMN duration INTEGER
+    """,
 ]
 
 
@@ -93,6 +98,7 @@ def _request(row: sqlite3.Row) -> AccessRequest:
 def _grant(row: sqlite3.Row) -> Grant:
     d = dict(row)
     d["status"] = GrantStatus(d["status"])
+    d["awaiting_first_use"] = bool(d["awaiting_first_use"])
     return Grant(**d)
 
 
@@ -198,7 +204,7 @@ class SQLiteStore:
         return [_request(r) for r in await self._read(sql, tuple(params))]
 
     async def decide_request(self, decided: AccessRequest, *, grant_ends_at: float | None,
-                             now: float) -> Grant | None:
+                             now: float, first_use: bool = False) -> Grant | None:
         """Record a decision (approve, deny, cancel, expire) and, for an approval, the grant.
 
         The update only applies while the request is still pending, so two approvers racing cannot
@@ -221,9 +227,9 @@ class SQLiteStore:
                 return None
             cur = db.execute(
                 "INSERT INTO grants (request_id, user, target, login, policy, starts_at, ends_at,"
-                " status) VALUES (?,?,?,?,?,?,?,?)",
+                " status, awaiting_first_use, duration) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (decided.id, decided.requester, decided.target, decided.login, decided.policy,
-                 now, grant_ends_at, GrantStatus.ACTIVE.value))
+                 now, grant_ends_at, GrantStatus.ACTIVE.value, int(first_use), decided.duration))
             return _grant(db.execute("SELECT * FROM grants WHERE id=?",
                                      (cur.lastrowid,)).fetchone())
         return await self._write(fn)
@@ -261,6 +267,15 @@ class SQLiteStore:
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
         return [_grant(r) for r in await self._read(sql, tuple(params))]
+
+    async def start_window(self, started: Grant) -> bool:
+        """Record a first-use grant's start; False when it had already started (or ended)."""
+        def fn(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE grants SET starts_at=?, ends_at=?, awaiting_first_use=0"
+                              " WHERE id=? AND awaiting_first_use=1 AND status=?",
+                              (started.starts_at, started.ends_at, started.id,
+                               GrantStatus.ACTIVE.value)).rowcount == 1
+        return await self._write(fn)
 
     async def end_grant(self, ended: Grant) -> bool:
         """Record an expiry or revocation; False when the grant was no longer active."""

@@ -72,3 +72,26 @@ def test_reason_pattern_and_auto_approval(tmp_path, host_key):
               .splitlines()]
     approved = [e for e in events if e["type"] == "access.request.approved"]
     assert approved[-1]["actor"] == "policy:web-deploy" and approved[-1]["by_policy"] is True
+
+
+def test_a_first_use_window_starts_at_the_first_session_not_at_approval(tmp_path, host_key):
+    clock = ManualClock(T0)
+    text = POLICY.replace("approvals: 2", "approvals: 1\n    window_starts: first_use")
+
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=text, clock=clock) as svc:
+            await run_command(svc, "alice", "request web1 --login deploy --for 10m --reason INC-1")
+            r = await run_command(svc, "bob", "approve 1")
+            assert r.status == 0, r.err
+            grant = svc.active[1]
+            assert grant.awaiting_first_use and grant.ends_at == T0 + 3600  # request_ttl
+            clock.advance(1800)  # half an hour later, the first session
+            assert svc.live_grant("alice", "web1", "deploy") is not None
+            started = await svc.use_grant(grant)
+            assert (started.starts_at, started.ends_at) == (T0 + 1800, T0 + 1800 + 600)
+            assert (await svc.use_grant(started)).ends_at == T0 + 2400  # only the first starts
+            clock.advance(601)
+            await svc.expire_due()
+            assert svc.active == {}
+            assert (await svc.store.get_grant(1)).ends_at == T0 + 2400  # persisted
+    asyncio.run(scenario())
