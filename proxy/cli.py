@@ -185,10 +185,13 @@ def cmd_recordings(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cast = out / f"session-{args.id}.cast"
     events = out / f"session-{args.id}.audit.jsonl"
-    cast.write_text(answer["cast"])
-    events.write_text("".join(json.dumps(e, sort_keys=True, separators=(",", ":"),
-                                         ensure_ascii=False) + "\n"
-                              for e in answer["audit_events"]))
+    from ca.keys import write_secret_file  # recordings are 0600 where they live; so are copies
+    for path in (cast, events):
+        path.unlink(missing_ok=True)
+    write_secret_file(cast, answer["cast"].encode())
+    write_secret_file(events, "".join(json.dumps(e, sort_keys=True, separators=(",", ":"),
+                                                 ensure_ascii=False) + "\n"
+                                      for e in answer["audit_events"]).encode())
     print(f"{cast}\n{events}")
     return 0 if answer["intact"] else 1
 
@@ -251,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--user")
     c.add_argument("--target")
     c.add_argument("--since", help="a duration (2h) or a time (2026-11-29T08:00:00Z)")
-    c.add_argument("--speed", type=float, default=1.0, help="play faster (2, 10, ...)")
+    from proxy.ssh.commands import _speed
+    c.add_argument("--speed", type=_speed, default=1.0,
+                   help="play faster (2, 10, ...); pauses over 2 s are shortened")
     c.add_argument("--out", help="export: directory for the .cast and its audit events")
     c.set_defaults(func=cmd_recordings)
 

@@ -491,8 +491,15 @@ BROAD_ROLES = {"pg_read_all_data", "pg_write_all_data", "pg_read_server_files",
 
 
 def warnings(config: Config) -> list[tuple[Path_, str]]:
-    """Valid but risky settings: roles that reach beyond the target's database."""
+    """Valid but risky or ineffective settings: roles that reach beyond the target's database,
+    forwarding the proxy never relays."""
     out = []
+    for p, policy in enumerate(config.policies):
+        for what in ("agent_forwarding", "x11_forwarding"):
+            if getattr(policy.allow, what):
+                out.append((("policies", p, "allow", what),
+                            f"the certificate will permit it, but the proxy never relays "
+                            f"{what.replace('_', ' ')}"))
     for name, target in config.targets.items():
         if isinstance(target, PostgresTarget):
             for key, members in target.roles.items():

@@ -64,7 +64,7 @@ class Metrics:
             self.auth_failures.labels("any").inc(event.get("count", 0))
         elif kind == "ca.certificate.issued":
             self.certificates.labels(event.get("kind", "user")).inc()
-        elif kind == "ssh.grant.sessions_closed" and "lag" in event:
+        elif kind == "access.grant.sessions_closed" and "lag" in event:
             self.teardown_lag.observe(event["lag"])
 
     def shutdown(self) -> None:

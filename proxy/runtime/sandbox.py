@@ -347,7 +347,7 @@ async def _run_sandbox(d: Path) -> int:
             db_lines = textwrap.indent(textwrap.dedent(f"""\
 
                 ssh -F $S alice@jit-proxy request orders --role read --for 30m --reason "INC-2: stuck orders"
-                ssh -F $S bob@jit-proxy approve 2
+                ssh -F $S bob@jit-proxy approve ID     # the request's ID, printed above
                 cd {d} && ssh -F $S alice@jit-proxy ca --pg > jit-ca.pem
                 psql "$(ssh -F $S alice@jit-proxy db-login orders --uri)" -c 'SELECT * FROM orders'"""),
                 "  ")
@@ -361,7 +361,7 @@ async def _run_sandbox(d: Path) -> int:
               S={ssh_config}
               ssh -F $S alice@jit-proxy request web1 --login {login} --for 10m --reason "INC-1: check disk"
               ssh -F $S bob@jit-proxy requests --pending
-              ssh -F $S bob@jit-proxy approve 1 --comment ok
+              ssh -F $S bob@jit-proxy approve ID --comment ok     # ID: printed by request
               ssh -F $S -J alice@jit-proxy {login}@web1""") + db_lines + textwrap.dedent(f"""\
 
 
@@ -374,6 +374,7 @@ async def _run_sandbox(d: Path) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        (d / "sandbox.json").unlink(missing_ok=True)  # it describes a running sandbox only
         target.stop()
         await daemon.stop()
         if pg is not None:

@@ -364,7 +364,7 @@ class AccessService:
             failed = [r for r in results if isinstance(r, BaseException)]
             for r in failed:
                 log.error("closing a connection of grant %s failed: %r", grant.id, r)
-            self.audit.emit("ssh.grant.sessions_closed", "system", grant=grant.id,
+            self.audit.emit("access.grant.sessions_closed", "system", grant=grant.id,
                             connections=len(conns), failed=len(failed),
                             lag=round(max(0.0, self.clock.now() - min(grant.ends_at, now)), 3))
         await self._persist_end(ended)

@@ -35,8 +35,11 @@ jit-proxy: just-in-time access. Commands (each takes --json):
   targets                            what you may request
   whoami                             who the proxy thinks you are
   recordings list|play ID|export ID  recorded sessions of the policies you approve for
-                                     (list: --user U --target T --since 2h; play: --speed 4)
-  db-login TARGET [--role ROLE]      a one-time secret and the psql command for a database grant
+                                     (list: --user U --target T --since 2h; play: --speed 4;
+                                     pauses longer than 2 s are shortened)
+  db-login TARGET [--role ROLE] [--uri]
+                                     a one-time secret (single use; a newer one replaces it)
+                                     and the psql command for a database grant
   ca [--pg]                          lines that make clients and targets trust the proxy's CA
                                      (--pg: the CA certificate for psql's sslrootcert)
   help                               this text
@@ -74,6 +77,16 @@ def _id(text: str) -> int:
     return value
 
 
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("--speed takes a factor from 0.1 to 1000")
+    return value
+
+
 def _duration(text: str) -> int:
     try:
         return parse_duration(text)
@@ -94,7 +107,8 @@ def _parser() -> _Parser:
     c.add_argument("target")
     who = c.add_mutually_exclusive_group(required=True)
     who.add_argument("--login", help="account on an SSH target")
-    who.add_argument("--role", dest="login", help="role name on a PostgreSQL target")
+    who.add_argument("--role", dest="login", metavar="ROLE",
+                     help="role name on a PostgreSQL target")
     c.add_argument("--for", dest="duration", required=True, type=_duration)
     c.add_argument("--reason", required=True)
     cmd("requests").add_argument("--pending", action="store_true")
@@ -118,7 +132,7 @@ def _parser() -> _Parser:
     c.add_argument("--user")
     c.add_argument("--target")
     c.add_argument("--since", help="a duration (2h) or a time (2026-11-29T08:00:00Z)")
-    c.add_argument("--speed", type=float, default=1.0)
+    c.add_argument("--speed", type=_speed, default=1.0)
     for name in ("sessions", "targets", "whoami", "help"):
         cmd(name)
     return p

@@ -161,10 +161,15 @@ class FrontDoor:
         if target is None or target.kind != "ssh" or dest_port not in (22, target.port):
             service.audit.emit("ssh.forward.refused", user, dest_host=dest_host[:255],
                                dest_port=dest_port, peer=peer, why="not a configured target")
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                f"jit-proxy: {dest_host}:{dest_port} is not a target of this proxy; "
-                f"'ssh jit-proxy targets' lists yours")
+            if target is not None and target.kind == "ssh":
+                why = f"{dest_host} is reached on port 22 through the proxy, not {dest_port}"
+            elif target is not None:
+                why = f"{dest_host} is a {target.kind} target: use its own client, not ssh -J"
+            else:
+                why = (f"{dest_host}:{dest_port} is not a target of this proxy; "
+                       f"'ssh jit-proxy targets' lists yours")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            f"jit-proxy: {why}")
         if not service.live_grants_on(user, dest_host):
             service.audit.emit("ssh.session.refused", user, target=dest_host, peer=peer,
                                why="no active grant")

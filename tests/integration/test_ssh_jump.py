@@ -165,11 +165,13 @@ def test_pty_follows_resize_and_is_recorded(env, granted):
 
 
 def test_forwarding_to_anything_but_a_target_is_refused(env, granted):
-    for dest in (f"127.0.0.1:{env.target.port}", "web1:2200", "example.com:22"):
+    for dest, why in ((f"127.0.0.1:{env.target.port}", b"is not a target of this proxy"),
+                      ("web1:2200", b"web1 is reached on port 22 through the proxy"),
+                      ("example.com:22", b"is not a target of this proxy")):
         r = env.run(["ssh", "-F", str(env.ssh_config), "-W", dest, "alice@jit-proxy"],
                     stdin=subprocess.DEVNULL)
         assert r.returncode == 255
-        assert b"is not a target of this proxy" in r.stderr
+        assert why in r.stderr, r.stderr
     refused = [e for e in env.audit_events("ssh.forward.refused") if "dest_host" in e]
     assert {e["dest_host"] for e in refused} >= {"127.0.0.1", "web1", "example.com"}
     # -R on the proxy itself is refused
