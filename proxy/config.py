@@ -81,6 +81,13 @@ class DaemonSettings(_Model):
     metrics_listen: str | None = Field(None, pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
 
+class Notifications(_Model):
+    # a JSON POST for every new pending request (retried with backoff; never blocks the request)
+    webhook_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    webhook_attempts: int = Field(6, ge=1, le=20)
+    webhook_timeout: Duration = 10
+
+
 class CASettings(_Model):
     passphrase_file: Path | None = None
     clock_skew: Duration = 120
@@ -245,6 +252,7 @@ class Policy(_Model):
 class Config(_Model):
     state_dir: Path = Path("/var/lib/jit-proxy")
     daemon: DaemonSettings = DaemonSettings()
+    notifications: Notifications | None = None
     ssh: SSHListener = SSHListener()
     ca: CASettings = CASettings()
     audit: AuditSettings = AuditSettings()

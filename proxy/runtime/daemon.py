@@ -82,6 +82,8 @@ class Daemon:
         audit = AuditLog(cfg.audit_log_path, self.clock)
         self.service = AccessService(cfg, store, audit, self.clock, ca, host_key)
         audit.observers.append(_log_event)
+        from proxy.runtime.webhook import Webhook
+        self.service.webhook = Webhook(self.service)
         if cfg.postgres is not None:
             from ca.x509 import X509CertificateAuthority
             from proxy.postgres.listener import PostgresFrontDoor
@@ -211,6 +213,8 @@ class Daemon:
             self.metrics.shutdown()
         if self.roles is not None:
             await self.roles.close()
+        if service is not None and service.webhook is not None:
+            service.webhook.close()
         if service is not None:
             await asyncio.sleep(0)  # connection_lost callbacks of what close() just ended
             await service.drain()

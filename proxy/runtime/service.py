@@ -43,6 +43,13 @@ MAX_PENDING_PER_USER = 20
 AUTH_FAILURES_PER_MINUTE = 20  # audited one by one per source address; the rest are counted
 
 
+def request_payload(req: AccessRequest) -> dict:
+    """A request as JSON data (what ``requests --json`` and the webhook show)."""
+    return {"id": req.id, "requester": req.requester, "target": req.target, "login": req.login,
+            "duration": req.duration, "reason": req.reason, "policy": req.policy,
+            "status": req.status.value, "created_at": rfc3339(req.created_at)}
+
+
 class AccessError(Exception):
     """An action was refused; the message is the sentence shown to the person."""
 
@@ -102,6 +109,8 @@ class AccessService:
     _host_certs: dict[str, _HostCert] = field(default_factory=dict)
     hooks: list[GrantHooks] = field(default_factory=list)
     live_sessions: dict[int, LiveSession] = field(default_factory=dict)
+    request_listeners: set[asyncio.Queue] = field(default_factory=set)  # requests --watch
+    webhook: Any = None
     ssh_port: int = 22  # set by the listener once bound
     postgres: Any = None  # the PostgreSQL front door (db-login, its CA) when configured
     _unpersisted: dict[int, Grant] = field(default_factory=dict)
@@ -158,6 +167,10 @@ class AccessService:
                                               policy=decision.policy or "", now=self.clock.now())
         self.audit.emit("access.request.created", actor, request=req.id, target=target,
                         login=login, duration=duration, reason=reason, policy=req.policy)
+        for listener in list(self.request_listeners):
+            listener.put_nowait(req)
+        if self.webhook is not None and not policy.auto_approves(self.config, req):
+            self.webhook.request_created(request_payload(req))
         if policy.auto_approves(self.config, req):
             grant = await self._grant(req, f"policy:{req.policy}", "approved by policy",
                                       auto=True)

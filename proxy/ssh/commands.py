@@ -9,6 +9,7 @@ decide anything itself: every rule lives in ``proxy.access``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shlex
@@ -26,7 +27,7 @@ HELP = """\
 jit-proxy: just-in-time access. Commands (each takes --json):
   request TARGET --login LOGIN --for DURATION --reason TEXT   ask for SSH access (--for 30m)
   request TARGET --role ROLE --for DURATION --reason TEXT     ask for database access
-  requests [--pending]               requests you made or may decide
+  requests [--pending] [--watch]     requests you made or may decide (--watch: then new ones)
   approve ID [--comment TEXT]        approve a request (approvers)
   deny ID --reason TEXT              deny a request (approvers)
   grants [--all]                     active grants (--all: ended ones too)
@@ -53,6 +54,7 @@ class Result:
     out: str = ""
     err: str = ""
     stream: list[tuple[float, str]] | None = None  # (delay seconds, text) to play after ``out``
+    follow: Any = None  # an async iterator of text to send until the client goes away
 
 
 class _UsageError(Exception):
@@ -111,7 +113,10 @@ def _parser() -> _Parser:
                      help="role name on a PostgreSQL target")
     c.add_argument("--for", dest="duration", required=True, type=_duration)
     c.add_argument("--reason", required=True)
-    cmd("requests").add_argument("--pending", action="store_true")
+    c = cmd("requests")
+    c.add_argument("--pending", action="store_true")
+    c.add_argument("--watch", action="store_true",
+                   help="then keep printing new pending requests you may decide")
     c = cmd("approve")
     c.add_argument("id", type=_id)
     c.add_argument("--comment")
@@ -244,6 +249,8 @@ async def run_command(service: AccessService, actor: str, command_line: str) -> 
         return Result(0, out=json.dumps(data, indent=2) + "\n")
     if isinstance(text, list):  # a recording to play
         return Result(0, stream=text)
+    if getattr(args, "watch", False):
+        return Result(0, out=text, follow=_watch(service, actor))
     return Result(0, out=text)
 
 
@@ -368,6 +375,20 @@ async def _db_login(service: AccessService, actor: str, args: argparse.Namespace
             f"or:\n  PGPASSWORD='{secret}' psql \"host={host} port={port} user={actor} "
             f"dbname={args.target} sslmode=verify-full sslrootcert=jit-ca.pem\"\n")
     return data, (uri + "\n" if args.uri else text)
+
+
+async def _watch(service: AccessService, actor: str):
+    """New pending requests ``actor`` may decide, one line each, as they are made."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+    service.request_listeners.add(queue)
+    try:
+        while True:
+            r = await queue.get()
+            if actor != r.requester and r.policy in service.visibility(actor)[1]:
+                yield printable(f"new request {r.id}: {r.requester} asks for {r.login}@{r.target}"
+                                f" for {format_duration(r.duration)}: {r.reason}") + "\n"
+    finally:
+        service.request_listeners.discard(queue)
 
 
 async def _recordings(service: AccessService, actor: str, args: argparse.Namespace

@@ -12,6 +12,7 @@ relay), accept remote forwarding (``-R``), agent or X11 forwarding, or log key m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from typing import Any
@@ -125,6 +126,25 @@ class FrontDoor:
             if delay:
                 await asyncio.sleep(delay)
             process.stdout.write(text)
+        if result.follow is not None:  # requests --watch: until the client goes away
+            gone = asyncio.ensure_future(process.stdin.read())  # EOF or close ends the watch
+            try:
+                while True:
+                    item = asyncio.ensure_future(result.follow.__anext__())
+                    done, _ = await asyncio.wait({item, gone},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if item not in done:
+                        item.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                            await item  # the generator must stop running before aclose()
+                        break
+                    try:
+                        process.stdout.write(item.result())
+                    except StopAsyncIteration:
+                        break
+            finally:
+                gone.cancel()
+                await result.follow.aclose()
         return result.status
 
     async def _repl(self, process: asyncssh.SSHServerProcess, user: str) -> None:

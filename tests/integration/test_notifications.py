@@ -1,0 +1,74 @@
+"""Approvers are told about new requests: a webhook (retried when down) and requests --watch."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import subprocess
+import threading
+import time
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_webhook_receives_requests_and_retries_while_down(fresh_env):
+    env = fresh_env
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = env.config()
+    config["notifications"] = {"webhook_url": f"http://127.0.0.1:{port}/hook",
+                               "webhook_timeout": 2}
+    env.write_config(config)
+    env.restart()
+    # down: the request still succeeds at once, and delivery is retried
+    t0 = time.monotonic()
+    first = env.json("alice", f"request web1 --login {env.login} --for 10m --reason while-down")
+    assert time.monotonic() - t0 < 5
+    env.wait_event("notify.webhook.failed", lambda e: e["request"] == first["id"]
+                   and e["attempt"] == 2, timeout=15)
+    _Hook.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        delivered = env.wait_event("notify.webhook.delivered",
+                                   lambda e: e["request"] == first["id"], timeout=30)
+        assert delivered["attempt"] >= 3
+        second = env.json("alice", f"request web1 --login {env.login} --for 10m --reason up")
+        env.wait_event("notify.webhook.delivered", lambda e: e["request"] == second["id"])
+        ids = [m["request"]["id"] for m in _Hook.received]
+        assert ids.count(first["id"]) == 1 and ids.count(second["id"]) == 1
+        assert _Hook.received[-1]["request"]["reason"] == "up"
+    finally:
+        server.shutdown()
+
+
+def test_requests_watch_streams_new_pending_requests(env):
+    watch = subprocess.Popen(["ssh", "-F", str(env.ssh_config), "bob@jit-proxy",
+                              "requests --pending --watch"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # bob is watching
+        req = env.json("alice", f"request web1 --login {env.login} --for 10m --reason watched")
+        line = ""
+        deadline = time.monotonic() + 10
+        while f"new request {req['id']}" not in line:
+            assert time.monotonic() < deadline, "no line for the new request"
+            line = watch.stdout.readline()
+        assert "alice asks for" in line and "watched" in line
+    finally:
+        watch.stdin.close()  # EOF ends the watch
+        watch.wait(timeout=10)
+    assert watch.returncode == 0
