@@ -232,22 +232,20 @@ def main(argv: list[str] | None = None) -> int:
 
     c = admin_parser("status", "listeners, live sessions, active grants, pending requests")
     c.set_defaults(func=cmd_status)
-    c = sub.add_parser("sessions", help="live sessions")
-    ssub = c.add_subparsers(dest="sessions_command", required=True)
-    k = ssub.add_parser("kill", help="end one live session now")
-    k.add_argument("id", type=int)
-    for opt, kw in (("-c", {"dest": "config", "default": DEFAULT_CONFIG}), ("--socket", {}),
-                    ("--json", {"action": "store_true"})):
-        k.add_argument(opt, **kw)
-    k.set_defaults(func=cmd_sessions_kill)
-    c = sub.add_parser("grants", help="grants")
-    gsub = c.add_subparsers(dest="grants_command", required=True)
-    r = gsub.add_parser("revoke", help="end a grant and its sessions now")
-    r.add_argument("id", type=int)
-    for opt, kw in (("-c", {"dest": "config", "default": DEFAULT_CONFIG}), ("--socket", {}),
-                    ("--json", {"action": "store_true"})):
-        r.add_argument(opt, **kw)
-    r.set_defaults(func=cmd_grants_revoke)
+    def admin_action(group: str, help: str, action: str, action_help: str, func) -> None:
+        c = sub.add_parser(group, help=help)
+        actions = c.add_subparsers(dest=f"{group}_command", required=True)
+        a = actions.add_parser(action, help=action_help)
+        a.add_argument("id", type=int)
+        a.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        a.add_argument("--socket", help="the admin socket (default: from the configuration)")
+        a.add_argument("--json", action="store_true")
+        a.set_defaults(func=func)
+
+    admin_action("sessions", "live sessions (listed by status)", "kill",
+                 "end one live session now (its grant stays)", cmd_sessions_kill)
+    admin_action("grants", "grants (listed by status)", "revoke",
+                 "end a grant and its sessions now", cmd_grants_revoke)
     c = admin_parser("recordings", "find, play and export session recordings")
     c.add_argument("action", choices=["list", "play", "export"])
     c.add_argument("id", nargs="?", type=int, help="session id (play, export)")

@@ -16,6 +16,17 @@ import pytest
 from tests.integration.ptyrun import PtySession
 
 
+def connect_when_listening(port: int, timeout: float = 15) -> socket.socket:
+    """A connection to 127.0.0.1:PORT once something (ssh -L) listens there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listened on port {port}"
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def granted(env):
     """alice holds a live grant for LOGIN@web1 for the whole module."""
@@ -189,15 +200,7 @@ def test_local_forwarding_inside_the_target_session_is_refused(env, granted):
                             + args[1:], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "ssh -L never listened"
-                time.sleep(0.1)
-        with conn:
+        with connect_when_listening(port) as conn:
             conn.settimeout(10)
             assert conn.recv(100) == b""  # closed at once: no SSH banner from the target
     finally:
@@ -298,15 +301,7 @@ def test_local_forwarding_when_the_policy_allows_it_and_revoke_ends_it(env):
                             + args[1:], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                conn = socket.create_connection(("127.0.0.1", lport), timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "ssh -L never listened"
-                time.sleep(0.1)
-        with conn:
+        with connect_when_listening(lport) as conn:
             conn.sendall(b"ping through the proxy")
             assert conn.recv(100) == b"ping through the proxy"
         assert env.wait_event("ssh.forward.opened", lambda e: e["target"] == "web2")
