@@ -81,6 +81,16 @@ class DaemonSettings(_Model):
     metrics_listen: str | None = Field(None, pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
 
+class AuthSettings(_Model):
+    # repeated failed logins (SSH or PostgreSQL) of one user or from one address within
+    # failure_window lock further attempts out for lockout, even with the right credentials
+    max_failures: int = Field(5, ge=1, le=1000)
+    # an address is shared by many people behind NAT: it gets a larger allowance
+    max_failures_per_address: int = Field(20, ge=1, le=100_000)
+    failure_window: Duration = 600
+    lockout: Duration = 900
+
+
 class Notifications(_Model):
     # a JSON POST for every new pending request (retried with backoff; never blocks the request)
     webhook_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
@@ -253,6 +263,7 @@ class Config(_Model):
     state_dir: Path = Path("/var/lib/jit-proxy")
     daemon: DaemonSettings = DaemonSettings()
     notifications: Notifications | None = None
+    auth: AuthSettings = AuthSettings()
     ssh: SSHListener = SSHListener()
     ca: CASettings = CASettings()
     audit: AuditSettings = AuditSettings()

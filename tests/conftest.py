@@ -151,6 +151,8 @@ class Env:
             "ssh": {"listen_address": "127.0.0.1", "listen_port": 0, "host_names": ["jit-proxy"]},
             "users": {u: {"keys": [self.pub[u]]} for u in USERS},
             "groups": {"dev": {"members": ["alice", "carol"]}, "sre": {"members": ["bob"]}},
+            # the tests fail logins on purpose, all from 127.0.0.1
+            "auth": {"max_failures": 1000, "max_failures_per_address": 1000},
             "targets": {"web1": dict(ssh_target), "web2": dict(ssh_target)},
             "policies": [{"name": "web2-forwarding", "targets": ["web2"], "logins": [self.login],
                           "requesters": ["group:dev"], "approvers": ["group:sre"],

@@ -429,7 +429,9 @@ class PgClient:
         target = service.config.targets.get(self.target_name)
         why = None
         verifier = None
-        if not isinstance(target, PostgresTarget):
+        if service.locked_out(self.user, self.peer):
+            why = "locked out"
+        elif not isinstance(target, PostgresTarget):
             why = "not a PostgreSQL target"
         else:
             verifier = self.door.secrets.lookup(self.user, self.target_name, now)

@@ -117,6 +117,8 @@ class AccessService:
     _background: set[asyncio.Task] = field(default_factory=set)
     _auth_failures: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     _preauth: dict[str, int] = field(default_factory=dict)
+    _failures: dict[str, list[float]] = field(default_factory=dict)
+    _locked_until: dict[str, float] = field(default_factory=dict)
     _preauth_total: int = 0
     _refused_preauth: int = 0
 
@@ -423,8 +425,30 @@ class AccessService:
             self._preauth.pop(address, None)
 
     def auth_failure(self, claimed_user: str, peer: str, **fields: Any) -> None:
-        """Audit a failed login (``auth.failure``), rate-limited per source address."""
+        """Audit a failed login (``auth.failure``, rate-limited per source address) and count it
+        towards the lockout of that user and that address."""
         self.audit_unauthenticated("auth.failure", claimed_user, peer, **fields)
+        now, cfg = self.clock.now(), self.config.auth
+        address = peer.rsplit(":", 1)[0]
+        for key, limit in ((f"user:{claimed_user[:64]}", cfg.max_failures),
+                           (f"address:{address}", cfg.max_failures_per_address)):
+            recent = [t for t in self._failures.get(key, []) if now - t < cfg.failure_window]
+            recent.append(now)
+            self._failures[key] = recent[-limit:]
+            if len(recent) >= limit and self._locked_until.get(key, 0) <= now:
+                self._locked_until[key] = now + cfg.lockout
+                self.audit.emit("auth.lockout", "system", subject=key, failures=len(recent),
+                                until=rfc3339(now + cfg.lockout))
+        if len(self._failures) > 10_000:  # bounded: forget the oldest
+            for key in sorted(self._failures, key=lambda k: self._failures[k][-1])[:5000]:
+                self._failures.pop(key, None)
+
+    def locked_out(self, user: str, peer: str) -> bool:
+        """Whether logins of ``user`` or from ``peer``'s address are locked out now."""
+        now = self.clock.now()
+        address = peer.rsplit(":", 1)[0]
+        return any(self._locked_until.get(k, 0) > now
+                   for k in (f"user:{user[:64]}", f"address:{address}"))
 
     def audit_unauthenticated(self, type: str, claimed_user: str, peer: str,
                               **fields: Any) -> None:

@@ -267,12 +267,18 @@ class ProxyServer(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
+        self.locked = self.door.service.locked_out(username, self.peer)
+        if self.locked:
+            self.door.service.audit_unauthenticated("auth.locked", username, self.peer,
+                                                    method="publickey")
         return True
 
     def public_key_auth_supported(self) -> bool:
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if getattr(self, "locked", False):
+            return False  # locked out: even the right key is refused until the lockout ends
         blob = key.public_data
         # compare against every key so timing does not tell which user has how many keys
         return any([hmac.compare_digest(blob, k) for k in self.door.user_key_blobs(username)])
@@ -311,8 +317,10 @@ class ProxyServer(asyncssh.SSHServer):
             self.door.connections.discard(self.conn)
         audit = self.door.service.audit
         if not self.authenticated and self.username is not None:
-            self.door.service.auth_failure(self.username, self.peer, method="publickey",
-                                           why=str(exc)[:512] if exc else "no valid key")
+            self.door.service.auth_failure(
+                self.username, self.peer, method="publickey",
+                why="locked out" if getattr(self, "locked", False)
+                else (str(exc)[:512] if exc else "no valid key"))
         elif isinstance(exc, asyncssh.ProtocolError):  # malformed input ends this connection only
             audit.emit("ssh.protocol.error", self.username or "", peer=self.peer,
                        error=str(exc)[:512])

@@ -97,3 +97,28 @@ def test_unauthenticated_connections_are_capped_per_address(fresh_env):
     assert r.returncode == 0, r.stderr
     assert env.wait_event("ssh.connection.refused",
                           lambda e: e["why"] == "too many unauthenticated connections")
+
+
+def test_repeated_failures_lock_the_user_out_even_with_the_right_key(fresh_env):
+    import asyncssh
+    env = fresh_env
+    config = env.config()
+    config["auth"] = {"max_failures": 3, "max_failures_per_address": 1000, "lockout": "10m"}
+    env.write_config(config)
+    env.restart()
+    wrong = env.root / "wrong_key"
+    wrong.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+    wrong.chmod(0o600)
+    wrong_config = env.root / "wrong_ssh_config"
+    wrong_config.write_text(env.ssh_config.read_text().replace(
+        f"IdentityFile {env.keys / 'alice'}\n", f"IdentityFile {wrong}\n"))
+    for _ in range(3):
+        r = env.run(["ssh", "-F", str(wrong_config), "alice@jit-proxy", "whoami"],
+                    stdin=subprocess.DEVNULL)
+        assert r.returncode == 255
+    lock = env.wait_event("auth.lockout", lambda e: e["subject"] == "user:alice")
+    assert lock["failures"] == 3
+    r = env.ssh("alice", "whoami")  # the right key, refused for the lockout time
+    assert r.returncode == 255 and b"Permission denied" in r.stderr
+    assert env.wait_event("auth.locked", lambda e: e["actor"] == "alice")
+    assert env.ssh("bob", "whoami").returncode == 0  # others are not affected
