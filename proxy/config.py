@@ -257,6 +257,8 @@ class Policy(_Model):
     # when the granted time starts: at approval, or at the first session (an unused grant then
     # lapses request_ttl after approval)
     window_starts: Literal["approval", "first_use"] = "approval"
+    # `extend GRANT --for D` takes effect at once (no approval) when true
+    self_extend: bool = False
 
 
 class Config(_Model):

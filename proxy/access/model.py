@@ -79,6 +79,7 @@ class AccessRequest:
     decided_at: float | None = None
     decided_by: str | None = None
     decision_comment: str | None = None
+    extends_grant: int | None = None  # an extension of that grant rather than a new grant
 
     def decided(self, event: str, by: str, at: float, comment: str | None) -> "AccessRequest":
         return replace(self, status=next_request_status(self.status, event), decided_by=by,
@@ -104,6 +105,10 @@ class Grant:
     # start; the first session starts ``duration`` seconds of access
     awaiting_first_use: bool = False
     duration: int | None = None
+
+    def extended(self, seconds: int) -> "Grant":
+        """The grant ``seconds`` longer (an approved or self-service ``extend``)."""
+        return replace(self, ends_at=self.ends_at + seconds)
 
     def started(self, now: float) -> "Grant":
         """The grant once its first session starts the window (first-use policies)."""

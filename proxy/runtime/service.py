@@ -63,7 +63,7 @@ class GrantHooks(Protocol):
         """Start the teardown; must not block (retries are the hook's own business)."""
 
     async def window_started(self, grant: Grant) -> None:
-        """A first-use grant's access window started: its end is now known."""
+        """The grant's end is now known or moved (first use, extension)."""
 
 
 class Terminable(Protocol):
@@ -231,9 +231,70 @@ class AccessService:
             return ApprovalProgress(req.id, have, needed)
         return await self._grant(req, actor, comment)
 
+    async def extend(self, actor: str, grant_id: int, seconds: int, reason: str
+                     ) -> Grant | AccessRequest:
+        """Ask for ``seconds`` more on one's own active grant: applied at once when the policy
+        allows self-extension, else an extension request that needs approval like any other.
+
+        Raises:
+            AccessError: not the actor's active grant, no reason, or beyond the maximum.
+        """
+        grant = self.active.get(grant_id)
+        if grant is None or grant.user != actor:
+            self.audit.emit("access.extend.refused", actor, grant=grant_id,
+                            why="not an active grant of yours")
+            raise AccessError(f"grant {grant_id} is not an active grant of yours")
+        decision = policy.decide_request(self.config, actor, grant.target, grant.login,
+                                         seconds, reason)
+        p = policy.policy_named(self.config, grant.policy)
+        if not decision or p is None:
+            why = decision.reason if not decision else "the grant's policy no longer exists"
+            self.audit.emit("access.extend.refused", actor, grant=grant_id, why=why)
+            raise AccessError(why)
+        if p.self_extend:
+            return await self._extend(grant, seconds, actor, None)
+        req = await self.store.create_request(
+            requester=actor, target=grant.target, login=grant.login, duration=seconds,
+            reason=reason, policy=grant.policy, now=self.clock.now(), extends_grant=grant.id)
+        self.audit.emit("access.request.created", actor, request=req.id, target=req.target,
+                        login=req.login, duration=seconds, reason=reason, policy=req.policy,
+                        extends_grant=grant.id)
+        for listener in list(self.request_listeners):
+            listener.put_nowait(req)
+        if self.webhook is not None:
+            self.webhook.request_created(request_payload(req))
+        return req
+
+    async def _extend(self, grant: Grant, seconds: int, actor: str,
+                      request_id: int | None) -> Grant:
+        longer = grant.extended(seconds)
+        if not await self.store.extend_grant(longer) or grant.id not in self.active:
+            raise AccessError(f"grant {grant.id} has ended")
+        self.active[grant.id] = longer
+        self.audit.emit("access.grant.extended", actor, grant=grant.id, request=request_id,
+                        seconds=seconds, ends_at=rfc3339(longer.ends_at))
+        for hook in self.hooks:  # e.g. the role's VALID UNTIL follows
+            try:
+                await hook.window_started(longer)
+            except Exception as exc:
+                log.error("moving the end of grant %s failed: %r", grant.id, exc)
+        return longer
+
     async def _grant(self, req: AccessRequest, actor: str, comment: str | None,
                      auto: bool = False) -> Grant:
         now = self.clock.now()
+        if req.extends_grant is not None:  # an approved extension: the grant lives longer
+            grant = self.active.get(req.extends_grant)
+            if grant is None:
+                raise AccessError(f"grant {req.extends_grant} has ended; request access anew")
+            try:
+                await self.store.decide_request(req.decided("approve", actor, now, comment),
+                                                grant_ends_at=None, now=now)
+            except LookupError as exc:
+                raise AccessError(str(exc)) from None
+            self.audit.emit("access.request.approved", actor, request=req.id, comment=comment,
+                            requester=req.requester, by_policy=auto)
+            return await self._extend(grant, req.duration, actor, req.id)
         p = policy.policy_named(self.config, req.policy)
         first_use = p is not None and p.window_starts == "first_use"
         ends = now + (p.request_ttl if first_use and p is not None else req.duration)

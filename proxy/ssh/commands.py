@@ -19,6 +19,7 @@ from typing import Any
 from proxy.access import policy
 from proxy.access.duration import format_duration, parse_duration
 from proxy.clock import rfc3339
+from proxy.access.model import AccessRequest
 from proxy.runtime.service import AccessError, AccessService, ApprovalProgress
 
 MAX_COMMAND_LINE = 16384  # characters
@@ -32,6 +33,9 @@ jit-proxy: just-in-time access. Commands (each takes --json):
   deny ID --reason TEXT              deny a request (approvers)
   grants [--all]                     active grants (--all: ended ones too)
   revoke GRANT_ID                    end a grant now (its user or an approver)
+  extend GRANT_ID --for DURATION [--reason TEXT]
+                                     more time on your grant (approved like a request,
+                                     unless the policy allows self-extension)
   sessions                           live sessions through the proxy
   targets                            what you may request
   whoami                             who the proxy thinks you are
@@ -125,6 +129,10 @@ def _parser() -> _Parser:
     c.add_argument("--reason", required=True)
     cmd("grants").add_argument("--all", action="store_true")
     cmd("revoke").add_argument("grant_id", type=_id)
+    c = cmd("extend")
+    c.add_argument("grant_id", type=_id)
+    c.add_argument("--for", dest="duration", required=True, type=_duration)
+    c.add_argument("--reason", default="extension")
     c = cmd("db-login")
     c.add_argument("target")
     c.add_argument("--role", help="which of your grants on TARGET, when you hold several")
@@ -292,6 +300,13 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
                 for g in grants]
         return [_grant_dict(g) for g in grants], _table(
             rows, ["ID", "STATUS", "USER", "ACCESS", "ENDS/ENDED", "REQUEST"])
+    if args.command == "extend":
+        x = await service.extend(actor, args.grant_id, args.duration, args.reason)
+        if isinstance(x, AccessRequest):
+            return _request_dict(x), (f"request {x.id} to extend grant {args.grant_id} by "
+                                      f"{format_duration(x.duration)} waits for approval\n")
+        return _grant_dict(x), (f"grant {x.id} extended: {x.login}@{x.target} until "
+                                f"{rfc3339(x.ends_at)}\n")
     if args.command == "revoke":
         g = await service.revoke(actor, args.grant_id)
         return _grant_dict(g), f"grant {g.id} revoked; its sessions are closed\n"

@@ -74,6 +74,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE grants ADD COLUMN awaiting_first_use INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE grants ADD COLUMN duration INTEGER
     """,
+    # 4: extension requests
+    """
+    ALTER TABLE requests ADD COLUMN extends_grant INTEGER REFERENCES grants(id)
+    """,
 ]
 
 
@@ -173,13 +177,14 @@ class SQLiteStore:
     # --- requests -------------------------------------------------------------------------------
 
     async def create_request(self, *, requester: str, target: str, login: str, duration: int,
-                             reason: str, policy: str, now: float) -> AccessRequest:
+                             reason: str, policy: str, now: float,
+                             extends_grant: int | None = None) -> AccessRequest:
         def fn(db: sqlite3.Connection) -> AccessRequest:
             cur = db.execute(
                 "INSERT INTO requests (requester, target, login, duration, reason, policy, status,"
-                " created_at) VALUES (?,?,?,?,?,?,?,?)",
+                " created_at, extends_grant) VALUES (?,?,?,?,?,?,?,?,?)",
                 (requester, target, login, duration, reason, policy,
-                 RequestStatus.PENDING.value, now))
+                 RequestStatus.PENDING.value, now, extends_grant))
             return _request(db.execute("SELECT * FROM requests WHERE id=?",
                                        (cur.lastrowid,)).fetchone())
         return await self._write(fn)
@@ -267,6 +272,14 @@ class SQLiteStore:
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
         return [_grant(r) for r in await self._read(sql, tuple(params))]
+
+    async def extend_grant(self, extended: Grant) -> bool:
+        """Record a later end for an active grant; False when it is no longer active."""
+        def fn(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE grants SET ends_at=? WHERE id=? AND status=?",
+                              (extended.ends_at, extended.id,
+                               GrantStatus.ACTIVE.value)).rowcount == 1
+        return await self._write(fn)
 
     async def start_window(self, started: Grant) -> bool:
         """Record a first-use grant's start; False when it had already started (or ended)."""

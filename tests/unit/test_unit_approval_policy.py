@@ -95,3 +95,34 @@ def test_a_first_use_window_starts_at_the_first_session_not_at_approval(tmp_path
             assert svc.active == {}
             assert (await svc.store.get_grant(1)).ends_at == T0 + 2400  # persisted
     asyncio.run(scenario())
+
+
+def test_extend_needs_approval_unless_the_policy_allows_self_extension(tmp_path, host_key):
+    clock = ManualClock(T0)
+    text = POLICY.replace("approvals: 2", "approvals: 1")
+
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=text, clock=clock) as svc:
+            await run_command(svc, "alice", "request web1 --login deploy --for 10m --reason INC-1")
+            await run_command(svc, "bob", "approve 1")
+            assert svc.active[1].ends_at == T0 + 600
+            r = await run_command(svc, "carol", "extend 1 --for 10m --reason INC-1")
+            assert r.status == 1 and "not an active grant of yours" in r.err
+            r = await run_command(svc, "alice", "extend 1 --for 10m --reason INC-1 more")
+            assert r.status == 0 and "waits for approval" in r.out, r.err
+            assert svc.active[1].ends_at == T0 + 600  # not before approval
+            r = await run_command(svc, "bob", "approve 2")
+            assert r.status == 0, r.err
+            assert svc.active[1].ends_at == T0 + 1200 and len(svc.active) == 1
+            assert (await svc.store.get_grant(1)).ends_at == T0 + 1200
+        async with service_in(tmp_path / "self", host_key,
+                              text=text.replace("approvals: 1", "approvals: 1\n    self_extend: true"),
+                              clock=clock) as svc:
+            await run_command(svc, "alice", "request web1 --login deploy --for 10m --reason INC-2")
+            await run_command(svc, "bob", "approve 1")
+            r = await run_command(svc, "alice", "extend 1 --for 5m --reason INC-2")
+            assert r.status == 0 and "extended" in r.out, r.err
+            assert svc.active[1].ends_at == T0 + 900
+            r = await run_command(svc, "alice", "extend 1 --for 3h --reason INC-2")
+            assert r.status == 1 and "exceeds the maximum" in r.err
+    asyncio.run(scenario())
