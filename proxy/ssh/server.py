@@ -21,7 +21,7 @@ import asyncssh
 from asyncssh.connection import SSHServerConnection
 
 from proxy.runtime.service import AccessService
-from proxy.ssh.bridge import PREFERRED_CIPHERS, JumpConnection
+from proxy.ssh.bridge import SERVER_CIPHERS, JumpConnection
 from proxy.ssh.commands import HELP, run_command
 
 log = logging.getLogger("jit_proxy.ssh")
@@ -65,14 +65,14 @@ class FrontDoor:
         self._inner_base = await asyncssh.SSHServerConnectionOptions.construct(
             config=None, server_host_keys=await self._host_keys(), agent_forwarding=False,
             encoding=None,
-            x11_forwarding=False, allow_scp=False, encryption_algs=PREFERRED_CIPHERS,
+            x11_forwarding=False, allow_scp=False, encryption_algs=SERVER_CIPHERS,
             login_timeout=cfg.login_grace_time, keepalive_interval=60)
         self.acceptor = await asyncssh.listen(
             cfg.listen_address, cfg.listen_port, config=None,
             server_factory=lambda: ProxyServer(self), server_host_keys=await self._host_keys(),
             process_factory=self._process, encoding="utf-8", line_editor=True,
             agent_forwarding=False, x11_forwarding=False, allow_scp=False,
-            encryption_algs=PREFERRED_CIPHERS, login_timeout=cfg.login_grace_time,
+            encryption_algs=SERVER_CIPHERS, login_timeout=cfg.login_grace_time,
             keepalive_interval=60, max_pktsize=32768)
         sock = self.acceptor.sockets[0].getsockname()
         self.service.ssh_port = sock[1]
