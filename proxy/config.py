@@ -68,6 +68,11 @@ class SSHListener(_Model):
     # like sshd's MaxStartups: connections that have not authenticated yet, in all and per address
     max_unauthenticated: int = Field(256, ge=1, le=100_000)
     max_unauthenticated_per_address: int = Field(32, ge=1, le=100_000)
+    # ciphers offered to clients; the client's order decides among them, so offering only
+    # AES-GCM keeps OpenSSH (chacha20 first) on a cipher that runs in OpenSSL. Add
+    # "chacha20-poly1305@openssh.com" or "aes128-ctr" for clients without AES-GCM.
+    ciphers: list[str] = Field(default_factory=lambda: ["aes128-gcm@openssh.com",
+                                                        "aes256-gcm@openssh.com"], min_length=1)
 
 
 class DaemonSettings(_Model):

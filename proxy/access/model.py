@@ -107,7 +107,10 @@ class Grant:
     duration: int | None = None
 
     def extended(self, seconds: int) -> "Grant":
-        """The grant ``seconds`` longer (an approved or self-service ``extend``)."""
+        """The grant ``seconds`` longer (an approved or self-service ``extend``); before a
+        first-use grant starts, its window grows (its start deadline stays)."""
+        if self.awaiting_first_use:
+            return replace(self, duration=(self.duration or 0) + seconds)
         return replace(self, ends_at=self.ends_at + seconds)
 
     def started(self, now: float) -> "Grant":

@@ -410,9 +410,11 @@ class PgClient:
                     await self._fatal("22023", "jit-proxy requires client_encoding UTF8 (the "
                                                "proxy audits statements as UTF-8)")
                     return None
-                if not tls:
-                    self.service.auth_failure(self.user, self.peer, method="scram",
-                                              target=self.target_name[:256], why="no TLS")
+                if not tls:  # a client's TLS setting, not a guess at a secret: no lockout
+                    self.service.audit_unauthenticated("auth.failure", self.user, self.peer,
+                                                       method="scram",
+                                                       target=self.target_name[:256],
+                                                       why="no TLS")
                     await self._fatal(INVALID_AUTHORIZATION_SPECIFICATION,
                                       "jit-proxy requires TLS: connect with sslmode=require or "
                                       "stricter (verify-full with the CA from 'ssh jit-proxy ca "
@@ -431,6 +433,7 @@ class PgClient:
         verifier = None
         if service.locked_out(self.user, self.peer):
             why = "locked out"
+            service.audit_unauthenticated("auth.locked", self.user, self.peer, method="scram")
         elif not isinstance(target, PostgresTarget):
             why = "not a PostgreSQL target"
         else:

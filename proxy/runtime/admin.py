@@ -21,10 +21,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import logging
+
 from proxy.clock import rfc3339
 from proxy.runtime.service import AccessError, AccessService
 
 MAX_REQUEST = 4096  # bytes of one JSON request
+log = logging.getLogger("jit_proxy.admin")
 
 
 class AdminError(Exception):
@@ -109,6 +112,9 @@ class AdminServer:
                     answer = {"error": f"bad request: {exc}"}
                 except AccessError as exc:
                     answer = {"error": str(exc)}
+                except Exception:  # one bad request never takes the socket down
+                    log.exception("admin request failed")
+                    answer = {"error": "internal error (see the daemon's log)"}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, OSError):

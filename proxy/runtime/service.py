@@ -11,6 +11,7 @@ except through the injected clock.
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ import asyncssh
 
 from ca import SSHCertificateAuthority, UserCertificateSpec
 from proxy.access import policy
+from proxy.access.duration import format_duration
 from proxy.access.model import AccessRequest, Grant, GrantStatus, RequestStatus
 from proxy.audit.log import AuditLog
 from proxy.clock import Clock, rfc3339
@@ -47,7 +49,8 @@ def request_payload(req: AccessRequest) -> dict:
     """A request as JSON data (what ``requests --json`` and the webhook show)."""
     return {"id": req.id, "requester": req.requester, "target": req.target, "login": req.login,
             "duration": req.duration, "reason": req.reason, "policy": req.policy,
-            "status": req.status.value, "created_at": rfc3339(req.created_at)}
+            "status": req.status.value, "created_at": rfc3339(req.created_at),
+            "extends_grant": req.extends_grant}
 
 
 class AccessError(Exception):
@@ -117,6 +120,7 @@ class AccessService:
     _background: set[asyncio.Task] = field(default_factory=set)
     _auth_failures: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     _preauth: dict[str, int] = field(default_factory=dict)
+    _approval_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
     _failures: dict[str, list[float]] = field(default_factory=dict)
     _locked_until: dict[str, float] = field(default_factory=dict)
     _preauth_total: int = 0
@@ -169,11 +173,9 @@ class AccessService:
                                               policy=decision.policy or "", now=self.clock.now())
         self.audit.emit("access.request.created", actor, request=req.id, target=target,
                         login=login, duration=duration, reason=reason, policy=req.policy)
-        for listener in list(self.request_listeners):
-            listener.put_nowait(req)
-        if self.webhook is not None and not policy.auto_approves(self.config, req):
-            self.webhook.request_created(request_payload(req))
-        if policy.auto_approves(self.config, req):
+        if not policy.auto_approves(self.config, req):
+            self._announce(req)
+        else:
             grant = await self._grant(req, f"policy:{req.policy}", "approved by policy",
                                       auto=True)
             return replace(req, status=RequestStatus.APPROVED,
@@ -220,16 +222,22 @@ class AccessService:
                       ) -> Grant | ApprovalProgress:
         """One approval; the grant once the policy's number of distinct approvers is reached."""
         self._check_text(actor, comment, "comment", "access.approval.refused")
-        req = await self._pending(actor, request_id, "approval")
-        p = policy.policy_named(self.config, req.policy)
-        needed = p.approvals if p is not None else 1
-        have = len(await self.store.approvers_of(req.id)) + 1
-        if have < needed:
-            await self.store.add_approval(req.id, actor, comment, self.clock.now())
-            self.audit.emit("access.request.approval_recorded", actor, request=req.id,
-                            comment=comment, approvals=have, needed=needed)
-            return ApprovalProgress(req.id, have, needed)
-        return await self._grant(req, actor, comment)
+        lock = self._approval_locks.setdefault(request_id, asyncio.Lock())
+        try:
+            async with lock:  # check, count and record as one step per request
+                req = await self._pending(actor, request_id, "approval")
+                p = policy.policy_named(self.config, req.policy)
+                needed = p.approvals if p is not None else 1
+                have = len(set(await self.store.approvers_of(req.id)) | {actor})
+                if have < needed:
+                    await self.store.add_approval(req.id, actor, comment, self.clock.now())
+                    self.audit.emit("access.request.approval_recorded", actor, request=req.id,
+                                    comment=comment, approvals=have, needed=needed)
+                    return ApprovalProgress(req.id, have, needed)
+                return await self._grant(req, actor, comment)
+        finally:
+            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
+                self._approval_locks.pop(request_id, None)
 
     async def extend(self, actor: str, grant_id: int, seconds: int, reason: str
                      ) -> Grant | AccessRequest:
@@ -240,17 +248,35 @@ class AccessService:
             AccessError: not the actor's active grant, no reason, or beyond the maximum.
         """
         grant = self.active.get(grant_id)
+        p = policy.policy_named(self.config, grant.policy) if grant is not None else None
+        why = None
         if grant is None or grant.user != actor:
-            self.audit.emit("access.extend.refused", actor, grant=grant_id,
-                            why="not an active grant of yours")
-            raise AccessError(f"grant {grant_id} is not an active grant of yours")
-        decision = policy.decide_request(self.config, actor, grant.target, grant.login,
-                                         seconds, reason)
-        p = policy.policy_named(self.config, grant.policy)
-        if not decision or p is None:
-            why = decision.reason if not decision else "the grant's policy no longer exists"
+            why = f"grant {grant_id} is not an active grant of yours"
+        elif p is None:
+            why = "the grant's policy no longer exists"
+        elif not reason.strip():
+            why = "a reason is required (--reason TEXT)"
+        elif policy.text_problem(reason, "reason"):
+            why = policy.text_problem(reason, "reason")
+        elif p.reason_pattern and not re.search(p.reason_pattern, reason):
+            why = f"the reason must match {p.reason_pattern!r} (policy {p.name})"
+        else:  # the whole grant, extensions included, stays within the policy's maximum
+            total = (grant.duration or 0) + seconds if grant.awaiting_first_use else \
+                grant.ends_at + seconds - grant.starts_at
+            if total > p.max_duration:
+                why = (f"the grant would last {format_duration(total)}, beyond the maximum of "
+                       f"{format_duration(p.max_duration)} (policy {p.name})")
+        if why is None and p is not None and not p.self_extend:
+            pending = await self.store.list_requests(status=RequestStatus.PENDING,
+                                                     requester=actor, limit=MAX_PENDING_PER_USER)
+            if len(pending) >= MAX_PENDING_PER_USER:
+                why = f"{actor} already has {MAX_PENDING_PER_USER} pending requests"
+            elif any(r.extends_grant == grant_id for r in pending):
+                why = f"an extension of grant {grant_id} is already waiting for approval"
+        if why is not None:
             self.audit.emit("access.extend.refused", actor, grant=grant_id, why=why)
             raise AccessError(why)
+        assert grant is not None and p is not None
         if p.self_extend:
             return await self._extend(grant, seconds, actor, None)
         req = await self.store.create_request(
@@ -259,11 +285,18 @@ class AccessService:
         self.audit.emit("access.request.created", actor, request=req.id, target=req.target,
                         login=req.login, duration=seconds, reason=reason, policy=req.policy,
                         extends_grant=grant.id)
+        self._announce(req)
+        return req
+
+    def _announce(self, req: AccessRequest) -> None:
+        """Tell watchers and the webhook about a request waiting for approvers."""
         for listener in list(self.request_listeners):
-            listener.put_nowait(req)
+            try:
+                listener.put_nowait(req)
+            except asyncio.QueueFull:  # a watcher that fell behind loses it, not the request
+                pass
         if self.webhook is not None:
             self.webhook.request_created(request_payload(req))
-        return req
 
     async def _extend(self, grant: Grant, seconds: int, actor: str,
                       request_id: int | None) -> Grant:
@@ -489,6 +522,8 @@ class AccessService:
         """Audit a failed login (``auth.failure``, rate-limited per source address) and count it
         towards the lockout of that user and that address."""
         self.audit_unauthenticated("auth.failure", claimed_user, peer, **fields)
+        if self.locked_out(claimed_user, peer):
+            return  # refused while locked: the lockout runs its course, it is not extended
         now, cfg = self.clock.now(), self.config.auth
         address = peer.rsplit(":", 1)[0]
         for key, limit in ((f"user:{claimed_user[:64]}", cfg.max_failures),
@@ -503,6 +538,8 @@ class AccessService:
         if len(self._failures) > 10_000:  # bounded: forget the oldest
             for key in sorted(self._failures, key=lambda k: self._failures[k][-1])[:5000]:
                 self._failures.pop(key, None)
+        for key in [k for k, until in self._locked_until.items() if until <= now]:
+            del self._locked_until[key]
 
     def locked_out(self, user: str, peer: str) -> bool:
         """Whether logins of ``user`` or from ``peer``'s address are locked out now."""

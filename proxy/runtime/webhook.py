@@ -61,8 +61,10 @@ class Webhook:
             try:
                 status = await asyncio.to_thread(_post, url, body, timeout)
                 error = None if 200 <= status < 300 else f"HTTP {status}"
-            except (OSError, ValueError) as exc:
-                error = str(exc)[:300]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # OSError, http.client.HTTPException, bad URLs, ...
+                error = f"{type(exc).__name__}: {exc}"[:300]
             if error is None:
                 self.service.audit.emit("notify.webhook.delivered", "system",
                                         request=payload["id"], attempt=attempt)

@@ -35,10 +35,7 @@ log = logging.getLogger("jit_proxy.bridge")
 # AES-GCM runs inside OpenSSL; chacha20-poly1305 costs Python work per packet in asyncssh.
 PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                      "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
-# What the proxy's own server offers: in SSH the client's order decides among what both support,
-# and OpenSSH lists chacha20-poly1305 first, so the server offers AES-GCM only (every OpenSSH
-# since 6.2 has it), which keeps the bulk cipher work in OpenSSL.
-SERVER_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+
 UPSTREAM_CONNECT_TIMEOUT = 15.0
 CLOSE_GRACE = 1.0
 

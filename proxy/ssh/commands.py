@@ -279,7 +279,9 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
     if args.command == "requests":
         reqs = await service.list_requests(actor, args.pending)
         rows = [[str(r.id), r.status.value, r.requester, f"{r.login}@{r.target}",
-                 format_duration(r.duration), rfc3339(r.created_at), r.reason] for r in reqs]
+                 format_duration(r.duration), rfc3339(r.created_at),
+                 (f"[extends grant {r.extends_grant}] " if r.extends_grant else "") + r.reason]
+                for r in reqs]
         return [_request_dict(r) for r in reqs], _table(
             rows, ["ID", "STATUS", "REQUESTER", "ACCESS", "FOR", "CREATED", "REASON"])
     if args.command == "approve":
@@ -400,8 +402,10 @@ async def _watch(service: AccessService, actor: str):
         while True:
             r = await queue.get()
             if actor != r.requester and r.policy in service.visibility(actor)[1]:
+                what = (f"{format_duration(r.duration)} more on grant {r.extends_grant}"
+                        if r.extends_grant else format_duration(r.duration))
                 yield printable(f"new request {r.id}: {r.requester} asks for {r.login}@{r.target}"
-                                f" for {format_duration(r.duration)}: {r.reason}") + "\n"
+                                f" for {what}: {r.reason}") + "\n"
     finally:
         service.request_listeners.discard(queue)
 

@@ -21,7 +21,7 @@ import asyncssh
 from asyncssh.connection import SSHServerConnection
 
 from proxy.runtime.service import AccessService
-from proxy.ssh.bridge import SERVER_CIPHERS, JumpConnection
+from proxy.ssh.bridge import JumpConnection
 from proxy.ssh.commands import HELP, run_command
 
 log = logging.getLogger("jit_proxy.ssh")
@@ -65,14 +65,14 @@ class FrontDoor:
         self._inner_base = await asyncssh.SSHServerConnectionOptions.construct(
             config=None, server_host_keys=await self._host_keys(), agent_forwarding=False,
             encoding=None,
-            x11_forwarding=False, allow_scp=False, encryption_algs=SERVER_CIPHERS,
+            x11_forwarding=False, allow_scp=False, encryption_algs=list(cfg.ciphers),
             login_timeout=cfg.login_grace_time, keepalive_interval=60)
         self.acceptor = await asyncssh.listen(
             cfg.listen_address, cfg.listen_port, config=None,
             server_factory=lambda: ProxyServer(self), server_host_keys=await self._host_keys(),
             process_factory=self._process, encoding="utf-8", line_editor=True,
             agent_forwarding=False, x11_forwarding=False, allow_scp=False,
-            encryption_algs=SERVER_CIPHERS, login_timeout=cfg.login_grace_time,
+            encryption_algs=list(cfg.ciphers), login_timeout=cfg.login_grace_time,
             keepalive_interval=60, max_pktsize=32768)
         sock = self.acceptor.sockets[0].getsockname()
         self.service.ssh_port = sock[1]
@@ -127,7 +127,11 @@ class FrontDoor:
                 await asyncio.sleep(delay)
             process.stdout.write(text)
         if result.follow is not None:  # requests --watch: until the client goes away
-            gone = asyncio.ensure_future(process.stdin.read())  # EOF or close ends the watch
+            async def until_gone() -> None:  # EOF or close ends the watch; input is discarded
+                with contextlib.suppress(Exception):
+                    while await process.stdin.read(4096):
+                        pass
+            gone = asyncio.ensure_future(until_gone())
             try:
                 while True:
                     item = asyncio.ensure_future(result.follow.__anext__())
@@ -141,6 +145,10 @@ class FrontDoor:
                     try:
                         process.stdout.write(item.result())
                     except StopAsyncIteration:
+                        break
+                    try:  # a watcher that does not read is dropped, not buffered for
+                        await asyncio.wait_for(process.stdout.drain(), 30)
+                    except (asyncio.TimeoutError, ConnectionError):
                         break
             finally:
                 gone.cancel()

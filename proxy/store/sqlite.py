@@ -74,9 +74,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE grants ADD COLUMN awaiting_first_use INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE grants ADD COLUMN duration INTEGER
     """,
-    # 4: extension requests
+    # 4: extension requests; one approval per approver and request
     """
-    ALTER TABLE requests ADD COLUMN extends_grant INTEGER REFERENCES grants(id)
+    ALTER TABLE requests ADD COLUMN extends_grant INTEGER REFERENCES grants(id);
+    CREATE UNIQUE INDEX approvals_once ON approvals(request_id, approver)
+        WHERE decision = 'approval'
     """,
 ]
 
@@ -276,8 +278,8 @@ class SQLiteStore:
     async def extend_grant(self, extended: Grant) -> bool:
         """Record a later end for an active grant; False when it is no longer active."""
         def fn(db: sqlite3.Connection) -> bool:
-            return db.execute("UPDATE grants SET ends_at=? WHERE id=? AND status=?",
-                              (extended.ends_at, extended.id,
+            return db.execute("UPDATE grants SET ends_at=?, duration=? WHERE id=? AND status=?",
+                              (extended.ends_at, extended.duration, extended.id,
                                GrantStatus.ACTIVE.value)).rowcount == 1
         return await self._write(fn)
 

@@ -124,5 +124,61 @@ def test_extend_needs_approval_unless_the_policy_allows_self_extension(tmp_path,
             assert r.status == 0 and "extended" in r.out, r.err
             assert svc.active[1].ends_at == T0 + 900
             r = await run_command(svc, "alice", "extend 1 --for 3h --reason INC-2")
-            assert r.status == 1 and "exceeds the maximum" in r.err
+            assert r.status == 1 and "beyond the maximum of 2h" in r.err
+            for _ in range(6):  # repeated self-extensions cannot add up past the maximum
+                r = await run_command(svc, "alice", "extend 1 --for 30m --reason INC-2")
+            assert r.status == 1 and "beyond the maximum of 2h" in r.err
+            assert svc.active[1].ends_at - svc.active[1].starts_at <= 7200
+    asyncio.run(scenario())
+
+
+
+def test_one_approver_racing_himself_does_not_count_twice(tmp_path, host_key):
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=POLICY) as svc:
+            await run_command(svc, "alice", "request web1 --login deploy --for 10m "
+                                            "--reason INC-5")
+            results = await asyncio.gather(svc.approve("bob", 1, None),
+                                           svc.approve("bob", 1, None),
+                                           return_exceptions=True)
+            assert svc.active == {}, results  # still needs a second, distinct approver
+            assert await svc.store.approvers_of(1) == ["bob"]
+    asyncio.run(scenario())
+
+
+def test_extensions_are_checked_against_the_grants_own_policy_and_shown_as_such(tmp_path,
+                                                                                 host_key):
+    text = POLICY.replace("approvals: 2", "approvals: 1").replace(
+        "    targets: [web1]\n    logins: [deploy, root]",
+        "    targets: [web1]\n    logins: [deploy, root]", 1)
+
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=text) as svc:
+            await run_command(svc, "alice", "request web1 --login deploy --for 10m --reason INC-1")
+            await run_command(svc, "bob", "approve 1")
+            r = await run_command(svc, "alice", "extend 1 --for 10m --reason no ticket")
+            assert r.status == 1 and "must match" in r.err  # the grant's policy's pattern
+            r = await run_command(svc, "alice", "extend 1 --for 10m --reason INC-1")
+            assert r.status == 0
+            r = await run_command(svc, "alice", "extend 1 --for 10m --reason INC-1")
+            assert r.status == 1 and "already waiting" in r.err
+            r = await run_command(svc, "bob", "requests --pending --json")
+            assert '"extends_grant": 1' in r.out
+    asyncio.run(scenario())
+
+
+def test_extending_a_first_use_grant_before_its_start_lengthens_its_window(tmp_path, host_key):
+    clock = ManualClock(T0)
+    text = POLICY.replace("approvals: 2", "approvals: 1\n    window_starts: first_use\n"
+                                          "    self_extend: true")
+
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=text, clock=clock) as svc:
+            await run_command(svc, "alice", "request web1 --login deploy --for 10m --reason INC-1")
+            await run_command(svc, "bob", "approve 1")
+            r = await run_command(svc, "alice", "extend 1 --for 20m --reason INC-1")
+            assert r.status == 0, r.err
+            clock.advance(60)
+            started = await svc.use_grant(svc.active[1])
+            assert started.ends_at == T0 + 60 + 1800
     asyncio.run(scenario())
