@@ -40,6 +40,21 @@ def text_problem(text: str, what: str) -> str | None:
     return None
 
 
+def reason_problem(reason: str, policy: Policy | None = None) -> str | None:
+    """Why ``reason`` cannot be a request's reason — empty, characters that could rewrite an
+    approver's terminal, or not matching ``policy.reason_pattern`` — or None."""
+    if not reason.strip():
+        return "a reason is required (--reason TEXT)"
+    problem = text_problem(reason, "reason")
+    if problem is not None:
+        return problem
+    if policy is not None and policy.reason_pattern and not re.search(policy.reason_pattern,
+                                                                      reason):
+        return (f"the reason must match {policy.reason_pattern!r} (policy {policy.name}), "
+                f"e.g. a ticket id")
+    return None
+
+
 def decide_request(config: Config, user: str, target: str, login: str, duration: int,
                    reason: str) -> Decision:
     """May ``user`` ask for ``login`` on ``target`` for ``duration`` seconds? For a PostgreSQL
@@ -50,9 +65,7 @@ def decide_request(config: Config, user: str, target: str, login: str, duration:
     """
     if target not in config.targets:
         return Decision(False, f"unknown target {target!r}; 'targets' lists them")
-    if not reason.strip():
-        return Decision(False, "a reason is required (--reason TEXT)")
-    problem = text_problem(reason, "reason")
+    problem = reason_problem(reason)
     if problem is not None:
         return Decision(False, problem)
     matching = [p for p in config.policies
@@ -62,9 +75,9 @@ def decide_request(config: Config, user: str, target: str, login: str, duration:
         return Decision(False, f"no policy lets {user} request {login}@{target}")
     for policy in matching:
         if duration <= policy.max_duration:
-            if policy.reason_pattern and not re.search(policy.reason_pattern, reason):
-                return Decision(False, f"the reason must match {policy.reason_pattern!r} "
-                                       f"(policy {policy.name}), e.g. a ticket id")
+            problem = reason_problem(reason, policy)
+            if problem is not None:
+                return Decision(False, problem)
             return Decision(True, f"allowed by policy {policy.name}", policy.name)
     longest = max(p.max_duration for p in matching)
     return Decision(False, f"duration {format_duration(duration)} exceeds the maximum of "

@@ -11,7 +11,6 @@ except through the injected clock.
 from __future__ import annotations
 
 import asyncio
-import re
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -160,11 +159,8 @@ class AccessService:
             self.audit.emit("access.request.refused", actor, target=target, login=login,
                             duration=duration, reason=reason, why=decision.reason)
             raise AccessError(decision.reason)
-        pending = await self.store.list_requests(status=RequestStatus.PENDING, requester=actor,
-                                                 limit=MAX_PENDING_PER_USER)
-        if len(pending) >= MAX_PENDING_PER_USER:
-            why = (f"{actor} already has {MAX_PENDING_PER_USER} pending requests; wait for a "
-                   f"decision")
+        _, why = await self._pending_of(actor)
+        if why is not None:
             self.audit.emit("access.request.refused", actor, target=target, login=login,
                             duration=duration, reason=reason, why=why)
             raise AccessError(why)
@@ -197,6 +193,15 @@ class AccessService:
                                 requester=req.requester, target=req.target)
                 count += 1
         return count
+
+    async def _pending_of(self, actor: str) -> tuple[list[AccessRequest], str | None]:
+        """``actor``'s pending requests, and why they may not add one (the per-user cap)."""
+        pending = await self.store.list_requests(status=RequestStatus.PENDING, requester=actor,
+                                                 limit=MAX_PENDING_PER_USER)
+        if len(pending) >= MAX_PENDING_PER_USER:
+            return pending, (f"{actor} already has {MAX_PENDING_PER_USER} pending requests; "
+                             f"wait for a decision")
+        return pending, None
 
     async def _pending(self, actor: str, request_id: int, what: str) -> AccessRequest:
         req = await self.store.get_request(request_id)
@@ -254,12 +259,8 @@ class AccessService:
             why = f"grant {grant_id} is not an active grant of yours"
         elif p is None:
             why = "the grant's policy no longer exists"
-        elif not reason.strip():
-            why = "a reason is required (--reason TEXT)"
-        elif policy.text_problem(reason, "reason"):
-            why = policy.text_problem(reason, "reason")
-        elif p.reason_pattern and not re.search(p.reason_pattern, reason):
-            why = f"the reason must match {p.reason_pattern!r} (policy {p.name})"
+        elif policy.reason_problem(reason, p):
+            why = policy.reason_problem(reason, p)
         else:  # the whole grant, extensions included, stays within the policy's maximum
             total = (grant.duration or 0) + seconds if grant.awaiting_first_use else \
                 grant.ends_at + seconds - grant.starts_at
@@ -267,11 +268,8 @@ class AccessService:
                 why = (f"the grant would last {format_duration(total)}, beyond the maximum of "
                        f"{format_duration(p.max_duration)} (policy {p.name})")
         if why is None and p is not None and not p.self_extend:
-            pending = await self.store.list_requests(status=RequestStatus.PENDING,
-                                                     requester=actor, limit=MAX_PENDING_PER_USER)
-            if len(pending) >= MAX_PENDING_PER_USER:
-                why = f"{actor} already has {MAX_PENDING_PER_USER} pending requests"
-            elif any(r.extends_grant == grant_id for r in pending):
+            pending, why = await self._pending_of(actor)
+            if why is None and any(r.extends_grant == grant_id for r in pending):
                 why = f"an extension of grant {grant_id} is already waiting for approval"
         if why is not None:
             self.audit.emit("access.extend.refused", actor, grant=grant_id, why=why)
@@ -354,9 +352,10 @@ class AccessService:
         return grant
 
     async def deny(self, actor: str, request_id: int, reason: str) -> AccessRequest:
-        if not reason.strip():
-            raise AccessError("a reason is required (--reason TEXT)")
-        self._check_text(actor, reason, "reason", "access.denial.refused")
+        problem = policy.reason_problem(reason)
+        if problem is not None:
+            self.audit.emit("access.denial.refused", actor, request=request_id, why=problem)
+            raise AccessError(problem)
         req = await self._pending(actor, request_id, "denial")
         decided = req.decided("deny", actor, self.clock.now(), reason)
         try:
