@@ -40,6 +40,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def apt_install(*packages: str) -> bool:
+    """As root on a machine with apt-get: install Debian ``packages`` (after refreshing the
+    package lists). Returns False when this is not such a machine.
+
+    Raises:
+        subprocess.CalledProcessError: apt-get failed.
+    """
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    print(f"jit-proxy: installing {' '.join(packages)} (apt-get) ...", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return True
+
+
 def find_sshd(install: bool = True) -> str:
     """The absolute path of sshd; installs Debian's openssh-server when missing and root.
 
@@ -49,12 +66,7 @@ def find_sshd(install: bool = True) -> str:
     for candidate in (shutil.which("sshd"), "/usr/sbin/sshd"):
         if candidate and os.access(candidate, os.X_OK):
             return os.path.abspath(candidate)
-    if install and os.geteuid() == 0 and shutil.which("apt-get"):
-        print("jit-proxy: installing openssh-server (apt-get) ...", file=sys.stderr)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server", "openssh-client"],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
+    if install and apt_install("openssh-server", "openssh-client"):
         return find_sshd(install=False)
     raise RuntimeError("sshd not found: install OpenSSH's server (Debian: apt-get install "
                        "openssh-server)")
@@ -230,12 +242,8 @@ async def sandbox_postgres(d: Path) -> "TargetPostgres | None":
     try:
         _postgres_bindir()
     except RuntimeError:
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
+        if not apt_install("postgresql", "postgresql-client"):
             return None
-        print("jit-proxy: installing postgresql (apt-get) ...", file=sys.stderr)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql", "postgresql-client"],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
     pgdir = d / "pg"
     pgdir.mkdir(exist_ok=True, mode=0o711)
     ca = X509CertificateAuthority.open(pgdir / "ca", time.time(), name="sandbox PostgreSQL CA")
