@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import asyncssh
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
-                      ValidationError,
+                      PrivateAttr, ValidationError,
                       model_validator)
 
 from proxy.access.duration import MAX_DURATION, parse_duration
@@ -86,7 +86,39 @@ class DaemonSettings(_Model):
     metrics_listen: str | None = Field(None, pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
 
+AUTH_METHODS = ("publickey", "keyboard-interactive", "password")
+
+
+def _auth_chain(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected methods joined by commas, e.g. publickey,keyboard-interactive")
+    methods = [m.strip() for m in value.split(",")]
+    for m in methods:
+        if m not in AUTH_METHODS:
+            raise ValueError(f"unknown method {m!r} (known: {', '.join(AUTH_METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise ValueError("a method appears twice in one chain")
+    return ",".join(methods)
+
+
+AuthChain = Annotated[str, BeforeValidator(_auth_chain)]
+
+
+class PamSettings(_Model):
+    # the PAM service (a file in /etc/pam.d; config/pam.d/jit-proxy is an example)
+    service: str = Field("jit-proxy", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # the PAM library; tests load pam_wrapper's libpam_wrapper.so here
+    library: str = Field("libpam.so.0", min_length=1)
+
+
 class AuthSettings(_Model):
+    # like sshd's AuthenticationMethods: a login must complete one of these chains, each a list
+    # of methods joined by commas, in order (e.g. "publickey,keyboard-interactive")
+    methods: list[AuthChain] = Field(default_factory=lambda: ["publickey"], min_length=1)
+    pam: PamSettings = PamSettings()
+    # where users and groups come from: this file only, or also the system (NSS: passwd/group),
+    # so policies can name system users and groups such as group:sre
+    identities: Literal["config", "system"] = "config"
     # repeated failed logins (SSH or PostgreSQL) of one user or from one address within
     # failure_window lock further attempts out for lockout, even with the right credentials
     max_failures: int = Field(5, ge=1, le=1000)
@@ -119,7 +151,7 @@ class RecordingSettings(_Model):
 
 
 class User(_Model):
-    keys: list[PublicKey] = Field(min_length=1)
+    keys: list[PublicKey] = Field(default_factory=list)  # none: PAM methods only
     full_name: str | None = None
 
 
@@ -181,6 +213,9 @@ class PostgresTarget(_Model):
         Field(min_length=1)
     owner: str = Field(min_length=1, max_length=63)
     tls: PostgresTLS = PostgresTLS()
+    # how users log in to the proxy's port for this target: the grant's one-time secret from
+    # db-login (SCRAM), or their password checked by PAM (auth.pam; cleartext inside TLS only)
+    client_auth: Literal["secret", "pam"] = "secret"
     description: str | None = None
 
 
@@ -267,6 +302,7 @@ class Policy(_Model):
 
 
 class Config(_Model):
+    _system_groups: Any = PrivateAttr(default=None)
     state_dir: Path = Path("/var/lib/jit-proxy")
     daemon: DaemonSettings = DaemonSettings()
     notifications: Notifications | None = None
@@ -294,7 +330,16 @@ class Config(_Model):
         return self.recording.dir or self.state_dir / "recordings"
 
     def groups_of(self, user: str) -> set[str]:
-        return {g for g, group in self.groups.items() if user in group.members}
+        """The user's groups in this file, plus (``auth.identities: system``) the system groups
+        the proxy resolved when the user last logged in (see ``bind_system_groups``)."""
+        groups = {g for g, group in self.groups.items() if user in group.members}
+        if self.auth.identities == "system" and self._system_groups is not None:
+            groups |= self._system_groups(user)
+        return groups
+
+    def bind_system_groups(self, lookup: Any) -> None:
+        """Use ``lookup(user) -> set[str]`` (no I/O: a cache filled at login) for system groups."""
+        self._system_groups = lookup
 
     def matches(self, user: str, refs: list[str]) -> bool:
         """Whether ``user`` is named by ``refs`` (``alice``, ``user:alice`` or ``group:sre``)."""
@@ -556,9 +601,15 @@ def _reference_problems(config: Config) -> list[tuple[Path_, str]]:
     def known(names: set[str]) -> str:
         return ", ".join(sorted(names)) or "none defined"
 
+    system = config.auth.identities == "system"  # other names may come from NSS
+    if all("publickey" in chain.split(",") for chain in config.auth.methods):
+        for uname, user in config.users.items():
+            if not user.keys:
+                problems.append((("users", uname, "keys"),
+                                 "no keys, but every auth.methods chain needs publickey"))
     for gname, group in config.groups.items():
         for i, member in enumerate(group.members):
-            if member not in users:
+            if member not in users and not system:
                 problems.append((("groups", gname, "members", i),
                                  f"unknown user {member!r} (known: {known(users)})"))
     seen: set[str] = set()
@@ -600,10 +651,10 @@ def _reference_problems(config: Config) -> list[tuple[Path_, str]]:
         for loc, ref in refs:
             kind, _, name = ref.rpartition(":")
             if kind == "group":
-                if name not in groups:
+                if name not in groups and not system:
                     problems.append((loc, f"unknown group {name!r} (known: {known(groups)})"))
             elif kind in ("", "user"):
-                if name not in users:
+                if name not in users and not system:
                     problems.append((loc, f"unknown user {name!r} (known: {known(users)})"))
             else:
                 problems.append((loc, f"expected 'user:NAME', 'group:NAME' or a user name, "

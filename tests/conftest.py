@@ -139,6 +139,7 @@ class Env:
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log_path = root / "proxy.log"
+        self.extra_env: dict[str, str] = {}  # e.g. pam_wrapper's variables for the proxy process
 
     # --- configuration -------------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class Env:
         offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "-c", str(self.config_path)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **self.extra_env})
         log.close()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

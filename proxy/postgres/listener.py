@@ -1,4 +1,5 @@
-"""The PostgreSQL listener: TLS, SCRAM with the grant's one-time secret, relay to the ephemeral role.
+"""The PostgreSQL listener: TLS, SCRAM with the grant's one-time secret (or a PAM password), relay to
+the ephemeral role.
 
 What it is for: one asyncio server speaking the PostgreSQL v3 protocol (PostgreSQL docs, "Message
 Flow") through ``proxy.pgwire``. Per client: SSLRequest is answered with TLS (certificate from the
@@ -43,8 +44,10 @@ from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE
                           PasswordMessage, ProtocolError, Query, ReadyForQuery,
                           SASLInitialResponse, SASLResponse, SSLRequest, StartupDecoder,
                           StartupMessage, Terminate, decode_backend, decode_frontend,
-                          decode_sasl_initial_response, decode_sasl_response, error_response,
+                          decode_password_message, decode_sasl_initial_response,
+                          decode_sasl_response, error_response,
                           gssenc_response, ssl_response)
+from proxy.auth.login import password_login
 from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
 from proxy.postgres.scram import ScramError, ScramServer
@@ -411,8 +414,10 @@ class PgClient:
                                                "proxy audits statements as UTF-8)")
                     return None
                 if not tls:  # a client's TLS setting, not a guess at a secret: no lockout
+                    wanted = self.service.config.targets.get(self.target_name)
+                    method = "pam" if getattr(wanted, "client_auth", "") == "pam" else "scram"
                     self.service.audit_unauthenticated("auth.failure", self.user, self.peer,
-                                                       method="scram",
+                                                       method=method,
                                                        target=self.target_name[:256],
                                                        why="no TLS")
                     await self._fatal(INVALID_AUTHORIZATION_SPECIFICATION,
@@ -429,6 +434,8 @@ class PgClient:
         frames.feed(self._startup_rest)
         service, now = self.service, self.service.clock.now()
         target = service.config.targets.get(self.target_name)
+        if isinstance(target, PostgresTarget) and target.client_auth == "pam":
+            return await self._authenticate_pam(frames, grace)
         why = None
         verifier = None
         if service.locked_out(self.user, self.peer):
@@ -477,6 +484,28 @@ class PgClient:
         self.grant = await self.service.use_grant(self.grant)
         self.leave_preauth()
         self.service.audit.emit("auth.success", self.user, method="scram",
+                                target=self.target_name, grant=self.grant.id, peer=self.peer)
+        return True
+
+    async def _authenticate_pam(self, frames: MessageDecoder, grace: float) -> bool:
+        """A target with ``client_auth: pam``: the user's password in cleartext (we only get here
+        inside TLS) checked by PAM, then one of the user's live grants on the target. The same
+        FATAL whether the password, the account or the grant is what is wrong."""
+        await self._send(AuthenticationCleartextPassword().encode())
+        password = decode_password_message(await self._read_frame(frames, self.reader, grace))
+        ok = await password_login(self.service, self.user, password.password, self.peer, "pam",
+                                  target=self.target_name[:256])
+        grants = self.service.live_grants_on(self.user, self.target_name) if ok else []
+        if ok and not grants:
+            self.service.auth_failure(self.user, self.peer, method="pam",
+                                      target=self.target_name[:256], why="no live grant")
+        if not grants:
+            await self._fatal(INVALID_PASSWORD,
+                              f'password authentication failed for user "{self.user[:63]}"')
+            return False
+        self.grant = await self.service.use_grant(max(grants, key=lambda g: g.ends_at))
+        self.leave_preauth()
+        self.service.audit.emit("auth.success", self.user, method="pam",
                                 target=self.target_name, grant=self.grant.id, peer=self.peer)
         return True
 

@@ -247,7 +247,7 @@ class Daemon:
                     or (a is None) != (b is None):
                 log.warning("reload: the %s listener changes only after a restart", section)
         self.config = new
-        self.service.config = new
+        self.service.use_config(new)
         self.service.clear_host_certificates()
         if self.door is not None:
             await self.door.renew_host_certificate()

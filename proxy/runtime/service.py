@@ -23,6 +23,7 @@ from proxy.access.duration import format_duration
 from proxy.access.model import AccessRequest, Grant, GrantStatus, RequestStatus
 from proxy.audit.log import AuditLog
 from proxy.clock import Clock, rfc3339
+from proxy.auth.identity import SystemIdentities
 from proxy.config import Config
 from proxy.store import SessionRecord, Store
 
@@ -124,6 +125,16 @@ class AccessService:
     _locked_until: dict[str, float] = field(default_factory=dict)
     _preauth_total: int = 0
     _refused_preauth: int = 0
+    identities: SystemIdentities = field(default_factory=SystemIdentities)
+
+    def __post_init__(self) -> None:
+        self.use_config(self.config)
+
+    def use_config(self, config: Config) -> None:
+        """Run with ``config`` from now on (at start and on reload); its ``group:`` references
+        see the system groups resolved at login when ``auth.identities`` is ``system``."""
+        config.bind_system_groups(self.identities.cached_groups)
+        self.config = config
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background; ``drain`` waits for all of them (at shutdown)."""

@@ -1,6 +1,8 @@
-"""The proxy's own SSH server: public key authentication, the command shell, and direct-tcpip.
+"""The proxy's own SSH server: authentication, the command shell, and direct-tcpip.
 
-What it is for: the front door. ``ssh jit-proxy COMMAND`` runs a workflow command as the
+What it is for: the front door. Users log in by the chains of ``auth.methods`` (publickey against
+the config's keys; keyboard-interactive and password through PAM, see proxy.auth).
+``ssh jit-proxy COMMAND`` runs a workflow command as the
 authenticated user; ``ssh -J jit-proxy LOGIN@TARGET`` opens a direct-tcpip channel (RFC 4254 §7.2)
 that, for a configured target and a user with a live grant on it, is handed to a ``JumpConnection``.
 The server presents a host certificate (principals: ``ssh.host_names``) signed by the host CA.
@@ -20,6 +22,8 @@ from typing import Any
 import asyncssh
 from asyncssh.connection import SSHServerConnection
 
+from proxy.auth.login import KbdIntLogin, known_user, password_login
+from proxy.auth.methods import is_complete, next_methods
 from proxy.runtime.service import AccessService
 from proxy.ssh.bridge import JumpConnection
 from proxy.ssh.commands import HELP, run_command
@@ -73,7 +77,8 @@ class FrontDoor:
             process_factory=self._process, encoding="utf-8", line_editor=True,
             agent_forwarding=False, x11_forwarding=False, allow_scp=False,
             encryption_algs=list(cfg.ciphers), login_timeout=cfg.login_grace_time,
-            keepalive_interval=60, max_pktsize=32768)
+            keepalive_interval=60, max_pktsize=32768,
+            public_key_auth=True, kbdint_auth=True, password_auth=True)  # offered per auth.methods
         sock = self.acceptor.sockets[0].getsockname()
         self.service.ssh_port = sock[1]
         return sock[0], sock[1]
@@ -258,9 +263,13 @@ class ProxyServer(asyncssh.SSHServer):
         self.username: str | None = None
         self.peer = "unknown"
         self.authenticated = False
+        self.kbdint: KbdIntLogin | None = None
+        self.attempts = 0  # PAM attempts, each audited (and counted) by itself
 
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
+        self._original_send_success = conn.send_userauth_success
+        conn.send_userauth_success = self._send_success  # type: ignore[method-assign]
         self.door.connections.add(conn)
         self.peer = _peer(conn)
         self.address = self.peer.rsplit(":", 1)[0]
@@ -274,28 +283,94 @@ class ProxyServer(asyncssh.SSHServer):
         self.admitted = True
 
     def begin_auth(self, username: str) -> bool:
+        """A new user name: the chains of ``auth.methods`` start again (RFC 4252 §5)."""
         self.username = username
+        self.completed: list[str] = []
+        self._succeeding: str | None = None
+        if self.kbdint is not None:
+            self.kbdint.close()
+        self.kbdint = None
         self.locked = self.door.service.locked_out(username, self.peer)
         if self.locked:
             self.door.service.audit_unauthenticated("auth.locked", username, self.peer,
                                                     method="publickey")
         return True
 
+    def _offers(self, method: str) -> bool:
+        chains = self.door.service.config.auth.methods
+        return method in next_methods(chains, getattr(self, "completed", []))
+
     def public_key_auth_supported(self) -> bool:
-        return True
+        return self._offers("publickey")
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        self._succeeding = None
         if getattr(self, "locked", False):
             return False  # locked out: even the right key is refused until the lockout ends
         blob = key.public_data
         # compare against every key so timing does not tell which user has how many keys
-        return any([hmac.compare_digest(blob, k) for k in self.door.user_key_blobs(username)])
+        ok = any([hmac.compare_digest(blob, k) for k in self.door.user_key_blobs(username)])
+        self._succeeding = "publickey" if ok else None
+        return ok
 
-    def auth_completed(self) -> None:
+    def password_auth_supported(self) -> bool:
+        return self._offers("password")
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        self._succeeding = None
+        self.attempts += 1
+        ok = await password_login(self.door.service, username, password, self.peer, "password")
+        self._succeeding = "password" if ok else None
+        return ok
+
+    def kbdint_auth_supported(self) -> bool:
+        return self._offers("keyboard-interactive")
+
+    async def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+        self._succeeding = None
+        self.attempts += 1
+        grace = float(self.door.service.config.ssh.login_grace_time)
+        self.kbdint = KbdIntLogin(self.door.service, username, self.peer, answer_timeout=grace)
+        return self._kbdint_result(await self.kbdint.challenge())
+
+    async def validate_kbdint_response(self, username: str, responses: list[str]) -> Any:
+        if self.kbdint is None:
+            return False
+        return self._kbdint_result(await self.kbdint.respond(list(responses)))
+
+    def _kbdint_result(self, challenge: Any) -> Any:
+        if challenge is True:
+            self._succeeding = "keyboard-interactive"
+        return challenge
+
+    async def _send_success(self) -> None:
+        """Stands in for the connection's ``send_userauth_success``: a method that completes only
+        part of a chain answers USERAUTH_FAILURE with partial success (RFC 4252 §5.1), offering
+        the chain's next methods; the login succeeds when a whole chain is done."""
+        assert self.conn is not None
+        method, self._succeeding = self._succeeding, None
+        if method is None:  # cannot happen: success follows one of our validations
+            self.conn.send_userauth_failure(False)
+            return
+        self.completed.append(method)
+        chains = self.door.service.config.auth.methods
+        if is_complete(chains, self.completed):
+            await self._original_send_success()
+        else:
+            self.door.service.audit.emit("auth.partial", self.username or "", method=method,
+                                         peer=self.peer, completed=",".join(self.completed))
+            self.conn.send_userauth_failure(True)
+
+    async def auth_completed(self) -> None:
         self.authenticated = True
         self._leave()
-        self.door.service.audit.emit("auth.success", self.username or "", method="publickey",
-                                     peer=self.peer)
+        if self.kbdint is not None:
+            self.kbdint.close()
+        service = self.door.service
+        if service.config.auth.identities == "system":
+            await known_user(service, self.username or "")  # refreshes its system groups
+        service.audit.emit("auth.success", self.username or "", method=",".join(self.completed),
+                           peer=self.peer)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:
@@ -324,7 +399,9 @@ class ProxyServer(asyncssh.SSHServer):
         if self.conn is not None:
             self.door.connections.discard(self.conn)
         audit = self.door.service.audit
-        if not self.authenticated and self.username is not None:
+        if self.kbdint is not None:
+            self.kbdint.close()
+        if not self.authenticated and self.username is not None and not self.attempts:
             self.door.service.auth_failure(
                 self.username, self.peer, method="publickey",
                 why="locked out" if getattr(self, "locked", False)

@@ -255,7 +255,27 @@ def test_user_without_keys():
                         "    full_name: M\n")
     m = single_error(text)
     assert m.startswith(f"{FILENAME}:{line_of(text, '  mallory:')}: users.mallory.keys: ")
-    assert "required" in m.lower()
+    assert "every auth.methods chain needs publickey" in m
+
+
+def test_user_without_keys_is_fine_when_a_chain_needs_no_key():
+    text = replace_once(config_text(), f"    keys: [{public_key('mallory')}]\n",
+                        "    full_name: M\n")
+    text = "auth:\n  methods: [publickey, keyboard-interactive]\n" + text
+    config = parse_config(text, FILENAME)
+    assert config.users["mallory"].keys == []
+
+
+@pytest.mark.parametrize("chain, problem", [
+    ("publickey,otp", "unknown method 'otp'"),
+    ("password,password", "appears twice"),
+    ("", "unknown method ''"),
+])
+def test_bad_auth_methods_name_the_key_and_line(chain, problem):
+    text = f"auth:\n  methods: [publickey, {chain!r}]\n" + config_text()
+    m = single_error(text)
+    assert m.startswith(f"{FILENAME}:2: auth.methods[1]: "), m
+    assert problem in m
 
 
 def test_target_needs_exactly_one_trust_anchor():

@@ -1,0 +1,138 @@
+"""PAM logins for the proxy's SSH server and PostgreSQL port: password checks and the
+keyboard-interactive conversation, with lockout, user checks and audit.
+
+What it is for: one place that runs a PAM transaction for a login attempt (``auth.pam``), refuses it
+while the user or address is locked out, requires the user to be known (in the config, or on the
+system with ``auth.identities: system``), and reports every failure to the service (``auth.failure``,
+counted towards the lockout). ``KbdIntLogin`` turns PAM's conversation into keyboard-interactive
+rounds (RFC 4256): each prompt its own round with PAM's echo flag, PAM's info and error texts as the
+round's instruction (shown, never asked), texts after the last prompt in a round without prompts.
+
+What it must not do: log or keep passwords or codes, tell a client which part of a login was wrong
+(unknown user, wrong password and locked account fail alike), or block the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.auth.pam import Outcome, PamError, PamTransaction, Prompt, Text, authenticate_password
+
+KbdIntChallenge = Any  # asyncssh's: (name, instruction, lang, [(prompt, echo)]) or a bool
+
+LOCKED_TEXT = "jit-proxy: too many failed logins; try again later."
+
+
+async def known_user(service: Any, user: str) -> bool:
+    """Whether ``user`` may log in at all: named in ``users``, or (``auth.identities: system``) a
+    user NSS knows; the latter also refreshes the groups its ``group:`` policies see."""
+    if service.config.auth.identities == "system":
+        on_system = await service.identities.resolve(user)
+        return on_system or user in service.config.users
+    return user in service.config.users
+
+
+def _texts(texts: tuple[Text, ...]) -> str:
+    return "\n".join(t.text for t in texts)
+
+
+async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outcome,
+                  **fields: Any) -> bool:
+    """Record the end of a PAM transaction; True when the login may go on."""
+    why = None
+    if not outcome.ok:
+        why = f"PAM {outcome.stage}: {outcome.reason}"[:256]
+    elif not await known_user(service, user):
+        why = "unknown user"
+    if why is not None:
+        service.auth_failure(user, peer, method=method, why=why, **fields)
+        return False
+    return True
+
+
+def refused_while_locked(service: Any, user: str, peer: str, method: str) -> bool:
+    """True (and audited) when ``user`` or ``peer``'s address is locked out now."""
+    if service.locked_out(user, peer):
+        service.audit_unauthenticated("auth.locked", user, peer, method=method)
+        return True
+    return False
+
+
+async def password_login(service: Any, user: str, password: str, peer: str, method: str,
+                         **fields: Any) -> bool:
+    """Check ``password`` for ``user`` through PAM (authentication and account phases).
+    ``method`` names the method in the audit (``password``, ``pam`` on the PostgreSQL port).
+    Refused while locked out; every refusal is an ``auth.failure``."""
+    if refused_while_locked(service, user, peer, method):
+        return False
+    pam = service.config.auth.pam
+    try:
+        outcome = await authenticate_password(pam.library, pam.service, user, password,
+                                              peer.rsplit(":", 1)[0])
+    except PamError as exc:
+        service.auth_failure(user, peer, method=method, why=str(exc)[:256], **fields)
+        return False
+    return await _finish(service, user, peer, method, outcome, **fields)
+
+
+class KbdIntLogin:
+    """One keyboard-interactive login through PAM, for ``get_kbdint_challenge`` and
+    ``validate_kbdint_response`` of an asyncssh server. ``close()`` ends a transaction in
+    progress (the connection went away)."""
+
+    METHOD = "keyboard-interactive"
+
+    def __init__(self, service: Any, user: str, peer: str, answer_timeout: float):
+        self.service, self.user, self.peer = service, user, peer
+        self.answer_timeout = answer_timeout
+        self.tx: PamTransaction | None = None
+        self._result: bool | None = None  # known once PAM ended, shown after a last text round
+
+    async def challenge(self) -> KbdIntChallenge:
+        """The first round (or False when the login cannot start)."""
+        self.close()
+        self._result = None
+        if refused_while_locked(self.service, self.user, self.peer, self.METHOD):
+            self._result = False
+            return ("", LOCKED_TEXT, "", [])
+        pam = self.service.config.auth.pam
+        self.tx = PamTransaction(pam.library, pam.service, self.user,
+                                 self.peer.rsplit(":", 1)[0], answer_timeout=self.answer_timeout)
+        try:
+            await self.tx.start()
+        except PamError as exc:
+            self.tx = None
+            self.service.auth_failure(self.user, self.peer, method=self.METHOD,
+                                      why=str(exc)[:256])
+            return False
+        return await self._next()
+
+    async def respond(self, responses: list[str]) -> KbdIntChallenge:
+        """The next round after the client's answers to the last one, or True/False at the end."""
+        if self.tx is None:  # after a round that only showed text: PAM had already ended
+            result, self._result = bool(self._result), None
+            return result
+        if len(responses) != 1:  # each round asks exactly one question
+            self.close()
+            self.service.auth_failure(self.user, self.peer, method=self.METHOD,
+                                      why="wrong number of answers")
+            return False
+        self.tx.answer(responses[0])
+        return await self._next()
+
+    async def _next(self) -> KbdIntChallenge:
+        assert self.tx is not None
+        event = await self.tx.next_event()
+        if isinstance(event, Prompt):
+            return ("", _texts(event.texts), "", [(event.prompt, event.echo)])
+        self.tx = None
+        ok = await _finish(self.service, self.user, self.peer, self.METHOD, event)
+        if event.texts:  # show what PAM said last, in a round without questions
+            self._result = ok
+            return ("", _texts(event.texts), "", [])
+        return ok
+
+    def close(self) -> None:
+        if self.tx is not None:
+            self.tx.abort()
+            self.tx = None

@@ -1,0 +1,294 @@
+"""Linux-PAM logins (issue 4): keyboard-interactive and password through PAM, relayed
+conversations, method chains, the account phase, lockout, and PAM on the PostgreSQL port.
+
+Real OpenSSH clients on a pseudo-terminal (as a person types) and asyncssh as a second client
+where the exact rounds of a conversation are checked; PAM is Debian's pam_wrapper with pam_matrix,
+pam_echo and pam_oath (see pamstack.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import asyncssh
+import pytest
+
+from tests.conftest import Env
+from tests.integration.pamstack import PASSWORDS, WELCOME, PamStack, needs_pam_wrapper
+from tests.integration.ptyrun import PtySession
+
+pytestmark = needs_pam_wrapper
+
+
+def configure(env: Env, stack: PamStack, methods: list[str], service: str = "jit-proxy",
+              **auth) -> None:
+    cfg = env.config()
+    cfg["auth"].update({"methods": methods, "pam": stack.config(service), **auth})
+    env.write_config(cfg)
+    env.restart()
+
+
+@pytest.fixture(scope="module")
+def pam_env(tmp_path_factory, test_login):
+    root = tmp_path_factory.mktemp("jitpam")
+    stack = PamStack(root / "pam")
+    e = Env(root, test_login)
+    e.extra_env = stack.environ
+    e.stack = stack
+    e.start()
+    yield e
+    e.close()
+
+
+def ssh_on_tty(env: Env, user: str, method: str, command: str = "grants",
+               key: bool = False) -> list[str]:
+    """argv of OpenSSH asking on a terminal (BatchMode off), only by ``method`` (and the key)."""
+    methods = f"publickey,{method}" if key else method
+    return ["ssh", "-F", str(env.ssh_config), "-o", "BatchMode=no",
+            "-o", f"PreferredAuthentications={methods}",
+            "-o", f"PubkeyAuthentication={'yes' if key else 'no'}",
+            "-o", "NumberOfPasswordPrompts=1", f"{user}@jit-proxy", command]
+
+
+def type_password(env: Env, user: str, method: str, password: str, prompt: bytes,
+                  key: bool = False) -> tuple[int, bytes]:
+    with PtySession(ssh_on_tty(env, user, method, key=key)) as s:
+        s.expect(prompt)
+        s.send(password.encode() + b"\r")
+        status = s.wait(20)
+        return status, s.read_rest()
+
+
+async def asyncssh_rounds(env: Env, user: str, answers: list[str], methods=("keyboard-interactive",),
+                          key: bool = False) -> tuple[bool, list[tuple[str, list]]]:
+    """Log in with asyncssh answering each round from ``answers``; returns (ok, rounds seen)."""
+    rounds: list[tuple[str, list]] = []
+    todo = list(answers)
+
+    class Client(asyncssh.SSHClient):
+        def kbdint_auth_requested(self):
+            return ""
+
+        def kbdint_challenge_received(self, name, instructions, lang, prompts):
+            if len(todo) < len(prompts):
+                return None  # out of answers: give up this method
+            rounds.append((instructions, list(prompts)))
+            return [todo.pop(0) for _ in prompts]
+
+    try:
+        conn, _ = await asyncssh.create_connection(
+            Client, "127.0.0.1", env.port, username=user, known_hosts=None,
+            client_keys=[str(env.keys / user)] if key else None, agent_path=None,
+            preferred_auth=",".join(methods), password=answers[0] if "password" in methods else None)
+    except asyncssh.PermissionDenied:
+        return False, rounds
+    async with conn:
+        result = await conn.run("grants", check=False)
+        assert result.exit_status == 0, result.stderr
+    return True, rounds
+
+
+def test_password_through_pam_with_keyboard_interactive_and_with_password(pam_env):
+    configure(pam_env, pam_env.stack, ["keyboard-interactive", "password"])
+    status, out = type_password(pam_env, "alice", "keyboard-interactive", PASSWORDS["alice"],
+                                b"Password: ")
+    assert status == 0, out
+    assert pam_env.wait_event("auth.success", lambda e: e["actor"] == "alice"
+                              and e["method"] == "keyboard-interactive")
+    status, out = type_password(pam_env, "alice", "password", PASSWORDS["alice"], b"password: ")
+    assert status == 0, out
+    assert pam_env.wait_event("auth.success", lambda e: e["actor"] == "alice"
+                              and e["method"] == "password")
+
+
+def test_wrong_password_is_refused_and_audited(pam_env):
+    configure(pam_env, pam_env.stack, ["keyboard-interactive", "password"])
+    for method, prompt in (("keyboard-interactive", b"Password: "), ("password", b"password: ")):
+        status, out = type_password(pam_env, "alice", method, "not-her-password", prompt)
+        assert status == 255 and b"Permission denied" in out, out
+        event = pam_env.wait_event("auth.failure", lambda e: e["method"] == method)
+        assert event["actor"] == "alice" and event["why"].startswith("PAM auth")
+        assert "not-her-password" not in (pam_env.state / "audit.jsonl").read_text()
+        assert "not-her-password" not in pam_env.log_path.read_text()
+
+
+def test_locked_account_is_refused_by_the_account_phase(pam_env):
+    configure(pam_env, pam_env.stack, ["keyboard-interactive"])
+    # carol's password is right, but her account does not allow this service
+    status, out = type_password(pam_env, "carol", "keyboard-interactive", PASSWORDS["carol"],
+                                b"Password: ")
+    assert status == 255 and b"Permission denied" in out, out
+    event = pam_env.wait_event("auth.failure", lambda e: e["actor"] == "carol")
+    assert event["why"].startswith("PAM account")
+
+
+def test_info_password_and_totp_each_in_their_own_round(pam_env):
+    stack = pam_env.stack
+    # keys stay allowed for the workflow commands; the clients below use keyboard-interactive only
+    configure(pam_env, stack, ["publickey", "keyboard-interactive"], service="jit-otp")
+    ok, rounds = asyncio.run(asyncssh_rounds(pam_env, "alice", [PASSWORDS["alice"], stack.totp()]))
+    assert ok, rounds
+    # the info text is the round's instruction (shown), never a question; echo off for both
+    assert rounds == [(f"{WELCOME}, alice.", [("Password: ", False)]),
+                      ("", [("One-time password (OATH) for `alice': ", False)])]
+    ok, rounds = asyncio.run(asyncssh_rounds(pam_env, "alice", [PASSWORDS["alice"], "000000"]))
+    assert not ok and len(rounds) == 2
+    assert pam_env.wait_event("auth.failure", lambda e: e["actor"] == "alice"
+                              and e["why"].startswith("PAM auth"))
+    # and the same with OpenSSH at a terminal, jumping to a target: the text is printed, then
+    # the two prompts, and the right code opens the session
+    pam_env.grant("alice")
+    hop = " ".join(ssh_on_tty(pam_env, "alice", "keyboard-interactive", command="")[:-2])
+    argv = ["ssh", "-F", str(pam_env.ssh_config), "-o", f"ProxyCommand={hop} -W %h:%p "
+            "alice@jit-proxy", f"{pam_env.login}@web1", "echo opened-$((6*7))"]
+    with PtySession(argv) as s:
+        seen = s.expect(b"Password: ")
+        assert f"{WELCOME}, alice.".encode() in seen
+        s.send(PASSWORDS["alice"].encode() + b"\r")
+        s.expect(b"One-time password (OATH) for `alice': ")
+        s.send(stack.totp().encode() + b"\r")
+        assert s.wait(20) == 0, s.read_rest()
+        assert b"opened-42" in s.read_rest()
+
+
+def test_publickey_then_keyboard_interactive_needs_both(pam_env):
+    configure(pam_env, pam_env.stack, ["publickey,keyboard-interactive"])
+    # the key alone (BatchMode: no prompts) is refused after a partial success
+    r = pam_env.ssh("alice", "grants")
+    assert r.returncode == 255 and b"Permission denied" in r.stderr
+    assert pam_env.wait_event("auth.partial", lambda e: e["method"] == "publickey")
+    # keyboard-interactive alone is not even offered before the key
+    ok, rounds = asyncio.run(asyncssh_rounds(pam_env, "alice", [PASSWORDS["alice"]]))
+    assert not ok and rounds == []
+    with PtySession(ssh_on_tty(pam_env, "alice", "keyboard-interactive")) as s:
+        assert s.wait(20) == 255
+        assert b"Permission denied (publickey)" in s.read_rest()
+    # both, in order, log in
+    ok, rounds = asyncio.run(asyncssh_rounds(pam_env, "alice", [PASSWORDS["alice"]],
+                                             methods=("publickey", "keyboard-interactive"),
+                                             key=True))
+    assert ok and len(rounds) == 1
+    status, out = type_password(pam_env, "alice", "keyboard-interactive", PASSWORDS["alice"],
+                                b"Password: ", key=True)
+    assert status == 0, out
+    assert pam_env.wait_event("auth.success", lambda e: e["actor"] == "alice" and
+                              e["method"] == "publickey,keyboard-interactive")
+
+
+def test_lockout_refuses_even_the_right_password(pam_env):
+    configure(pam_env, pam_env.stack, ["keyboard-interactive", "password"],
+              max_failures=3, lockout="1h")
+    for _ in range(3):
+        status, out = type_password(pam_env, "bob", "password", "wrong", b"password: ")
+        assert status == 255, out
+    assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "user:bob")
+    status, out = type_password(pam_env, "bob", "password", PASSWORDS["bob"], b"password: ")
+    assert status == 255 and b"Permission denied" in out, out
+    with PtySession(ssh_on_tty(pam_env, "bob", "keyboard-interactive")) as s:
+        assert s.wait(20) == 255
+        assert b"too many failed logins" in s.read_rest()
+    assert pam_env.wait_event("auth.locked", lambda e: e["actor"] == "bob")
+    # alice, from the same address, is not locked
+    status, out = type_password(pam_env, "alice", "password", PASSWORDS["alice"], b"password: ")
+    assert status == 0, out
+
+
+# --- PAM on the PostgreSQL port ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pam_pg_env(tmp_path_factory, test_login, pg_cluster):
+    root = tmp_path_factory.mktemp("jitpampg")
+    stack = PamStack(root / "pam")
+    e = Env(root, test_login, pg_cluster)
+    cfg = e.config()
+    cfg["auth"]["pam"] = stack.config()
+    cfg["targets"]["orders"]["client_auth"] = "pam"
+    e.write_config(cfg)
+    e.extra_env = stack.environ
+    e.start()
+    yield e
+    e.close()
+
+
+def psql_pam(env: Env, user: str, password: str, sslmode: str = "verify-full"):
+    from tests.integration.test_postgres import ca_file
+    conninfo = (f"host=127.0.0.1 port={env.pg_port} user={user} dbname=orders "
+                f"sslmode={sslmode} sslrootcert={ca_file(env)}")
+    return subprocess.run(["psql", "-X", "-At", conninfo, "-c", "SELECT current_user"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PGPASSWORD": password})
+
+
+def test_psql_with_a_pam_password_over_tls(pam_pg_env):
+    env = pam_pg_env
+    req = env.json("alice", "request orders --role read --for 30m --reason 'pam db'")
+    grant = env.json("bob", f"approve {req['id']}")
+    r = psql_pam(env, "alice", PASSWORDS["alice"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{env.role_prefix}alice_g{grant['id']}"
+    assert env.wait_event("auth.success", lambda e: e["method"] == "pam" and
+                          e["grant"] == grant["id"])
+    # without TLS the password is never asked for
+    r = psql_pam(env, "alice", PASSWORDS["alice"], sslmode="disable")
+    assert r.returncode != 0 and "requires TLS" in r.stderr, r.stderr
+    # a wrong password, and a right password without a grant, fail alike (28P01)
+    for user, password, why in (("alice", "wrong", "PAM auth"),
+                                ("bob", PASSWORDS["bob"], "no live grant")):
+        r = psql_pam(env, user, password)
+        assert r.returncode != 0
+        assert f'password authentication failed for user "{user}"' in r.stderr, r.stderr
+        assert env.wait_event("auth.failure", lambda e: e["actor"] == user and
+                              e["method"] == "pam" and e["why"].startswith(why))
+
+
+# --- identities from the system (NSS) ------------------------------------------------------------
+
+def _system_user(name: str, group: str | None) -> None:
+    if subprocess.run(["getent", "passwd", name], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", "-p", "*", name],
+                       check=True)
+    if group is not None:
+        if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
+            subprocess.run(["groupadd", group], check=True)
+        subprocess.run(["usermod", "-a", "-G", group, name], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a system user and group (needs root)")
+def test_system_users_and_groups_through_nss(tmp_path, test_login):
+    _system_user("jitnss-ops", "jitnss-sre")   # in the system group the policy names
+    _system_user("jitnss-other", None)          # a system user outside it
+    stack = PamStack(tmp_path / "pam")
+    with open(stack.dir.parent / "passdb", "a") as f:
+        f.write("jitnss-ops:ops-pw:jit-proxy\njitnss-other:other-pw:jit-proxy\n"
+                "jitnss-ghost:ghost-pw:jit-proxy\n")
+    env = Env(tmp_path, test_login)
+    cfg = env.config()
+    cfg["auth"].update({"identities": "system", "methods": ["publickey", "password"],
+                        "pam": stack.config()})
+    cfg["policies"][1]["approvers"] = ["group:jitnss-sre"]
+    env.write_config(cfg)
+    env.extra_env = stack.environ
+    env.start()
+    try:
+        req = env.json("alice", f"request web1 --login {env.login} --for 10m --reason nss")
+
+        async def as_system_user(user: str, password: str, command: str):
+            async with asyncssh.connect("127.0.0.1", env.port, username=user, password=password,
+                                        known_hosts=None, client_keys=None, agent_path=None,
+                                        preferred_auth="password") as conn:
+                return await conn.run(command, check=False)
+
+        r = asyncio.run(as_system_user("jitnss-other", "other-pw", f"approve {req['id']}"))
+        assert r.exit_status != 0, r.stdout
+        r = asyncio.run(as_system_user("jitnss-ops", "ops-pw", f"approve {req['id']}"))
+        assert r.exit_status == 0, r.stderr
+        assert env.wait_event("access.request.approved",
+                              lambda e: e["actor"] == "jitnss-ops")
+        # a PAM password is not enough for a name NSS does not know (and the config lacks)
+        with pytest.raises(asyncssh.PermissionDenied):
+            asyncio.run(as_system_user("jitnss-ghost", "ghost-pw", "grants"))
+        assert env.wait_event("auth.failure", lambda e: e["actor"] == "jitnss-ghost" and
+                              e["why"] == "unknown user")
+    finally:
+        env.close()
