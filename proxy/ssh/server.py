@@ -405,7 +405,9 @@ class ProxyServer(asyncssh.SSHServer):
             self.door.service.auth_failure(
                 self.username, self.peer, method="publickey",
                 why="locked out" if getattr(self, "locked", False)
-                else (str(exc)[:512] if exc else "no valid key"))
+                else (str(exc)[:512] if exc else
+                      f"left after {','.join(self.completed)} of a chain"
+                      if getattr(self, "completed", None) else "no valid key"))
         elif isinstance(exc, asyncssh.ProtocolError):  # malformed input ends this connection only
             audit.emit("ssh.protocol.error", self.username or "", peer=self.peer,
                        error=str(exc)[:512])
