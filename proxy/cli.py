@@ -53,9 +53,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    from proxy.auth.login import pam_problems
     from proxy.config import config_warnings
     for line in config_warnings(args.config, config):
         print(line, file=sys.stderr)
+    broken = False
+    for key, problem in pam_problems(config):
+        broken = broken or key == "auth.pam.library"
+        kind = "error" if key == "auth.pam.library" else "warning"
+        print(f"{args.config}: {key}: {kind}: {problem}", file=sys.stderr)
+    if broken:
+        return 1
     print(f"{args.config}: ok ({len(config.users)} users, {len(config.targets)} targets, "
           f"{len(config.policies)} policies)")
     return 0

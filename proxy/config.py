@@ -216,6 +216,9 @@ class PostgresTarget(_Model):
     # how users log in to the proxy's port for this target: the grant's one-time secret from
     # db-login (SCRAM), or their password checked by PAM (auth.pam; cleartext inside TLS only)
     client_auth: Literal["secret", "pam"] = "secret"
+    # with client_auth: pam, the PAM service for this target (default: auth.pam.service); psql
+    # sends one password, so this service must ask one question only (no one-time code)
+    pam_service: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
 
 

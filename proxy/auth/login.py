@@ -14,9 +14,15 @@ What it must not do: log or keep passwords or codes, tell a client which part of
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
-from proxy.auth.pam import Outcome, PamError, PamTransaction, Prompt, Text, authenticate_password
+from proxy.auth.pam import (Outcome, PamError, PamTransaction, Prompt, Text,
+                            authenticate_password, load_library)
+
+log = logging.getLogger("jit_proxy.auth")
 
 KbdIntChallenge = Any  # asyncssh's: (name, instruction, lang, [(prompt, echo)]) or a bool
 
@@ -38,16 +44,48 @@ def _texts(texts: tuple[Text, ...]) -> str:
 
 async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outcome,
                   **fields: Any) -> bool:
-    """Record the end of a PAM transaction; True when the login may go on."""
-    why = None
+    """Record the end of a PAM transaction; True when the login may go on. Failures of the
+    system (a PAM module or service missing) are audited and logged but not held against the
+    user's lockout count."""
+    why, count = None, True
     if not outcome.ok:
-        why = f"PAM {outcome.stage}: {outcome.reason}"[:256]
+        why, count = f"PAM {outcome.stage}: {outcome.reason}"[:300], outcome.users_fault
+        if not count:
+            log.error("PAM failed for %s (%s), not the user's fault: %s", user[:64], method, why)
     elif not await known_user(service, user):
         why = "unknown user"
     if why is not None:
-        service.auth_failure(user, peer, method=method, why=why, **fields)
+        service.auth_failure(user, peer, method=method, why=why, count=count, **fields)
         return False
     return True
+
+
+def pam_needed(config: Any) -> bool:
+    """Whether ``config`` uses PAM: a PAM method in ``auth.methods`` or a ``client_auth: pam``
+    target."""
+    return (any(m in chain.split(",") for chain in config.auth.methods
+                for m in ("keyboard-interactive", "password"))
+            or any(getattr(t, "client_auth", None) == "pam" for t in config.targets.values()))
+
+
+def pam_problems(config: Any) -> list[tuple[str, str]]:
+    """``(key, problem)`` for PAM settings that cannot work on this machine: the library does
+    not load, or a service has no file where Linux-PAM (or pam_wrapper) would look for it."""
+    if not pam_needed(config):
+        return []
+    try:
+        load_library(config.auth.pam.library)
+    except PamError as exc:
+        return [("auth.pam.library", str(exc))]
+    dirs = [Path("/etc/pam.d"), Path("/usr/lib/pam.d"), Path("/usr/share/pam.d")]
+    if os.environ.get("PAM_WRAPPER") == "1" and os.environ.get("PAM_WRAPPER_SERVICE_DIR"):
+        dirs = [Path(os.environ["PAM_WRAPPER_SERVICE_DIR"])]
+    services = {("auth.pam.service", config.auth.pam.service)}
+    services |= {(f"targets.{name}.pam_service", t.pam_service)
+                 for name, t in config.targets.items() if getattr(t, "pam_service", None)}
+    return [(key, f"no PAM service file {name!r} in {', '.join(map(str, dirs))} (Linux-PAM "
+                  f"would use its 'other' service)")
+            for key, name in sorted(services) if not any((d / name).is_file() for d in dirs)]
 
 
 def refused_while_locked(service: Any, user: str, peer: str, method: str) -> bool:
@@ -59,18 +97,21 @@ def refused_while_locked(service: Any, user: str, peer: str, method: str) -> boo
 
 
 async def password_login(service: Any, user: str, password: str, peer: str, method: str,
-                         **fields: Any) -> bool:
-    """Check ``password`` for ``user`` through PAM (authentication and account phases).
-    ``method`` names the method in the audit (``password``, ``pam`` on the PostgreSQL port).
-    Refused while locked out; every refusal is an ``auth.failure``."""
+                         pam_service: str | None = None, **fields: Any) -> bool:
+    """Check ``password`` for ``user`` through PAM (authentication and account phases), with
+    ``pam_service`` or else ``auth.pam.service``. ``method`` names the method in the audit
+    (``password``, ``pam`` on the PostgreSQL port). Refused while locked out; every refusal is
+    an ``auth.failure``."""
     if refused_while_locked(service, user, peer, method):
         return False
     pam = service.config.auth.pam
     try:
-        outcome = await authenticate_password(pam.library, pam.service, user, password,
-                                              peer.rsplit(":", 1)[0])
+        outcome = await authenticate_password(pam.library, pam_service or pam.service, user,
+                                              password, peer.rsplit(":", 1)[0])
     except PamError as exc:
-        service.auth_failure(user, peer, method=method, why=str(exc)[:256], **fields)
+        log.error("PAM unusable: %s", exc)
+        service.auth_failure(user, peer, method=method, why=str(exc)[:300], count=False,
+                             **fields)
         return False
     return await _finish(service, user, peer, method, outcome, **fields)
 
@@ -102,8 +143,9 @@ class KbdIntLogin:
             await self.tx.start()
         except PamError as exc:
             self.tx = None
+            log.error("PAM unusable: %s", exc)
             self.service.auth_failure(self.user, self.peer, method=self.METHOD,
-                                      why=str(exc)[:256])
+                                      why=str(exc)[:300], count=False)
             return False
         return await self._next()
 

@@ -27,12 +27,18 @@ from dataclasses import dataclass, field
 
 # <security/_pam_types.h>
 PAM_SUCCESS = 0
-PAM_CONV_ERR = 19
+PAM_PERM_DENIED = 6
+PAM_AUTH_ERR = 7
+PAM_CRED_INSUFFICIENT = 8
+PAM_USER_UNKNOWN = 10
+PAM_MAXTRIES = 11
 PAM_NEW_AUTHTOK_REQD = 12
-PAM_ABORT = 26
-PAM_SERVICE_ERR = 3
-PAM_SYSTEM_ERR = 4
+PAM_ACCT_EXPIRED = 13
+PAM_CONV_ERR = 19
 PAM_BUF_ERR = 5
+# what a user got wrong (counted towards the lockout); any other failure is the system's
+USER_ERRORS = frozenset({PAM_PERM_DENIED, PAM_AUTH_ERR, PAM_CRED_INSUFFICIENT, PAM_USER_UNKNOWN,
+                         PAM_MAXTRIES, PAM_NEW_AUTHTOK_REQD, PAM_ACCT_EXPIRED})
 PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
 PAM_RHOST, PAM_RUSER = 4, 8
 PAM_SILENT = 0x8000
@@ -131,6 +137,13 @@ class Outcome:
     code: int
     reason: str
     texts: tuple[Text, ...] = field(default=())
+
+    @property
+    def users_fault(self) -> bool:
+        """Whether the failure is the user's (wrong password or code, locked or expired account)
+        rather than the system's (no such service, a module missing, a conversation we could
+        not hold)."""
+        return not self.ok and self.code in USER_ERRORS
 
 
 def _decode(raw: bytes | None) -> str:
@@ -253,6 +266,8 @@ class PamTransaction:
                 stage = "account"
                 code = lib.pam_acct_mgmt(handle, PAM_DISALLOW_NULL_AUTHTOK)
             reason = "" if code == PAM_SUCCESS else _decode(lib.pam_strerror(handle, code))
+            if stage == "start":
+                reason = f"cannot start PAM service {self.service!r}: {reason}"
             if code == PAM_NEW_AUTHTOK_REQD:
                 reason = "password expired (change it where the account is managed)"
         finally:
@@ -270,14 +285,20 @@ async def authenticate_password(library: str, service: str, user: str, password:
     tx = PamTransaction(library, service, user, rhost, answer_timeout=60.0)
     await tx.start()
     used = False
+    asked_more = None
     texts: list[Text] = []
     while True:
         event = await tx.next_event()
         if isinstance(event, Outcome):
-            return Outcome(event.ok, event.stage, event.code, event.reason,
-                           tuple(texts) + event.texts)
+            reason = event.reason
+            if asked_more is not None and not event.ok:
+                reason = (f"service {service!r} asked {asked_more!r} after the password; a "
+                          f"password login answers one question only (use keyboard-interactive "
+                          f"or a password-only PAM service)")
+            return Outcome(event.ok, event.stage, event.code, reason, tuple(texts) + event.texts)
         texts.extend(event.texts)
         if event.echo or used:
+            asked_more = event.prompt[:80]
             tx.abort()
         else:
             used = True

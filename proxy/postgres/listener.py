@@ -483,6 +483,7 @@ class PgClient:
         assert self.grant is not None
         self.grant = await self.service.use_grant(self.grant)
         self.leave_preauth()
+        self.service.auth_succeeded(self.user)
         self.service.audit.emit("auth.success", self.user, method="scram",
                                 target=self.target_name, grant=self.grant.id, peer=self.peer)
         return True
@@ -493,8 +494,10 @@ class PgClient:
         FATAL whether the password, the account or the grant is what is wrong."""
         await self._send(AuthenticationCleartextPassword().encode())
         password = decode_password_message(await self._read_frame(frames, self.reader, grace))
+        target = self.service.config.targets[self.target_name]
+        assert isinstance(target, PostgresTarget)
         ok = await password_login(self.service, self.user, password.password, self.peer, "pam",
-                                  target=self.target_name[:256])
+                                  pam_service=target.pam_service, target=self.target_name[:256])
         grants = self.service.live_grants_on(self.user, self.target_name) if ok else []
         if ok and not grants:
             self.service.auth_failure(self.user, self.peer, method="pam",
@@ -505,6 +508,7 @@ class PgClient:
             return False
         self.grant = await self.service.use_grant(max(grants, key=lambda g: g.ends_at))
         self.leave_preauth()
+        self.service.auth_succeeded(self.user)
         self.service.audit.emit("auth.success", self.user, method="pam",
                                 target=self.target_name, grant=self.grant.id, peer=self.peer)
         return True

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ca import SSHCertificateAuthority, load_or_create_key
 from proxy.audit.log import AuditLog
+from proxy.auth.login import pam_problems
 from proxy.clock import Clock, SystemClock
 from proxy.config import Config
 from proxy.runtime.notify import Notifier
@@ -73,6 +74,10 @@ class Daemon:
             OSError: the state directory or the listen address is unusable.
         """
         cfg = self.config
+        for key, problem in pam_problems(cfg):
+            if key == "auth.pam.library":  # every PAM login would fail: say so now
+                raise OSError(f"{key}: {problem}")
+            log.warning("%s: %s", key, problem)
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         passphrase = read_passphrase(cfg.ca.passphrase_file or systemd_credential(CREDENTIAL))
@@ -230,6 +235,10 @@ class Daemon:
         assert self.service is not None
         try:
             new = load_config(path)
+            unusable = [f"{path}: {key}: {problem}" for key, problem in pam_problems(new)
+                        if key == "auth.pam.library"]
+            if unusable:
+                raise ConfigError(unusable)
         except ConfigError as exc:
             for message in exc.messages:
                 log.error("reload refused, keeping the running configuration: %s", message)

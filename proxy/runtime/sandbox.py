@@ -6,7 +6,7 @@ an ``ssh_config`` and ``known_hosts`` that make stock ``ssh`` work, and ``sandbo
 it. ``TargetSSHD`` starts and stops such an sshd on 127.0.0.1 with an OS-chosen port.
 
 What it must not do: touch the user's own ~/.ssh, listen beyond 127.0.0.1, or leave a process
-behind after SIGINT/SIGTERM. As root it creates one login account (``deploy``) when missing.
+behind after SIGINT/SIGTERM/SIGHUP. As root it creates one login account (``deploy``) when missing.
 """
 
 from __future__ import annotations
@@ -378,7 +378,8 @@ async def _run_sandbox(d: Path) -> int:
             Stop with Ctrl-C."""), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # a closed terminal (SIGHUP) stops it the same clean way: nothing left running
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
@@ -400,7 +401,11 @@ def main(d: Path) -> int:
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"jit-proxy sandbox: {exc}", file=sys.stderr)
         return 1
-    return run(_run_sandbox(d))
+    try:
+        return run(_run_sandbox(d))
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"jit-proxy sandbox: {exc}", file=sys.stderr)
+        return 1
 
 
 def _postgres_bindir() -> Path:
@@ -486,8 +491,17 @@ class TargetPostgres:
         (data / "pg_hba.conf").write_text("local all all scram-sha-256\n"
                                           "hostssl all all 127.0.0.1/32 scram-sha-256\n"
                                           "host all all 127.0.0.1/32 scram-sha-256\n")
-        self._run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(d / "postgres.log"),
-                   "-w", "-t", "60", "start"])
+        try:
+            self._run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(d / "postgres.log"),
+                       "-w", "-t", "60", "start"])
+        except RuntimeError as exc:
+            hint = f"PostgreSQL's log: {d / 'postgres.log'}"
+            pidfile = data / "postmaster.pid"
+            if pidfile.exists():
+                pid = pidfile.read_text().split("\n", 1)[0].strip()
+                hint += (f"; a server from an earlier run may still hold {data} (PID {pid}, in "
+                         f"{pidfile}): stop it (kill {pid}) or use another --dir")
+            raise RuntimeError(f"{exc}\n{hint}") from None
 
     def stop(self) -> None:
         data = self.directory / "data"

@@ -528,9 +528,15 @@ class AccessService:
         else:
             self._preauth.pop(address, None)
 
-    def auth_failure(self, claimed_user: str, peer: str, **fields: Any) -> None:
-        """Audit a failed login (``auth.failure``, rate-limited per source address) and count it
+    def auth_failure(self, claimed_user: str, peer: str, *, count: bool = True,
+                     **fields: Any) -> None:
+        """Audit a failed login (``auth.failure``, rate-limited per source address) and, unless
+        ``count`` is False (the system failed, not the user: e.g. a PAM module missing), count it
         towards the lockout of that user and that address."""
+        if not count:
+            self.audit_unauthenticated("auth.failure", claimed_user, peer, counted=False,
+                                       **fields)
+            return
         self.audit_unauthenticated("auth.failure", claimed_user, peer, **fields)
         if self.locked_out(claimed_user, peer):
             return  # refused while locked: the lockout runs its course, it is not extended
@@ -550,6 +556,11 @@ class AccessService:
                 self._failures.pop(key, None)
         for key in [k for k, until in self._locked_until.items() if until <= now]:
             del self._locked_until[key]
+
+    def auth_succeeded(self, user: str) -> None:
+        """A completed login: the user's earlier failures no longer count (as pam_faillock);
+        the source address's do, and a running lockout is not lifted."""
+        self._failures.pop(f"user:{user[:64]}", None)
 
     def locked_out(self, user: str, peer: str) -> bool:
         """Whether logins of ``user`` or from ``peer``'s address are locked out now."""

@@ -367,6 +367,12 @@ async def _db_login(service: AccessService, actor: str, args: argparse.Namespace
     target = service.config.targets.get(args.target)
     if door is None or target is None or target.kind != "postgres":
         raise AccessError(f"{args.target!r} is not a PostgreSQL target; 'targets' lists them")
+    if target.client_auth == "pam":
+        cfg = service.config.postgres
+        raise AccessError(f"{args.target} takes your own password (PAM), not a one-time secret:\n"
+                          f"  psql \"host={cfg.host_names[0]} port={door.port} user={actor} "
+                          f"dbname={args.target} sslmode=verify-full sslrootcert=jit-ca.pem\"\n"
+                          f"(CA certificate: ssh jit-proxy ca --pg > jit-ca.pem)")
     grants = [g for g in service.live_grants_on(actor, args.target)
               if args.role is None or g.login == args.role]
     if not grants:

@@ -22,7 +22,7 @@ from typing import Any
 import asyncssh
 from asyncssh.connection import SSHServerConnection
 
-from proxy.auth.login import KbdIntLogin, known_user, password_login
+from proxy.auth.login import LOCKED_TEXT, KbdIntLogin, known_user, password_login
 from proxy.auth.methods import is_complete, next_methods
 from proxy.runtime.service import AccessService
 from proxy.ssh.bridge import JumpConnection
@@ -294,6 +294,8 @@ class ProxyServer(asyncssh.SSHServer):
         if self.locked:
             self.door.service.audit_unauthenticated("auth.locked", username, self.peer,
                                                     method="publickey")
+            if self.conn is not None:  # say why, whichever method the client tries first
+                self.conn.send_auth_banner(LOCKED_TEXT + "\n")
         return True
 
     def _offers(self, method: str) -> bool:
@@ -369,6 +371,7 @@ class ProxyServer(asyncssh.SSHServer):
         service = self.door.service
         if service.config.auth.identities == "system":
             await known_user(service, self.username or "")  # refreshes its system groups
+        service.auth_succeeded(self.username or "")
         service.audit.emit("auth.success", self.username or "", method=",".join(self.completed),
                            peer=self.peer)
 

@@ -183,6 +183,9 @@ def test_lockout_refuses_even_the_right_password(pam_env):
         status, out = type_password(pam_env, "bob", "password", "wrong", b"password: ")
         assert status == 255, out
     assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "user:bob")
+    r = pam_env.run(ssh_on_tty(pam_env, "bob", "password")[:-1] + ["-o", "BatchMode=yes",
+                                                                    "grants"])
+    assert r.returncode == 255 and b"too many failed logins" in r.stderr  # the banner says why
     status, out = type_password(pam_env, "bob", "password", PASSWORDS["bob"], b"password: ")
     assert status == 255 and b"Permission denied" in out, out
     with PtySession(ssh_on_tty(pam_env, "bob", "keyboard-interactive")) as s:
@@ -202,8 +205,9 @@ def pam_pg_env(tmp_path_factory, test_login, pg_cluster):
     stack = PamStack(root / "pam")
     e = Env(root, test_login, pg_cluster)
     cfg = e.config()
-    cfg["auth"]["pam"] = stack.config()
-    cfg["targets"]["orders"]["client_auth"] = "pam"
+    # SSH asks for a password and a code; psql can send one password: its own service
+    cfg["auth"]["pam"] = stack.config("jit-otp")
+    cfg["targets"]["orders"].update({"client_auth": "pam", "pam_service": "jit-proxy"})
     e.write_config(cfg)
     e.extra_env = stack.environ
     e.start()
@@ -229,6 +233,9 @@ def test_psql_with_a_pam_password_over_tls(pam_pg_env):
     assert r.stdout.strip() == f"{env.role_prefix}alice_g{grant['id']}"
     assert env.wait_event("auth.success", lambda e: e["method"] == "pam" and
                           e["grant"] == grant["id"])
+    # db-login has no secret to give for this target, and says what to do instead
+    r = env.ssh("alice", "db-login orders")
+    assert r.returncode != 0 and b"takes your own password (PAM)" in r.stderr, r.stderr
     # without TLS the password is never asked for
     r = psql_pam(env, "alice", PASSWORDS["alice"], sslmode="disable")
     assert r.returncode != 0 and "requires TLS" in r.stderr, r.stderr
@@ -292,3 +299,50 @@ def test_system_users_and_groups_through_nss(tmp_path, test_login):
                               e["why"] == "unknown user")
     finally:
         env.close()
+
+
+def test_a_success_clears_the_users_failures(pam_env):
+    configure(pam_env, pam_env.stack, ["password"], max_failures=3, lockout="1h")
+    for _ in range(2):
+        assert type_password(pam_env, "alice", "password", "wrong", b"password: ")[0] == 255
+    assert type_password(pam_env, "alice", "password", PASSWORDS["alice"], b"password: ")[0] == 0
+    for _ in range(2):
+        assert type_password(pam_env, "alice", "password", "wrong", b"password: ")[0] == 255
+    status, out = type_password(pam_env, "alice", "password", PASSWORDS["alice"], b"password: ")
+    assert status == 0, out  # 4 failures in all, never 3 in a row: not locked
+
+
+def test_system_failures_of_pam_are_not_held_against_the_user(pam_env):
+    configure(pam_env, pam_env.stack, ["publickey", "password"], service="no-such-service",
+              max_failures=1, lockout="1h")
+    assert "no PAM service file 'no-such-service'" in pam_env.log_path.read_text()
+    status, _ = type_password(pam_env, "alice", "password", PASSWORDS["alice"], b"password: ")
+    assert status == 255
+    event = pam_env.wait_event("auth.failure", lambda e: e["actor"] == "alice" and
+                               "no-such-service" in e["why"])
+    assert event["counted"] is False
+    assert pam_env.ssh("alice", "grants").returncode == 0  # not locked out: her key still works
+    # the password method on a stack that asks twice says so, and that is not her fault either
+    configure(pam_env, pam_env.stack, ["publickey", "password"], service="jit-otp",
+              max_failures=1, lockout="1h")
+    type_password(pam_env, "alice", "password", PASSWORDS["alice"], b"password: ")
+    event = pam_env.wait_event("auth.failure", lambda e: "answers one question" in e["why"])
+    assert event["counted"] is False and "One-time password" in event["why"]
+    assert pam_env.ssh("alice", "grants").returncode == 0
+
+
+def test_an_unusable_pam_library_is_refused_before_any_login(pam_env, tmp_path):
+    cfg = pam_env.config()
+    cfg["auth"].update({"methods": ["publickey", "keyboard-interactive"],
+                        "pam": {"library": "/nonexistent/libpam.so.0"}})
+    bad = tmp_path / "bad.yaml"
+    import yaml
+    bad.write_text(yaml.safe_dump(cfg))
+    import sys
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", "-c", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "auth.pam.library: error: cannot use '/nonexistent/libpam.so.0'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "-c", str(bad)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "auth.pam.library" in r.stderr
