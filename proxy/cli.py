@@ -143,7 +143,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     text += f"\npending requests ({len(answer['pending_requests'])}):\n" + _table(
         [[str(r["id"]), r["requester"], f"{r['login']}@{r['target']}", r["reason"]]
          for r in answer["pending_requests"]], ["ID", "REQUESTER", "ACCESS", "REASON"])
+    text += f"\nlockouts ({len(answer.get('lockouts', []))}):\n" + _table(
+        [[lock["subject"], lock["until"]] for lock in answer.get("lockouts", [])],
+        ["SUBJECT", "UNTIL"])
     _print(args, answer, text)
+    return 0
+
+
+def cmd_lockouts_clear(args: argparse.Namespace) -> int:
+    answer = _admin(args, "lockouts.clear", subject=args.subject)
+    if answer is None:
+        return 1
+    _print(args, answer, f"{answer['unlocked']}: lockout ended, failures forgotten\n")
     return 0
 
 
@@ -238,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--json", action="store_true")
         return c
 
-    c = admin_parser("status", "listeners, live sessions, active grants, pending requests")
+    c = admin_parser("status", "listeners, live sessions, active grants, pending requests, "
+                               "lockouts")
     c.set_defaults(func=cmd_status)
-    def admin_action(group: str, help: str, action: str, action_help: str, func) -> None:
+    def admin_action(group: str, help: str, action: str, action_help: str, func,
+                     arg: str = "id", arg_type: type = int) -> None:
         c = sub.add_parser(group, help=help)
         actions = c.add_subparsers(dest=f"{group}_command", required=True)
         a = actions.add_parser(action, help=action_help)
-        a.add_argument("id", type=int)
+        a.add_argument(arg, type=arg_type)
         a.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         a.add_argument("--socket", help="the admin socket (default: from the configuration)")
         a.add_argument("--json", action="store_true")
@@ -254,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                  "end one live session now (its grant stays)", cmd_sessions_kill)
     admin_action("grants", "grants (listed by status)", "revoke",
                  "end a grant and its sessions now", cmd_grants_revoke)
+    admin_action("lockouts", "logins locked out after failures (listed by status)", "clear",
+                 "end a lockout now: SUBJECT is user:NAME or address:IP", cmd_lockouts_clear,
+                 arg="subject", arg_type=str)
     c = admin_parser("recordings", "find, play and export session recordings")
     c.add_argument("action", choices=["list", "play", "export"])
     c.add_argument("id", nargs="?", type=int, help="session id (play, export)")

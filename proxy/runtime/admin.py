@@ -137,7 +137,14 @@ class AdminServer:
                 "pending_requests": [{"id": r.id, "requester": r.requester,
                                       "target": r.target, "login": r.login,
                                       "reason": r.reason} for r in pending],
+                "lockouts": [{"subject": k, "until": rfc3339(t)} for k, t in service.lockouts()],
             }
+        if command == "lockouts.clear":
+            subject = request.get("subject")
+            if not isinstance(subject, str):
+                raise AccessError("expected a subject: user:NAME or address:IP")
+            service.unlock(actor, subject)
+            return {"unlocked": subject}
         if command == "sessions.kill":
             record = await service.kill_session(actor, _id(request))
             return {"killed": _session(record)}

@@ -562,6 +562,23 @@ class AccessService:
         the source address's do, and a running lockout is not lifted."""
         self._failures.pop(f"user:{user[:64]}", None)
 
+    def lockouts(self) -> list[tuple[str, float]]:
+        """Running lockouts: ``(subject, until)`` with subject ``user:NAME`` or ``address:IP``
+        and ``until`` in POSIX seconds, soonest end first."""
+        now = self.clock.now()
+        return sorted(((k, t) for k, t in self._locked_until.items() if t > now),
+                      key=lambda kt: kt[1])
+
+    def unlock(self, actor: str, subject: str) -> None:
+        """End the lockout of ``subject`` (``user:NAME`` or ``address:IP``) now and forget its
+        failures; audited as ``auth.unlocked``. Raises AccessError when it is not locked."""
+        if self._locked_until.get(subject, 0) <= self.clock.now():
+            raise AccessError(f"{subject!r} is not locked out (locked: "
+                              f"{', '.join(k for k, _ in self.lockouts()) or 'none'})")
+        del self._locked_until[subject]
+        self._failures.pop(subject, None)
+        self.audit.emit("auth.unlocked", actor, subject=subject)
+
     def locked_out(self, user: str, peer: str) -> bool:
         """Whether logins of ``user`` or from ``peer``'s address are locked out now."""
         now = self.clock.now()
