@@ -65,6 +65,9 @@ class SSHListener(_Model):
     host_names: list[str] = Field(default_factory=lambda: ["jit-proxy", "localhost"], min_length=1)
     login_grace_time: Duration = 30
     max_sessions_per_connection: int = Field(10, ge=1, le=1000)
+    # like sshd's MaxAuthTries: failed attempts (keys offered, PAM logins) before the
+    # connection is closed
+    max_auth_tries: int = Field(6, ge=1, le=100)
     # like sshd's MaxStartups: connections that have not authenticated yet, in all and per address
     max_unauthenticated: int = Field(256, ge=1, le=100_000)
     max_unauthenticated_per_address: int = Field(32, ge=1, le=100_000)

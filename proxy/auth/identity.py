@@ -20,10 +20,13 @@ MAX_CACHED = 100_000
 
 
 def system_groups(user: str) -> frozenset[str] | None:
-    """The names of ``user``'s system groups, or None when NSS knows no such user (blocking)."""
+    """The names of ``user``'s system groups, or None when NSS knows no such user by exactly
+    that name (blocking)."""
     try:
         entry = pwd.getpwnam(user)
     except (KeyError, ValueError, UnicodeError):
+        return None
+    if entry.pw_name != user:  # e.g. sssd matching ALICE or alice@corp: one person, one name
         return None
     names = set()
     for gid in os.getgrouplist(user, entry.pw_gid):

@@ -14,12 +14,13 @@ What it must not do: log or keep passwords or codes, tell a client which part of
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from proxy.auth.pam import (Outcome, PamError, PamTransaction, Prompt, Text,
+from proxy.auth.pam import (PAM_CONV_ERR, Outcome, PamError, PamTransaction, Prompt, Text,
                             authenticate_password, load_library)
 
 log = logging.getLogger("jit_proxy.auth")
@@ -45,18 +46,34 @@ def _texts(texts: tuple[Text, ...]) -> str:
 async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outcome,
                   **fields: Any) -> bool:
     """Record the end of a PAM transaction; True when the login may go on. Failures of the
-    system (a PAM module or service missing) are audited and logged but not held against the
-    user's lockout count."""
+    system (a PAM module or service missing, a conversation cut short before an answer) are
+    audited and logged but not held against the user's lockout count. A success is refused when
+    the user or address got locked out meanwhile, or PAM ended with another user name."""
     why, count = None, True
     if not outcome.ok:
         why, count = f"PAM {outcome.stage}: {outcome.reason}"[:300], outcome.users_fault
-        if not count:
+        if not count and outcome.code != PAM_CONV_ERR:
             log.error("PAM failed for %s (%s), not the user's fault: %s", user[:64], method, why)
+    elif service.locked_out(user, peer):
+        service.audit_unauthenticated("auth.locked", user, peer, method=method, **fields)
+        return False
+    elif outcome.user is not None and outcome.user != user:
+        why = f"PAM ended as user {outcome.user[:64]!r}"
     elif not await known_user(service, user):
         why = "unknown user"
     if why is not None:
         service.auth_failure(user, peer, method=method, why=why, count=count, **fields)
         return False
+    return True
+
+
+def _refused(service: Any, user: str, peer: str, method: str, **fields: Any) -> bool:
+    """Reserve a PAM check (``begin_attempt``); True, audited, when it may not run now."""
+    why = service.begin_attempt(user, peer)
+    if why is None:
+        return False
+    event = "auth.locked" if why == "locked out" else "auth.throttled"
+    service.audit_unauthenticated(event, user, peer, method=method, why=why, **fields)
     return True
 
 
@@ -88,38 +105,38 @@ def pam_problems(config: Any) -> list[tuple[str, str]]:
             for key, name in sorted(services) if not any((d / name).is_file() for d in dirs)]
 
 
-def refused_while_locked(service: Any, user: str, peer: str, method: str) -> bool:
-    """True (and audited) when ``user`` or ``peer``'s address is locked out now."""
-    if service.locked_out(user, peer):
-        service.audit_unauthenticated("auth.locked", user, peer, method=method)
-        return True
-    return False
-
-
 async def password_login(service: Any, user: str, password: str, peer: str, method: str,
                          pam_service: str | None = None, **fields: Any) -> bool:
     """Check ``password`` for ``user`` through PAM (authentication and account phases), with
     ``pam_service`` or else ``auth.pam.service``. ``method`` names the method in the audit
     (``password``, ``pam`` on the PostgreSQL port). Refused while locked out; every refusal is
-    an ``auth.failure``."""
-    if refused_while_locked(service, user, peer, method):
+    audited. The check runs to its verdict (audit, lockout count) even if the caller is
+    cancelled, e.g. by a client that sends its next request without waiting."""
+    if _refused(service, user, peer, method, **fields):
         return False
     pam = service.config.auth.pam
-    try:
-        outcome = await authenticate_password(pam.library, pam_service or pam.service, user,
-                                              password, peer.rsplit(":", 1)[0])
-    except PamError as exc:
-        log.error("PAM unusable: %s", exc)
-        service.auth_failure(user, peer, method=method, why=str(exc)[:300], count=False,
-                             **fields)
-        return False
-    return await _finish(service, user, peer, method, outcome, **fields)
+
+    async def check() -> bool:
+        try:
+            outcome = await authenticate_password(pam.library, pam_service or pam.service, user,
+                                                  password, peer.rsplit(":", 1)[0])
+            return await _finish(service, user, peer, method, outcome, **fields)
+        except PamError as exc:
+            log.error("PAM unusable: %s", exc)
+            service.auth_failure(user, peer, method=method, why=str(exc)[:300], count=False,
+                                 **fields)
+            return False
+        finally:
+            service.end_attempt(user, peer)
+
+    return await asyncio.shield(service.spawn(check()))
 
 
 class KbdIntLogin:
     """One keyboard-interactive login through PAM, for ``get_kbdint_challenge`` and
-    ``validate_kbdint_response`` of an asyncssh server. ``close()`` ends a transaction in
-    progress (the connection went away)."""
+    ``validate_kbdint_response`` of an asyncssh server. The transaction's verdict (audit,
+    lockout count) is reached in a task of its own, so a client that walks away or starts over
+    mid-conversation cannot skip it. ``close()`` ends a transaction in progress."""
 
     METHOD = "keyboard-interactive"
 
@@ -127,48 +144,57 @@ class KbdIntLogin:
         self.service, self.user, self.peer = service, user, peer
         self.answer_timeout = answer_timeout
         self.tx: PamTransaction | None = None
+        self.verdict: asyncio.Task | None = None
         self._result: bool | None = None  # known once PAM ended, shown after a last text round
 
     async def challenge(self) -> KbdIntChallenge:
         """The first round (or False when the login cannot start)."""
         self.close()
         self._result = None
-        if refused_while_locked(self.service, self.user, self.peer, self.METHOD):
+        if _refused(self.service, self.user, self.peer, self.METHOD):
             self._result = False
             return ("", LOCKED_TEXT, "", [])
         pam = self.service.config.auth.pam
-        self.tx = PamTransaction(pam.library, pam.service, self.user,
-                                 self.peer.rsplit(":", 1)[0], answer_timeout=self.answer_timeout)
+        tx = PamTransaction(pam.library, pam.service, self.user, self.peer.rsplit(":", 1)[0],
+                            answer_timeout=self.answer_timeout)
         try:
-            await self.tx.start()
+            await tx.start()
         except PamError as exc:
-            self.tx = None
+            self.service.end_attempt(self.user, self.peer)
             log.error("PAM unusable: %s", exc)
             self.service.auth_failure(self.user, self.peer, method=self.METHOD,
                                       why=str(exc)[:300], count=False)
             return False
+        self.tx = tx
+        self.verdict = self.service.spawn(self._decide(tx))
         return await self._next()
+
+    async def _decide(self, tx: PamTransaction) -> bool:
+        try:
+            assert tx.outcome is not None
+            return await _finish(self.service, self.user, self.peer, self.METHOD,
+                                 await tx.outcome)
+        finally:
+            self.service.end_attempt(self.user, self.peer)
 
     async def respond(self, responses: list[str]) -> KbdIntChallenge:
         """The next round after the client's answers to the last one, or True/False at the end."""
         if self.tx is None:  # after a round that only showed text: PAM had already ended
             result, self._result = bool(self._result), None
             return result
-        if len(responses) != 1:  # each round asks exactly one question
-            self.close()
-            self.service.auth_failure(self.user, self.peer, method=self.METHOD,
-                                      why="wrong number of answers")
-            return False
-        self.tx.answer(responses[0])
+        if len(responses) != 1 or self.service.locked_out(self.user, self.peer):
+            self.tx.abort()  # each round asks one question; and nothing more while locked
+        else:
+            self.tx.answer(responses[0])
         return await self._next()
 
     async def _next(self) -> KbdIntChallenge:
-        assert self.tx is not None
+        assert self.tx is not None and self.verdict is not None
         event = await self.tx.next_event()
         if isinstance(event, Prompt):
             return ("", _texts(event.texts), "", [(event.prompt, event.echo)])
         self.tx = None
-        ok = await _finish(self.service, self.user, self.peer, self.METHOD, event)
+        ok = await asyncio.shield(self.verdict)
         if event.texts:  # show what PAM said last, in a round without questions
             self._result = ok
             return ("", _texts(event.texts), "", [])

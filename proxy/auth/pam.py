@@ -40,7 +40,7 @@ PAM_BUF_ERR = 5
 USER_ERRORS = frozenset({PAM_PERM_DENIED, PAM_AUTH_ERR, PAM_CRED_INSUFFICIENT, PAM_USER_UNKNOWN,
                          PAM_MAXTRIES, PAM_NEW_AUTHTOK_REQD, PAM_ACCT_EXPIRED})
 PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
-PAM_RHOST, PAM_RUSER = 4, 8
+PAM_USER, PAM_RHOST, PAM_RUSER = 2, 4, 8
 PAM_SILENT = 0x8000
 PAM_DISALLOW_NULL_AUTHTOK = 0x0001
 
@@ -91,13 +91,16 @@ def load_library(path: str) -> ctypes.CDLL:
         try:
             lib = ctypes.CDLL(path)
             for name in ("pam_start", "pam_authenticate", "pam_acct_mgmt", "pam_end",
-                         "pam_set_item", "pam_strerror"):
+                         "pam_set_item", "pam_get_item", "pam_strerror"):
                 getattr(lib, name)
         except (OSError, AttributeError) as exc:
             raise PamError(f"cannot use {path!r} as the PAM library: {exc}") from None
         lib.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(PamConv),
                                   ctypes.POINTER(ctypes.c_void_p)]
         lib.pam_start.restype = ctypes.c_int
+        lib.pam_get_item.argtypes = [ctypes.c_void_p, ctypes.c_int,
+                                     ctypes.POINTER(ctypes.c_void_p)]
+        lib.pam_get_item.restype = ctypes.c_int
         for name in ("pam_authenticate", "pam_acct_mgmt"):
             getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int]
             getattr(lib, name).restype = ctypes.c_int
@@ -137,6 +140,7 @@ class Outcome:
     code: int
     reason: str
     texts: tuple[Text, ...] = field(default=())
+    user: str | None = None  # PAM_USER at the end: a module may have mapped the name
 
     @property
     def users_fault(self) -> bool:
@@ -165,6 +169,7 @@ class PamTransaction:
         self.library, self.service, self.user, self.rhost = library, service, user, rhost
         self.answer_timeout, self.account = answer_timeout, account
         self._events: asyncio.Queue[Prompt | Outcome] = asyncio.Queue()
+        self.outcome: asyncio.Future[Outcome] | None = None  # set once PAM has ended
         self._answers: queue.Queue[str | None] = queue.Queue(maxsize=1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aborted = threading.Event()
@@ -174,15 +179,24 @@ class PamTransaction:
     async def start(self) -> None:
         lib = load_library(self.library)
         self._loop = asyncio.get_running_loop()
+        self.outcome = self._loop.create_future()
         self.thread = threading.Thread(target=self._run, args=(lib,), daemon=True,
                                        name=f"pam:{self.user[:32]}")
-        self.thread.start()
+        try:
+            self.thread.start()
+        except RuntimeError as exc:  # no thread to be had (a thread limit): a system failure
+            raise PamError(f"cannot start a PAM thread: {exc}") from None
 
     async def next_event(self) -> Prompt | Outcome:
         return await self._events.get()
 
     def answer(self, text: str) -> None:
-        """Hand the user's answer to the waiting prompt (at most ``MAX_ANSWER`` bytes)."""
+        """Hand the user's answer to the waiting prompt. An answer longer than ``MAX_ANSWER``
+        bytes or holding a NUL byte ends the conversation instead (cut short, PAM would check
+        something else than what was sent)."""
+        if "\0" in text or len(text.encode("utf-8", "replace")) > MAX_ANSWER:
+            self.abort()
+            return
         try:
             self._answers.put_nowait(text)
         except queue.Full:
@@ -198,10 +212,15 @@ class PamTransaction:
 
     # --- the PAM thread --------------------------------------------------------------------------
 
+    def _deliver(self, event: Prompt | Outcome) -> None:  # on the event loop
+        self._events.put_nowait(event)
+        if isinstance(event, Outcome) and self.outcome is not None and not self.outcome.done():
+            self.outcome.set_result(event)
+
     def _post(self, event: Prompt | Outcome) -> None:
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._deliver, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self._aborted.set()
 
@@ -241,7 +260,7 @@ class PamTransaction:
             responses = ctypes.cast(array, ctypes.POINTER(PamResponse))
             for i, got in enumerate(answers):
                 if got is not None:
-                    raw = got.encode("utf-8", "replace")[:MAX_ANSWER].replace(b"\0", b"")
+                    raw = got.encode("utf-8", "replace")[:MAX_ANSWER]
                     responses[i].resp = _libc.strdup(raw)
             resp_out[0] = responses
             return PAM_SUCCESS
@@ -265,6 +284,12 @@ class PamTransaction:
             if code == PAM_SUCCESS and self.account:
                 stage = "account"
                 code = lib.pam_acct_mgmt(handle, PAM_DISALLOW_NULL_AUTHTOK)
+            pam_user = None
+            if code == PAM_SUCCESS:
+                item = ctypes.c_void_p()
+                if lib.pam_get_item(handle, PAM_USER, ctypes.byref(item)) == PAM_SUCCESS \
+                        and item.value:
+                    pam_user = _decode(ctypes.string_at(item.value))
             reason = "" if code == PAM_SUCCESS else _decode(lib.pam_strerror(handle, code))
             if stage == "start":
                 reason = f"cannot start PAM service {self.service!r}: {reason}"
@@ -274,7 +299,7 @@ class PamTransaction:
             if handle:
                 lib.pam_end(handle, code)
         texts, self._texts = tuple(self._texts), []
-        self._post(Outcome(code == PAM_SUCCESS, stage, code, reason, texts))
+        self._post(Outcome(code == PAM_SUCCESS, stage, code, reason, texts, pam_user))
 
 
 async def authenticate_password(library: str, service: str, user: str, password: str,
@@ -295,7 +320,8 @@ async def authenticate_password(library: str, service: str, user: str, password:
                 reason = (f"service {service!r} asked {asked_more!r} after the password; a "
                           f"password login answers one question only (use keyboard-interactive "
                           f"or a password-only PAM service)")
-            return Outcome(event.ok, event.stage, event.code, reason, tuple(texts) + event.texts)
+            return Outcome(event.ok, event.stage, event.code, reason, tuple(texts) + event.texts,
+                           event.user)
         texts.extend(event.texts)
         if event.echo or used:
             asked_more = event.prompt[:80]

@@ -123,6 +123,7 @@ class AccessService:
     _approval_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
     _failures: dict[str, list[float]] = field(default_factory=dict)
     _locked_until: dict[str, float] = field(default_factory=dict)
+    _in_flight: dict[str, int] = field(default_factory=dict)  # PAM checks running, per key
     _preauth_total: int = 0
     _refused_preauth: int = 0
     identities: SystemIdentities = field(default_factory=SystemIdentities)
@@ -136,11 +137,12 @@ class AccessService:
         config.bind_system_groups(self.identities.cached_groups)
         self.config = config
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task:
         """Run ``coro`` in the background; ``drain`` waits for all of them (at shutdown)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         while self._background:
@@ -556,6 +558,35 @@ class AccessService:
                 self._failures.pop(key, None)
         for key in [k for k, until in self._locked_until.items() if until <= now]:
             del self._locked_until[key]
+
+    def _attempt_keys(self, user: str, peer: str) -> list[tuple[str, int]]:
+        cfg = self.config.auth
+        return [(f"user:{user[:64]}", cfg.max_failures),
+                (f"address:{peer.rsplit(':', 1)[0]}", cfg.max_failures_per_address)]
+
+    def begin_attempt(self, user: str, peer: str) -> str | None:
+        """Reserve a slot for one password check (PAM) of ``user`` from ``peer``; None, or why
+        not: locked out, or as many checks in progress as failures still allowed (so checks in
+        flight cannot outrun the lockout). Pair with ``end_attempt`` once the check has ended."""
+        if self.locked_out(user, peer):
+            return "locked out"
+        now, window = self.clock.now(), self.config.auth.failure_window
+        keys = self._attempt_keys(user, peer)
+        for key, limit in keys:
+            recent = sum(1 for t in self._failures.get(key, []) if now - t < window)
+            if recent + self._in_flight.get(key, 0) >= limit:
+                return "too many logins in progress"
+        for key, _ in keys:
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return None
+
+    def end_attempt(self, user: str, peer: str) -> None:
+        for key, _ in self._attempt_keys(user, peer):
+            left = self._in_flight.get(key, 0) - 1
+            if left > 0:
+                self._in_flight[key] = left
+            else:
+                self._in_flight.pop(key, None)
 
     def auth_succeeded(self, user: str) -> None:
         """A completed login: the user's earlier failures no longer count (as pam_faillock);

@@ -265,6 +265,7 @@ class ProxyServer(asyncssh.SSHServer):
         self.authenticated = False
         self.kbdint: KbdIntLogin | None = None
         self.attempts = 0  # PAM attempts, each audited (and counted) by itself
+        self.tries = 0  # attempts of any method, for ssh.max_auth_tries
 
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
@@ -292,8 +293,7 @@ class ProxyServer(asyncssh.SSHServer):
         self.kbdint = None
         self.locked = self.door.service.locked_out(username, self.peer)
         if self.locked:
-            self.door.service.audit_unauthenticated("auth.locked", username, self.peer,
-                                                    method="publickey")
+            self.door.service.audit_unauthenticated("auth.locked", username, self.peer)
             if self.conn is not None:  # say why, whichever method the client tries first
                 self.conn.send_auth_banner(LOCKED_TEXT + "\n")
         return True
@@ -313,7 +313,21 @@ class ProxyServer(asyncssh.SSHServer):
         # compare against every key so timing does not tell which user has how many keys
         ok = any([hmac.compare_digest(blob, k) for k in self.door.user_key_blobs(username)])
         self._succeeding = "publickey" if ok else None
+        if not ok:
+            self._tried()
         return ok
+
+    def _tried(self) -> None:
+        """One more failed or started attempt; past ``ssh.max_auth_tries`` the connection ends
+        (like sshd's MaxAuthTries), so one connection cannot try without end."""
+        self.tries += 1
+        if self.tries > self.door.service.config.ssh.max_auth_tries and self.conn is not None:
+            self.door.service.audit_unauthenticated("auth.failure", self.username or "",
+                                                    self.peer, why="too many attempts",
+                                                    tries=self.tries)
+            asyncio.get_running_loop().call_soon(
+                self.conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                "jit-proxy: too many authentication failures")
 
     def password_auth_supported(self) -> bool:
         return self._offers("password")
@@ -321,6 +335,7 @@ class ProxyServer(asyncssh.SSHServer):
     async def validate_password(self, username: str, password: str) -> bool:
         self._succeeding = None
         self.attempts += 1
+        self._tried()
         ok = await password_login(self.door.service, username, password, self.peer, "password")
         self._succeeding = "password" if ok else None
         return ok
@@ -331,6 +346,9 @@ class ProxyServer(asyncssh.SSHServer):
     async def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
         self._succeeding = None
         self.attempts += 1
+        self._tried()
+        if self.kbdint is not None:  # a client starting over ends the conversation it left
+            self.kbdint.close()
         grace = float(self.door.service.config.ssh.login_grace_time)
         self.kbdint = KbdIntLogin(self.door.service, username, self.peer, answer_timeout=grace)
         return self._kbdint_result(await self.kbdint.challenge())
@@ -351,11 +369,11 @@ class ProxyServer(asyncssh.SSHServer):
         the chain's next methods; the login succeeds when a whole chain is done."""
         assert self.conn is not None
         method, self._succeeding = self._succeeding, None
-        if method is None:  # cannot happen: success follows one of our validations
-            self.conn.send_userauth_failure(False)
+        chains = self.door.service.config.auth.methods
+        if method is None or method not in next_methods(chains, self.completed):
+            self.conn.send_userauth_failure(False)  # only a method the chains offer now counts
             return
         self.completed.append(method)
-        chains = self.door.service.config.auth.methods
         if is_complete(chains, self.completed):
             await self._original_send_success()
         else:
@@ -406,7 +424,8 @@ class ProxyServer(asyncssh.SSHServer):
             self.kbdint.close()
         if not self.authenticated and self.username is not None and not self.attempts:
             self.door.service.auth_failure(
-                self.username, self.peer, method="publickey",
+                self.username, self.peer,
+                method="publickey" if self._offers("publickey") else "none",
                 why="locked out" if getattr(self, "locked", False)
                 else (str(exc)[:512] if exc else
                       f"left after {','.join(self.completed)} of a chain"

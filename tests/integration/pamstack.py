@@ -26,9 +26,11 @@ WRAPPER = _find("/usr/lib/*/libpam_wrapper.so")
 MATRIX = _find("/usr/lib/*/pam_wrapper/pam_matrix.so")
 ECHO = _find("/lib/*/security/pam_echo.so") or _find("/usr/lib/*/security/pam_echo.so")
 OATH = _find("/lib/*/security/pam_oath.so") or _find("/usr/lib/*/security/pam_oath.so")
+FAILDELAY = (_find("/lib/*/security/pam_faildelay.so")
+             or _find("/usr/lib/*/security/pam_faildelay.so"))
 
 needs_pam_wrapper = pytest.mark.skipif(
-    not (WRAPPER and MATRIX and ECHO and OATH),
+    not (WRAPPER and MATRIX and ECHO and OATH and FAILDELAY),
     reason="libpam-wrapper, libpam-oath and oathtool are not installed (tests/run installs them)")
 
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
@@ -37,7 +39,8 @@ WELCOME = "Welcome to jit-proxy"
 
 
 class PamStack:
-    """Service files ``jit-proxy`` (password) and ``jit-otp`` (info text, password, TOTP)."""
+    """Service files ``jit-proxy`` (password), ``jit-otp`` (info text, password, TOTP) and
+    ``jit-delay`` (pam_faildelay, then password: a wrong one takes 2 s, a right one none)."""
 
     def __init__(self, d: Path):
         d.mkdir(parents=True, exist_ok=True)
@@ -59,6 +62,12 @@ class PamStack:
             f"auth required {MATRIX} passdb={otp_passdb}\n"
             f"auth required {OATH} usersfile={oath} window=4\n"
             f"account required {MATRIX} passdb={otp_passdb}\n")
+        delay_db = d / "passdb-delay"
+        delay_db.write_text("".join(f"{u}:{p}:jit-delay\n" for u, p in PASSWORDS.items()))
+        (self.dir / "jit-delay").write_text(
+            f"auth required {FAILDELAY} delay=2000000\n"
+            f"auth required {MATRIX} passdb={delay_db}\n"
+            f"account required {MATRIX} passdb={delay_db}\n")
         self._step = int(time.time()) // 30
 
     @property

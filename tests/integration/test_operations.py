@@ -22,7 +22,10 @@ try:
     s.connect(sys.argv[1])
 except OSError as e:
     print("refused:", e.strerror); sys.exit(1)
-s.sendall(b'{"command": "status"}\\n')
+try:
+    s.sendall(b'{"command": "status"}\\n')
+except BrokenPipeError:  # refused before it read the request: the answer is still there
+    pass
 print(s.recv(65536).decode())
 """
 

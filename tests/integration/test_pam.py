@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 
 import asyncssh
 import pytest
+from asyncssh.packet import Boolean, String
 
 from tests.conftest import Env
 from tests.integration.pamstack import PASSWORDS, WELCOME, PamStack, needs_pam_wrapper
@@ -217,7 +219,7 @@ def pam_pg_env(tmp_path_factory, test_login, pg_cluster):
     e = Env(root, test_login, pg_cluster)
     cfg = e.config()
     # SSH asks for a password and a code; psql can send one password: its own service
-    cfg["auth"]["pam"] = stack.config("jit-otp")
+    cfg["auth"]["pam"] = e.stack_config = stack.config("jit-otp")
     cfg["targets"]["orders"].update({"client_auth": "pam", "pam_service": "jit-proxy"})
     e.write_config(cfg)
     e.extra_env = stack.environ
@@ -258,6 +260,31 @@ def test_psql_with_a_pam_password_over_tls(pam_pg_env):
         assert f'password authentication failed for user "{user}"' in r.stderr, r.stderr
         assert env.wait_event("auth.failure", lambda e: e["actor"] == user and
                               e["method"] == "pam" and e["why"].startswith(why))
+
+
+def test_concurrent_guesses_cannot_outrun_the_lockout(pam_pg_env):
+    env = pam_pg_env
+    cfg = env.config()
+    cfg["auth"].update({"pam": env.stack_config, "max_failures": 3, "lockout": "1h"})
+    cfg["targets"]["orders"].update({"client_auth": "pam", "pam_service": "jit-delay"})
+    env.write_config(cfg)
+    env.restart()
+    before = len(env.audit_events())
+    from tests.integration.test_postgres import ca_file
+    conninfo = (f"host=127.0.0.1 port={env.pg_port} user=bob dbname=orders "
+                f"sslmode=verify-full sslrootcert={ca_file(env)}")
+    procs = [subprocess.Popen(["psql", "-X", "-At", conninfo, "-c", "SELECT 1"],
+                              env={**os.environ, "PGPASSWORD": f"guess-{i}"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(10)]  # under the audit rate limit (20 a minute)
+    assert all(p.wait(60) != 0 for p in procs)
+    time.sleep(0.5)
+    events = env.audit_events()[before:]
+    checked = [e for e in events if e["type"] == "auth.failure" and e["actor"] == "bob"
+               and e["why"].startswith("PAM auth")]
+    assert len(checked) <= 3  # at most max_failures guesses ever reach PAM
+    assert [e for e in events if e["type"] == "auth.lockout" and e["subject"] == "user:bob"]
+    assert [e for e in events if e["type"] in ("auth.throttled", "auth.locked")]
 
 
 # --- identities from the system (NSS) ------------------------------------------------------------
@@ -357,3 +384,179 @@ def test_an_unusable_pam_library_is_refused_before_any_login(pam_env, tmp_path):
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "-c", str(bad)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "auth.pam.library" in r.stderr
+
+
+# --- clients that do not play fair ----------------------------------------------------------------
+
+async def guess_without_waiting(env: Env, user: str, guesses: list[str], method: str,
+                                wait: float = 0.4) -> tuple[bool, int]:
+    """Send each guess and, when no answer came within ``wait`` s (pam_faildelay holds a wrong
+    one), start over with a new USERAUTH_REQUEST, which cancels the proxy's pending check."""
+    todo, tried, holder = list(guesses), 0, {}
+
+    async def restart():
+        nonlocal tried
+        conn = holder["conn"]
+        if conn._auth_complete or not todo:
+            return
+        if method == "keyboard-interactive":
+            await conn.send_userauth_request(b"keyboard-interactive", String(""), String(""))
+        else:
+            tried += 1
+            await conn.send_userauth_request(b"password", Boolean(False), String(todo.pop(0)))
+            asyncio.get_running_loop().call_later(wait, lambda: asyncio.ensure_future(restart()))
+
+    def next_guess():
+        nonlocal tried
+        if not todo:
+            return None
+        tried += 1
+        asyncio.get_running_loop().call_later(wait, lambda: asyncio.ensure_future(restart()))
+        return todo.pop(0)
+
+    class Client(asyncssh.SSHClient):
+        def connection_made(self, conn):
+            holder["conn"] = conn
+
+        def kbdint_auth_requested(self):
+            return ""
+
+        def kbdint_challenge_received(self, name, instructions, lang, prompts):
+            if not prompts:
+                return []
+            guess = next_guess()
+            return None if guess is None else [guess]
+
+        def password_auth_requested(self):
+            return next_guess()
+
+    try:
+        conn, _ = await asyncio.wait_for(asyncssh.create_connection(
+            Client, "127.0.0.1", env.port, username=user, known_hosts=None, client_keys=None,
+            agent_path=None, preferred_auth=method), 60)
+    except (asyncssh.PermissionDenied, asyncssh.DisconnectError, asyncio.TimeoutError,
+            OSError):  # OSError: our raw requests met a connection closed by max_auth_tries
+        return False, tried
+    async with conn:
+        return (await conn.run("grants", check=False)).exit_status == 0, tried
+
+
+@pytest.mark.parametrize("method", ["keyboard-interactive", "password"])
+def test_starting_over_does_not_skip_the_verdict(pam_env, method):
+    configure(pam_env, pam_env.stack, ["publickey", method], service="jit-delay",
+              max_failures=3, lockout="1h", max_failures_per_address=1000)
+    user = "alice" if method == "password" else "bob"
+    guesses = [f"guess-{i}" for i in range(12)] + [PASSWORDS[user]]
+    before = len(pam_env.audit_events())
+    ok, tried = asyncio.run(guess_without_waiting(pam_env, user, guesses, method))
+    assert not ok
+    # every guess PAM checked is audited and counted: the lockout came, the right one failed
+    deadline = time.monotonic() + 15
+    while not [e for e in pam_env.audit_events()[before:] if e["type"] == "auth.lockout"]:
+        assert time.monotonic() < deadline, pam_env.audit_events()[before:][-10:]
+        time.sleep(0.1)
+    failures = [e for e in pam_env.audit_events()[before:] if e["type"] == "auth.failure"
+                and e["actor"] == user and e["why"].startswith("PAM auth")]
+    assert len(failures) >= 3
+    r = asyncio.run(guess_without_waiting(pam_env, user, [PASSWORDS[user]], method))
+    assert r[0] is False
+    jit_clear(pam_env, f"user:{user}")
+
+
+def jit_clear(env: Env, subject: str) -> None:
+    from tests.integration.test_operations import jit
+    assert jit("lockouts", "clear", subject, "-c", str(env.config_path)).returncode == 0
+
+
+def test_one_connection_cannot_start_conversations_without_end(pam_env):
+    configure(pam_env, pam_env.stack, ["keyboard-interactive"], max_failures=1000)
+    pid = pam_env.proc.pid
+
+    def threads() -> int:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+        raise AssertionError("no thread count")
+
+    before = threads()
+    starts = 0
+
+    async def flood():
+        nonlocal starts
+        holder = {}
+
+        class Client(asyncssh.SSHClient):
+            def connection_made(self, conn):
+                holder["conn"] = conn
+
+            def kbdint_auth_requested(self):
+                return ""
+
+            async def kbdint_challenge_received(self, name, instructions, lang, prompts):
+                nonlocal starts
+                starts += 1  # never answer: ask for a new conversation instead
+                await holder["conn"].send_userauth_request(b"keyboard-interactive", String(""),
+                                                           String(""))
+                await asyncio.sleep(3600)
+
+        with pytest.raises((asyncssh.DisconnectError, asyncssh.PermissionDenied)):
+            await asyncio.wait_for(asyncssh.create_connection(
+                Client, "127.0.0.1", pam_env.port, username="alice", known_hosts=None,
+                client_keys=None, agent_path=None, preferred_auth="keyboard-interactive"), 30)
+
+    asyncio.run(flood())
+    assert starts <= 7  # ssh.max_auth_tries (6) ends the connection
+    assert pam_env.wait_event("auth.failure", lambda e: e.get("why") == "too many attempts")
+    deadline = time.monotonic() + 10
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert threads() <= before  # the abandoned conversations ended with the connection
+
+
+def test_a_prompt_held_open_across_a_lockout_is_refused(pam_env):
+    configure(pam_env, pam_env.stack, ["publickey", "keyboard-interactive"], max_failures=3,
+              lockout="1h", max_failures_per_address=1000)
+
+    async def run():
+        answer = asyncio.get_running_loop().create_future()
+
+        class Client(asyncssh.SSHClient):
+            def kbdint_auth_requested(self):
+                return ""
+
+            async def kbdint_challenge_received(self, name, instructions, lang, prompts):
+                if not prompts:
+                    return []
+                if answer.done():
+                    return None
+                answer.set_result(None)
+                await held.wait()  # the lockout happens while this prompt is open
+                return [PASSWORDS["bob"]]
+
+        held = asyncio.Event()
+        login = asyncio.ensure_future(asyncssh.create_connection(
+            Client, "127.0.0.1", pam_env.port, username="bob", known_hosts=None,
+            client_keys=None, agent_path=None, preferred_auth="keyboard-interactive"))
+        await asyncio.wait_for(answer, 15)
+        for _ in range(3):  # bob's key is not alice's: three failed publickey logins
+            with pytest.raises(asyncssh.PermissionDenied):
+                await asyncssh.connect("127.0.0.1", pam_env.port, username="bob",
+                                       known_hosts=None, agent_path=None,
+                                       client_keys=[str(pam_env.keys / "alice")],
+                                       preferred_auth="publickey")
+        held.set()
+        with pytest.raises(asyncssh.PermissionDenied):
+            await asyncio.wait_for(login, 30)
+
+    asyncio.run(run())
+    assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "user:bob")
+    assert not [e for e in pam_env.audit_events("auth.success") if e["actor"] == "bob"
+                and e["method"] == "keyboard-interactive"]
+    jit_clear(pam_env, "user:bob")
+
+
+def test_answers_with_nul_bytes_or_too_long_are_refused(pam_env):
+    configure(pam_env, pam_env.stack, ["keyboard-interactive"])
+    for answer in ("alice\0-pw", "ali\0ce-pw", PASSWORDS["alice"] + "x" * 2000):
+        ok, _ = asyncio.run(asyncssh_rounds(pam_env, "alice", [answer]))
+        assert not ok
