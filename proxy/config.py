@@ -112,6 +112,9 @@ class PamSettings(_Model):
     service: str = Field("jit-proxy", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # the PAM library; tests load pam_wrapper's libpam_wrapper.so here
     library: str = Field("libpam.so.0", min_length=1)
+    # longest one PAM login may take in all (a module waiting on a directory that does not
+    # answer): then it fails as the system's fault, not counted against the user
+    timeout: Duration = 90
 
 
 class AuthSettings(_Model):

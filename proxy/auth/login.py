@@ -67,6 +67,13 @@ async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outc
     return True
 
 
+def _pam_time_limit(service: Any) -> float:
+    """Seconds one PAM transaction may take in all before it is given up (``auth.pam.timeout``:
+    a module hanging on a directory that does not answer). Its thread cannot be stopped, but
+    its slot (``begin_attempt``) is given back."""
+    return float(service.config.auth.pam.timeout)
+
+
 def _refused(service: Any, user: str, peer: str, method: str, **fields: Any) -> bool:
     """Reserve a PAM check (``begin_attempt``); True, audited, when it may not run now."""
     why = service.begin_attempt(user, peer)
@@ -118,25 +125,32 @@ async def password_login(service: Any, user: str, password: str, peer: str, meth
 
     async def check() -> bool:
         try:
-            outcome = await authenticate_password(pam.library, pam_service or pam.service, user,
-                                                  password, peer.rsplit(":", 1)[0])
+            outcome = await asyncio.wait_for(
+                authenticate_password(pam.library, pam_service or pam.service, user, password,
+                                      peer.rsplit(":", 1)[0]), _pam_time_limit(service))
             return await _finish(service, user, peer, method, outcome, **fields)
         except PamError as exc:
             log.error("PAM unusable: %s", exc)
             service.auth_failure(user, peer, method=method, why=str(exc)[:300], count=False,
                                  **fields)
             return False
+        except asyncio.TimeoutError:  # counted: a fail delay may be holding up a wrong one
+            log.error("PAM unusable: no verdict in time for %s", user[:64])
+            service.auth_failure(user, peer, method=method, why="PAM did not answer in time",
+                                 **fields)
+            return False
         finally:
             service.end_attempt(user, peer)
 
-    return await asyncio.shield(service.spawn(check()))
+    return await asyncio.shield(service.spawn(check(), drain=False))
 
 
 class KbdIntLogin:
     """One keyboard-interactive login through PAM, for ``get_kbdint_challenge`` and
-    ``validate_kbdint_response`` of an asyncssh server. The transaction's verdict (audit,
-    lockout count) is reached in a task of its own, so a client that walks away or starts over
-    mid-conversation cannot skip it. ``close()`` ends a transaction in progress."""
+    ``validate_kbdint_response`` of an asyncssh server. A conversation that is only open holds
+    nothing; the first answer reserves a check (``begin_attempt``), and from then on the
+    verdict (audit, lockout count) is reached in a task of its own, so a client that walks away
+    or starts over mid-conversation cannot skip it. ``close()`` ends a transaction in progress."""
 
     METHOD = "keyboard-interactive"
 
@@ -145,13 +159,16 @@ class KbdIntLogin:
         self.answer_timeout = answer_timeout
         self.tx: PamTransaction | None = None
         self.verdict: asyncio.Task | None = None
+        self.answered = False  # an answer reached PAM: the check is reserved and will count
         self._result: bool | None = None  # known once PAM ended, shown after a last text round
 
     async def challenge(self) -> KbdIntChallenge:
         """The first round (or False when the login cannot start)."""
         self.close()
         self._result = None
-        if _refused(self.service, self.user, self.peer, self.METHOD):
+        if self.service.locked_out(self.user, self.peer):
+            self.service.audit_unauthenticated("auth.locked", self.user, self.peer,
+                                               method=self.METHOD)
             self._result = False
             return ("", LOCKED_TEXT, "", [])
         pam = self.service.config.auth.pam
@@ -160,37 +177,63 @@ class KbdIntLogin:
         try:
             await tx.start()
         except PamError as exc:
-            self.service.end_attempt(self.user, self.peer)
             log.error("PAM unusable: %s", exc)
             self.service.auth_failure(self.user, self.peer, method=self.METHOD,
                                       why=str(exc)[:300], count=False)
             return False
-        self.tx = tx
-        self.verdict = self.service.spawn(self._decide(tx))
+        self.tx, self.answered = tx, False
+        self.verdict = self.service.spawn(self._decide(tx), drain=False)
         return await self._next()
 
     async def _decide(self, tx: PamTransaction) -> bool:
+        """The verdict: audited and counted once PAM ends (or ``auth.pam.timeout`` passed; a
+        timeout after an answer counts like a wrong answer, since a wrong one may be what a
+        fail delay is holding up)."""
         try:
             assert tx.outcome is not None
-            return await _finish(self.service, self.user, self.peer, self.METHOD,
-                                 await tx.outcome)
+            try:
+                outcome = await asyncio.wait_for(asyncio.shield(tx.outcome),
+                                                 _pam_time_limit(self.service))
+            except asyncio.TimeoutError:
+                tx.abort()
+                log.error("PAM unusable: no verdict in time for %s", self.user[:64])
+                self.service.auth_failure(self.user, self.peer, method=self.METHOD,
+                                          why="PAM did not answer in time",
+                                          count=self.answered)
+                return False
+            return await _finish(self.service, self.user, self.peer, self.METHOD, outcome)
         finally:
-            self.service.end_attempt(self.user, self.peer)
+            if self.answered:
+                self.service.end_attempt(self.user, self.peer)
 
     async def respond(self, responses: list[str]) -> KbdIntChallenge:
         """The next round after the client's answers to the last one, or True/False at the end."""
         if self.tx is None:  # after a round that only showed text: PAM had already ended
             result, self._result = bool(self._result), None
             return result
-        if len(responses) != 1 or self.service.locked_out(self.user, self.peer):
-            self.tx.abort()  # each round asks one question; and nothing more while locked
+        if len(responses) != 1:  # each round asks one question
+            self.tx.abort()
+        elif not self.answered and _refused(self.service, self.user, self.peer, self.METHOD):
+            self.tx.abort()  # locked out, or as many checks running as failures remain
+        elif self.service.locked_out(self.user, self.peer):
+            self.tx.abort()  # locked out since the last round
         else:
+            self.answered = True
             self.tx.answer(responses[0])
         return await self._next()
 
     async def _next(self) -> KbdIntChallenge:
         assert self.tx is not None and self.verdict is not None
-        event = await self.tx.next_event()
+        get = asyncio.ensure_future(self.tx.next_event())
+        try:
+            await asyncio.wait({get, self.verdict}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():
+                get.cancel()
+        if not get.done() or get.cancelled():  # given up (auth.pam.timeout) before PAM ended
+            self.close()
+            return await asyncio.shield(self.verdict)
+        event = get.result()
         if isinstance(event, Prompt):
             return ("", _texts(event.texts), "", [(event.prompt, event.echo)])
         self.tx = None

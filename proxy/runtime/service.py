@@ -124,6 +124,7 @@ class AccessService:
     _failures: dict[str, list[float]] = field(default_factory=dict)
     _locked_until: dict[str, float] = field(default_factory=dict)
     _in_flight: dict[str, int] = field(default_factory=dict)  # PAM checks running, per key
+    _checks: set[asyncio.Task] = field(default_factory=set)  # their verdict tasks
     _preauth_total: int = 0
     _refused_preauth: int = 0
     identities: SystemIdentities = field(default_factory=SystemIdentities)
@@ -137,11 +138,13 @@ class AccessService:
         config.bind_system_groups(self.identities.cached_groups)
         self.config = config
 
-    def spawn(self, coro: Any) -> asyncio.Task:
-        """Run ``coro`` in the background; ``drain`` waits for all of them (at shutdown)."""
+    def spawn(self, coro: Any, drain: bool = True) -> asyncio.Task:
+        """Run ``coro`` in the background; ``drain`` waits for all of them (at shutdown) but
+        those spawned with ``drain=False`` (login checks, cancelled when the process ends)."""
         task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        tasks = self._background if drain else self._checks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
 
     async def drain(self) -> None:

@@ -265,7 +265,8 @@ class ProxyServer(asyncssh.SSHServer):
         self.authenticated = False
         self.kbdint: KbdIntLogin | None = None
         self.attempts = 0  # PAM attempts, each audited (and counted) by itself
-        self.tries = 0  # attempts of any method, for ssh.max_auth_tries
+        self.tries = 0  # failed attempts of any method, for ssh.max_auth_tries
+        self._closing = False
 
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
@@ -314,30 +315,41 @@ class ProxyServer(asyncssh.SSHServer):
         ok = any([hmac.compare_digest(blob, k) for k in self.door.user_key_blobs(username)])
         self._succeeding = "publickey" if ok else None
         if not ok:
-            self._tried()
+            self._failed()
         return ok
 
-    def _tried(self) -> None:
-        """One more failed or started attempt; past ``ssh.max_auth_tries`` the connection ends
-        (like sshd's MaxAuthTries), so one connection cannot try without end."""
+    def _failed(self) -> None:
+        """One more failed attempt (a key refused, a PAM login failed or left for another)."""
         self.tries += 1
-        if self.tries > self.door.service.config.ssh.max_auth_tries and self.conn is not None:
+        self._too_many()
+
+    def _too_many(self) -> bool:
+        """True, and the connection ends, once ``ssh.max_auth_tries`` attempts failed (like
+        sshd's MaxAuthTries), so one connection cannot try without end."""
+        if self.tries < self.door.service.config.ssh.max_auth_tries:
+            return False
+        if self.conn is not None and not self._closing:
+            self._closing = True
             self.door.service.audit_unauthenticated("auth.failure", self.username or "",
                                                     self.peer, why="too many attempts",
                                                     tries=self.tries)
             asyncio.get_running_loop().call_soon(
                 self.conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
                 "jit-proxy: too many authentication failures")
+        return True
 
     def password_auth_supported(self) -> bool:
         return self._offers("password")
 
     async def validate_password(self, username: str, password: str) -> bool:
         self._succeeding = None
+        if self._too_many():
+            return False
         self.attempts += 1
-        self._tried()
         ok = await password_login(self.door.service, username, password, self.peer, "password")
         self._succeeding = "password" if ok else None
+        if not ok:
+            self._failed()
         return ok
 
     def kbdint_auth_supported(self) -> bool:
@@ -345,10 +357,12 @@ class ProxyServer(asyncssh.SSHServer):
 
     async def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
         self._succeeding = None
+        if self.kbdint is not None and self.kbdint.tx is not None:
+            self.kbdint.close()  # a client starting over ends the conversation it left
+            self._failed()
+        if self._too_many():
+            return False
         self.attempts += 1
-        self._tried()
-        if self.kbdint is not None:  # a client starting over ends the conversation it left
-            self.kbdint.close()
         grace = float(self.door.service.config.ssh.login_grace_time)
         self.kbdint = KbdIntLogin(self.door.service, username, self.peer, answer_timeout=grace)
         return self._kbdint_result(await self.kbdint.challenge())
@@ -361,6 +375,8 @@ class ProxyServer(asyncssh.SSHServer):
     def _kbdint_result(self, challenge: Any) -> Any:
         if challenge is True:
             self._succeeding = "keyboard-interactive"
+        elif challenge is False:
+            self._failed()
         return challenge
 
     async def _send_success(self) -> None:

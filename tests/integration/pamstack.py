@@ -40,7 +40,8 @@ WELCOME = "Welcome to jit-proxy"
 
 class PamStack:
     """Service files ``jit-proxy`` (password), ``jit-otp`` (info text, password, TOTP) and
-    ``jit-delay`` (pam_faildelay, then password: a wrong one takes 2 s, a right one none)."""
+    ``jit-delay`` (pam_faildelay, then password: a wrong one takes 2 s, a right one none) and
+    ``jit-hang`` (a module that takes 30 s)."""
 
     def __init__(self, d: Path):
         d.mkdir(parents=True, exist_ok=True)
@@ -68,6 +69,9 @@ class PamStack:
             f"auth required {FAILDELAY} delay=2000000\n"
             f"auth required {MATRIX} passdb={delay_db}\n"
             f"account required {MATRIX} passdb={delay_db}\n")
+        hang = ECHO.replace("pam_echo.so", "pam_exec.so")  # a module that never answers in time
+        (self.dir / "jit-hang").write_text(f"auth required {hang} /bin/sleep 30\n"
+                                           f"account required {MATRIX} passdb={delay_db}\n")
         self._step = int(time.time()) // 30
 
     @property
