@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -47,6 +49,9 @@ def main() -> int:
     p.add_argument("--scale-sessions", type=int, default=500)
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--profile", metavar="FILE",
+                   help="record the proxy process with py-spy (collapsed stacks to FILE; "
+                        "py-spy must be installed: pip install py-spy; it is no dependency)")
     args = p.parse_args()
     parts = {x.strip() for x in args.only.split(",") if x.strip()}
     if parts - set(PARTS):
@@ -68,8 +73,11 @@ def main() -> int:
                    pg_scale=args.pg_scale,
                    pg_max_connections=max(200, storm + args.scale_sessions + 200))
     results = Results()
+    spy = None
     try:
         env.start()
+        if args.profile:
+            spy = start_profiler(env.proc.pid, args.profile)
         if parts & {"ssh", "latency"}:
             from bench import ssh
             ssh.run(env, results, args.rounds, args.size_mib << 20, args.echo_samples, parts)
@@ -85,6 +93,9 @@ def main() -> int:
             scale.run(env, results, args.scale_sessions, args.scale_sessions,
                       max(1, args.rounds), max(50, args.echo_samples // 2))
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=120)
         env.close()
         if args.keep:
             print(f"bench: kept {d}", file=sys.stderr)
@@ -99,6 +110,15 @@ def main() -> int:
     (out / f"RESULTS{suffix}.md").write_text(md)
     print(md)
     return 0
+
+
+def start_profiler(pid: int, out: str) -> subprocess.Popen:
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-o", out, "--format", "raw",
+                             "-r", "250", "--nonblocking"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

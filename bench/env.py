@@ -320,6 +320,20 @@ class BenchEnv:
         if self.pg_port:
             wait_port(self.pg_port, self.proc, self.log_path)
 
+    def restart_proxy(self) -> None:
+        """Stop the proxy (SIGTERM) and start it again with the same state: grants stay."""
+        self.stop_proxy()
+        self.start_proxy()
+
+    def stop_proxy(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
     def ssh_cmd(self, user: str, command: str) -> list[str]:
         return ["ssh", "-F", str(self.ssh_config), f"{user}@jit-proxy", command]
 
@@ -347,13 +361,7 @@ class BenchEnv:
         return rss_kib(self.proc.pid)
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.stop_proxy()
         for part in (self.target, self.jump):
             part.stop()
         if self.pg is not None:

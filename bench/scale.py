@@ -3,7 +3,7 @@
 What it is for: measuring SSH setup, pty echo latency and (with PostgreSQL) pgbench -S through
 jit-proxy first with nothing else open, then opening N idle SSH sessions through the proxy (each
 its own jump connection with one exec session on the target) and N idle PostgreSQL connections,
-reading the proxy's RSS before and after each batch (KiB per session), and measuring the same
+reading the RSS of a freshly restarted proxy before and after each batch (KiB per session), and measuring the same
 figures again with all of them open.
 
 What it must not do: leave the idle sessions open after it is done.
@@ -36,6 +36,8 @@ def _figures(env: BenchEnv, rounds: int, echo: int) -> dict:
 
 
 def run(env: BenchEnv, results: Results, n_ssh: int, n_pg: int, rounds: int, echo: int) -> None:
+    # a fresh proxy process: memory an earlier part (the storm) freed stays in its RSS
+    env.restart_proxy()
     before = _figures(env, rounds, echo)
     c = Clients(env)
     loop = asyncio.new_event_loop()  # the idle clients live on a loop in a thread of their own
