@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,8 +29,14 @@ _RESERVED = frozenset({"ts", "type", "actor", "prev", "hash"})
 _SECRET_FIELD = re.compile(r"pass(word|phrase)|secret|private|token", re.I)
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+# stands in for the hash while a line is serialised once (see AuditLog.emit); random, so that no
+# field value can contain it
+_PLACEHOLDER = os.urandom(32).hex()
+
+
 def canonical(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(event).encode()
 
 
 def _hash(event: dict[str, Any]) -> str:
@@ -104,6 +111,9 @@ class AuditLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "ab", buffering=0)
         self.observers: list = []  # called with each event after it is written (metrics)
+        self._checked_types: set[str] = set()   # event types and field names already
+        self._checked_fields: set[str] = set()  # validated (emit is on the per-statement path)
+        self._ts_second, self._ts_prefix = -1, ""
         try:
             self._prev, repair = _recover(self.path)
         except BaseException:
@@ -122,22 +132,46 @@ class AuditLog:
         Raises:
             ValueError: a malformed type or a secret-looking field name (a programming error).
         """
-        if not _EVENT_TYPE.match(type):
-            raise ValueError(f"audit event type {type!r} is not dotted lowercase")
+        if type not in self._checked_types:
+            if not _EVENT_TYPE.match(type):
+                raise ValueError(f"audit event type {type!r} is not dotted lowercase")
+            self._checked_types.add(type)
         for name in fields:
+            if name in self._checked_fields:
+                continue
             if name in _RESERVED:
                 raise ValueError(f"audit field {name!r} is set by the log itself")
             if _SECRET_FIELD.search(name):
                 raise ValueError(f"audit field {name!r} looks like a secret; never log secrets")
-        event: dict[str, Any] = {"ts": rfc3339(self._clock.now()), "type": type, "actor": actor}
+            self._checked_fields.add(name)
+        event: dict[str, Any] = {"ts": self._rfc3339(self._clock.now()), "type": type,
+                                 "actor": actor}
         event.update(fields)
         event["prev"] = self._prev
-        event["hash"] = _hash(event)
-        self._file.write(canonical(event) + b"\n")
-        self._prev = event["hash"]
+        # serialise once: the canonical line with a placeholder hash, which removed gives the
+        # canonical JSON without ``hash`` (keys sorted, so ``actor`` always comes before it)
+        event["hash"] = _PLACEHOLDER
+        line = _ENCODER.encode(event)
+        marker = f',"hash":"{_PLACEHOLDER}"'
+        digest = hashlib.sha256(line.replace(marker, "", 1).encode()).hexdigest()
+        event["hash"] = digest
+        self._file.write(line.replace(_PLACEHOLDER, digest, 1).encode() + b"\n")
+        self._prev = digest
         for observer in self.observers:
             observer(event)
         return event
+
+    def _rfc3339(self, now: float) -> str:
+        """``rfc3339(now)``, with the part up to the second formatted once per second."""
+        frac, whole = math.modf(now)
+        us = round(frac * 1e6)  # as datetime.fromtimestamp rounds
+        if us >= 1_000_000 or us < 0:
+            return rfc3339(now)
+        second = int(whole)
+        if second != self._ts_second:
+            self._ts_second = second
+            self._ts_prefix = rfc3339(float(second))[:-4]  # "YYYY-MM-DDTHH:MM:SS."
+        return f"{self._ts_prefix}{us // 1000:03d}Z"
 
     def sync(self) -> None:
         os.fsync(self._file.fileno())

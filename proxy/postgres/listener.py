@@ -658,23 +658,29 @@ class PgClient:
 
     async def _client_to_upstream(self, frames: MessageDecoder) -> None:
         assert self.up_writer is not None
+        data = b""      # the last read; relayed as it came when it held whole messages only
+        carried = True  # the decoder held bytes of an earlier read when ``data`` was fed
         while True:
             out = []
             while (frame := frames.next_frame()) is not None:
-                self._audit_frame(frame)
-                out.append(frame.encode())
+                self._audit_frame(frame)  # audited before a byte of it goes upstream
+                out.append(frame)
                 if frame.type == b"X":
-                    self.up_writer.write(b"".join(out))
+                    self.up_writer.write(b"".join(f.encode() for f in out))
                     await self.up_writer.drain()
                     return
             if out:
-                data = b"".join(out)
-                self.bytes_up += len(data)
-                self.up_writer.write(data)
+                if not carried and not frames.buffered:
+                    chunk = data  # exactly the frames above: no re-encoding
+                else:
+                    chunk = b"".join(f.encode() for f in out)
+                self.bytes_up += len(chunk)
+                self.up_writer.write(chunk)
                 await self.up_writer.drain()
             data = await self.reader.read(READ_SIZE)
             if not data:
                 return
+            carried = frames.buffered > 0
             frames.feed(data)
 
     def _audit_frame(self, frame: Frame) -> None:

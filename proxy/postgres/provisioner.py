@@ -61,8 +61,25 @@ def scram_verifier(password: str) -> str:
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
+_SSL_CONTEXTS: dict[int, tuple[PostgresTarget, ssl.SSLContext | bool]] = {}
+
+
 def upstream_ssl(target: PostgresTarget) -> ssl.SSLContext | bool:
-    """The client TLS context for ``target.tls`` (verify-full checks chain and host name)."""
+    """The client TLS context for ``target.tls`` (verify-full checks chain and host name).
+
+    Made once per target object (loading the CA file costs about a millisecond, on every
+    connection otherwise); a reload makes new target objects, so a new CA file applies then."""
+    cached = _SSL_CONTEXTS.get(id(target))
+    if cached is not None and cached[0] is target:
+        return cached[1]
+    if len(_SSL_CONTEXTS) > 256:  # targets of configurations reloaded long ago
+        _SSL_CONTEXTS.clear()
+    ctx = _make_upstream_ssl(target)
+    _SSL_CONTEXTS[id(target)] = (target, ctx)
+    return ctx
+
+
+def _make_upstream_ssl(target: PostgresTarget) -> ssl.SSLContext | bool:
     mode = target.tls.mode
     if mode == "disable":
         return False
@@ -174,32 +191,41 @@ class Provisioner:
         await self._with_admin(lambda c: c.execute(f"ALTER ROLE {quote_ident(name)} NOLOGIN"))
 
     async def teardown(self, name: str) -> None:
-        """NOLOGIN, terminate backends, reassign/drop owned objects in every database, DROP ROLE.
+        """NOLOGIN, terminate backends, reassign/drop owned objects in every database where the
+        role has any (``databases`` in the audit event), DROP ROLE.
 
         Idempotent: a role that is already gone is reported as dropped.
         Raises:
             asyncpg.PostgresError, OSError: a step failed (the caller retries the whole teardown).
         """
-        async def first_steps(conn: asyncpg.Connection) -> list[str] | None:
+        async def first_steps(conn: asyncpg.Connection) -> int | None:
             if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
                 self.report("db.role.dropped", {"role": name, "already_gone": True})
                 return None
             await conn.execute(f"ALTER ROLE {quote_ident(name)} NOLOGIN")
             self.report("db.role.nologin", {"role": name})
-            killed = await conn.fetchval(
+            return await conn.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
                 name)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + TERMINATE_WAIT
-            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
-                                      name) and loop.time() < deadline:
-                await asyncio.sleep(0.05)
-            self.report("db.role.backends_terminated", {"role": name, "count": killed})
-            return [r["datname"] for r in await conn.fetch(
-                "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname")]
-        databases = await self._with_admin(first_steps)
-        if databases is None:
+        killed = await self._with_admin(first_steps)
+        if killed is None:
             return
+        # wait for the terminated backends to exit without holding the admin connection, so
+        # that other roles' teardowns go on meanwhile (an expiry storm tears down many at once)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TERMINATE_WAIT
+        while await self._with_admin(lambda c: c.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", name)) \
+                and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.report("db.role.backends_terminated", {"role": name, "count": killed})
+        # only the databases where the role owns objects or holds privileges (pg_shdepend, the
+        # shared catalog DROP ROLE itself checks): one admin connection per such database
+        databases = [r["datname"] for r in await self._with_admin(lambda c: c.fetch(
+            "SELECT DISTINCT d.datname FROM pg_shdepend s"
+            " JOIN pg_database d ON d.oid = s.dbid"
+            " JOIN pg_roles r ON r.oid = s.refobjid AND s.refclassid = 'pg_authid'::regclass"
+            " WHERE r.rolname = $1 AND d.datallowconn ORDER BY d.datname", name))]
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:
                 async with c.transaction():

@@ -324,9 +324,11 @@ _audit_log = logging.getLogger("jit_proxy.audit")
 def _log_event(event: dict) -> None:
     """Every audit event also goes to the operator's log (journald), as one line; the audit log
     never holds secrets, so neither does this."""
-    fields = {k: v for k, v in event.items() if k not in ("prev", "hash", "ts")}
     level = logging.WARNING if (event["type"].endswith((".refused", ".failed", ".failure"))
                                 or "error" in event["type"]) else logging.INFO
+    if not _audit_log.isEnabledFor(level):  # e.g. --log-level warning: no JSON for nobody
+        return
+    fields = {k: v for k, v in event.items() if k not in ("prev", "hash", "ts")}
     _audit_log.log(level, json.dumps(fields, ensure_ascii=False, separators=(",", ":")))
 
 

@@ -437,6 +437,7 @@ class TargetPostgres:
     superuser: str = "postgres"
     superuser_password: str = ""
     port: int = 0
+    settings: dict | None = None  # more postgresql.conf settings (they override the defaults)
 
     def _run(self, argv: list[str]) -> None:
         """Run a PostgreSQL program as the cluster's owner; RuntimeError with its stderr."""
@@ -485,7 +486,7 @@ class TargetPostgres:
             max_connections = 200
             fsync = off
             log_min_messages = warning
-            """))
+            """) + "".join(f"{k} = '{v}'\n" for k, v in (self.settings or {}).items()))
         if os.geteuid() == 0:
             shutil.chown(data / "postgresql.auto.conf", "postgres", "postgres")
         (data / "pg_hba.conf").write_text("local all all scram-sha-256\n"

@@ -37,6 +37,13 @@ PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                      "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
 
 UPSTREAM_CONNECT_TIMEOUT = 15.0
+# the target-side session channel: a bigger window and packets than asyncssh's defaults (2 MiB,
+# 32 KiB) mean fewer packets to decrypt and fewer window adjustments per byte from the target;
+# the client side stays bounded by the client's own window (flow control pauses reading here;
+# what the target already sent, at most one window, then waits in the proxy). Measured with
+# `python -m bench` (bulk down): about a quarter less proxy CPU per GiB than the defaults.
+UPSTREAM_WINDOW = 8 * 1024 * 1024
+UPSTREAM_MAX_PKTSIZE = 128 * 1024
 CLOSE_GRACE = 1.0
 
 
@@ -316,7 +323,8 @@ class BridgeSession(asyncssh.SSHServerSession):
             self.end_reason = "grant ended"
             self._fail_client(f"jit-proxy: access to {jump.login}@{jump.target_name} has ended")
             return
-        kwargs: dict[str, Any] = {"env": chan.get_environment(), "encoding": None}
+        kwargs: dict[str, Any] = {"env": chan.get_environment(), "encoding": None,
+                                  "window": UPSTREAM_WINDOW, "max_pktsize": UPSTREAM_MAX_PKTSIZE}
         if self.term is not None:
             term_type, term_size, term_modes = self.term
             kwargs.update(request_pty="force", term_type=term_type, term_size=term_size,

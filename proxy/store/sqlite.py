@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -108,12 +109,25 @@ def _grant(row: sqlite3.Row) -> Grant:
     return Grant(**d)
 
 
+def _settle(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if fut.cancelled():  # the caller gave up waiting; the write itself stands (or failed)
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
 class SQLiteStore:
     """``Store`` on SQLite. Open with ``await SQLiteStore.open(path)``."""
 
     def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor):
         self._db = db
         self._executor = executor
+        # writes waiting for the next commit (group commit, see _write); the lock guards the
+        # hand-over between the event loop and the store's thread
+        self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
+        self._batch_lock = threading.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> "SQLiteStore":
@@ -160,18 +174,49 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(self._db)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        return result
-
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._run(self._tx, fn)
+        """Run ``fn`` in a write transaction; returns once it is durably committed.
+
+        Group commit: writes that arrive while the store's thread is busy share its next
+        transaction (one fsync for all), each in its own savepoint, so a write that fails is
+        rolled back alone and only its caller sees the error. Writes commit in the order they
+        were made, and a read made after a write runs after that write's commit.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        with self._batch_lock:
+            self._batch.append((fn, fut))
+            first = len(self._batch) == 1
+        if first:  # otherwise a commit job is queued already and will take this write too
+            self._executor.submit(self._commit_batch, loop)
+        return await fut
+
+    def _commit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._batch_lock:
+            batch, self._batch = self._batch, []
+        outcomes: list[tuple[asyncio.Future, Any, BaseException | None]] = []
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, fut in batch:
+                    self._db.execute("SAVEPOINT jit_write")
+                    try:
+                        result = fn(self._db)
+                    except Exception as exc:
+                        self._db.execute("ROLLBACK TO jit_write")
+                        self._db.execute("RELEASE jit_write")
+                        outcomes.append((fut, None, exc))
+                    else:
+                        self._db.execute("RELEASE jit_write")
+                        outcomes.append((fut, result, None))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except Exception as exc:  # BEGIN, a savepoint or COMMIT failed: nothing was written
+            outcomes = [(fut, None, exc) for _, fut in batch]
+        for fut, result, exc in outcomes:
+            loop.call_soon_threadsafe(_settle, fut, result, exc)
 
     async def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         return await self._run(lambda: self._db.execute(sql, params).fetchall())
