@@ -33,6 +33,7 @@ from proxy.postgres.sql import quote_ident, quote_literal
 StepReporter = Callable[[str, dict], None]
 SCRAM_ITERATIONS = 4096
 TERMINATE_WAIT = 5.0  # seconds to wait for terminated backends to go away
+ADMIN_POOL_SIZE = 4  # admin connections per target, for creating and dropping roles side by side
 ROLE_MARKER = "jit-proxy ephemeral role"  # start of the comment on every role the proxy creates
 
 
@@ -102,24 +103,27 @@ class Provisioner:
         self.prefix = prefix
         self.report = report
         self.connect_timeout = connect_timeout
-        self._conn: asyncpg.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()  # guards the pool's creation
 
-    async def _admin(self, database: str | None = None) -> asyncpg.Connection:
+    def _admin_args(self, database: str | None = None) -> dict:
         t = self.target
         password = Path(t.admin.password_file).read_text().split("\n", 1)[0]
-        return await asyncpg.connect(
-            host=t.address, port=t.port, user=t.admin.user, password=password,
-            database=database or t.admin.database, ssl=upstream_ssl(t),
-            server_settings={"standard_conforming_strings": "on",
-                             "application_name": "jit-proxy provisioner"},
-            timeout=self.connect_timeout, statement_cache_size=0)
+        return dict(host=t.address, port=t.port, user=t.admin.user, password=password,
+                    database=database or t.admin.database, ssl=upstream_ssl(t),
+                    server_settings={"standard_conforming_strings": "on",
+                                     "application_name": "jit-proxy provisioner"},
+                    timeout=self.connect_timeout, statement_cache_size=0)
+
+    async def _admin(self, database: str | None = None) -> asyncpg.Connection:
+        return await asyncpg.connect(**self._admin_args(database))
 
     async def _with_admin(self, fn: Callable[[asyncpg.Connection], Awaitable], *,
                           database: str | None = None):
-        """Run ``fn`` on an admin connection: the kept one for the admin database (opened on
-        first use, reopened when broken; one statement sequence at a time), a fresh one for any
-        other database."""
+        """Run ``fn`` on an admin connection: one of a small pool for the admin database
+        (``ADMIN_POOL_SIZE`` at most, opened on first use; a broken one is replaced), so that
+        many roles are created and torn down side by side, or a fresh one for any other
+        database."""
         if database is not None and database != self.target.admin.database:
             conn = await self._admin(database)
             try:
@@ -127,19 +131,19 @@ class Provisioner:
             finally:
                 await conn.close(timeout=5)
         async with self._lock:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await self._admin()
-            try:
-                return await fn(self._conn)
-            except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
-                self._conn.terminate()
-                self._conn = None
-                raise
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    min_size=1, max_size=ADMIN_POOL_SIZE, **self._admin_args())
+        async with self._pool.acquire() as conn:
+            return await fn(conn)
 
     async def close(self) -> None:
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close(timeout=5)
-        self._conn = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except asyncio.TimeoutError:
+                pool.terminate()
 
     async def create_role(self, name: str, member_of: list[str], valid_until: float,
                           grant_id: int) -> None:

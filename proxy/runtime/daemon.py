@@ -154,7 +154,7 @@ class Daemon:
             await asyncio.sleep(SWEEP_INTERVAL)
             ticks += 1
             try:
-                await self.service.expire_due()
+                self.service.spawn(self.service.expire_due())  # a storm never delays the next
                 if ticks % PENDING_SWEEP_TICKS == 0:
                     await self.service.expire_pending()
             except Exception:  # keep sweeping; the failure is logged with its grant

@@ -117,6 +117,7 @@ class AccessService:
     ssh_port: int = 22  # set by the listener once bound
     postgres: Any = None  # the PostgreSQL front door (db-login, its CA) when configured
     _unpersisted: dict[int, Grant] = field(default_factory=dict)
+    _ending: set[int] = field(default_factory=set)  # grants an expiry sweep is ending now
     _background: set[asyncio.Task] = field(default_factory=set)
     _auth_failures: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     _preauth: dict[str, int] = field(default_factory=dict)
@@ -449,13 +450,19 @@ class AccessService:
 
     async def expire_due(self) -> list[Grant]:
         """End every active grant whose end has passed, concurrently, and retry recording ends
-        that failed to persist. Safe to call often (the sweep does)."""
+        that failed to persist. Safe to call often, also while an earlier call is still closing
+        its grants' sessions (the sweep does not wait for it: grants ending a second later are
+        not held up by a storm before them)."""
         now = self.clock.now()
-        due = [g for g in self.active.values() if g.ends_at <= now]
-        results = await asyncio.gather(*(self.end_grant(g, "expire", "system") for g in due),
-                                       *(self._persist_end(g) for g in
-                                         list(self._unpersisted.values())),
-                                       return_exceptions=True)
+        due = [g for g in self.active.values() if g.ends_at <= now and g.id not in self._ending]
+        retry = [g for g in self._unpersisted.values() if g.id not in self._ending]
+        self._ending.update(g.id for g in due + retry)  # a sweep meanwhile leaves them alone
+        try:
+            results = await asyncio.gather(*(self.end_grant(g, "expire", "system") for g in due),
+                                           *(self._persist_end(g) for g in retry),
+                                           return_exceptions=True)
+        finally:
+            self._ending.difference_update(g.id for g in due + retry)
         ended = []
         for grant, result in zip(due, results):
             if isinstance(result, BaseException):  # one grant's failure never blocks the others
