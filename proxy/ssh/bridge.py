@@ -47,6 +47,56 @@ UPSTREAM_MAX_PKTSIZE = 128 * 1024
 CLOSE_GRACE = 1.0
 
 
+class BatchedWrites:
+    """Stands in for a connection's transport: what asyncssh writes during one event-loop
+    iteration (one SSH packet per write) goes to the socket as one write, one system call
+    instead of one per packet on the bulk path. Order is kept; ``close`` sends what is pending
+    first; everything else is the wrapped transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def batch_writes(conn: asyncssh.SSHConnection) -> None:
+    """Put ``BatchedWrites`` between ``conn`` and its socket; call from the owner's
+    ``connection_made`` (asyncssh sets the transport before calling it)."""
+    transport = getattr(conn, "_transport", None)
+    if transport is not None and hasattr(transport, "write"):  # (uvloop's is no subclass)
+        conn._transport = BatchedWrites(transport, asyncio.get_running_loop())
+
+
 def upstream_known_hosts(target: SSHTarget) -> tuple[list, list, list]:
     """asyncssh's (trusted host keys, trusted host CA keys, revoked keys) for ``target``."""
     if target.host_key:

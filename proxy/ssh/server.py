@@ -25,7 +25,7 @@ from asyncssh.connection import SSHServerConnection
 from proxy.auth.login import LOCKED_TEXT, KbdIntLogin, known_user, password_login
 from proxy.auth.methods import is_complete, next_methods
 from proxy.runtime.service import AccessService
-from proxy.ssh.bridge import JumpConnection
+from proxy.ssh.bridge import JumpConnection, batch_writes
 from proxy.ssh.commands import HELP, run_command
 
 log = logging.getLogger("jit_proxy.ssh")
@@ -270,6 +270,7 @@ class ProxyServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
+        batch_writes(conn)
         self._original_send_success = conn.send_userauth_success
         conn.send_userauth_success = self._send_success  # type: ignore[method-assign]
         self.door.connections.add(conn)
