@@ -244,6 +244,7 @@ class KbdIntLogin:
         return ok
 
     def close(self) -> None:
+        """End the conversation in progress, if any (its verdict task still runs to its end)."""
         if self.tx is not None:
             self.tx.abort()
             self.tx = None

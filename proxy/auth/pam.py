@@ -12,6 +12,9 @@ Why not python-pam: it answers every prompt with the one password it was given a
 multi-round conversation (a password, then a one-time code), which is what keyboard-interactive
 needs.
 
+Spec: the Linux-PAM Application Developers' Guide, pam_start(3), pam_conv(3), pam_authenticate(3),
+pam_acct_mgmt(3), pam_get_item(3).
+
 What it must not do: log or keep answers (passwords, codes) beyond handing them to PAM, block the
 event loop, or leave a PAM thread waiting forever (every wait is bounded; ``abort`` ends it).
 """
@@ -50,10 +53,12 @@ MAX_ANSWER = 1024          # bytes of one answer handed to PAM
 
 
 class PamMessage(ctypes.Structure):
+    """``struct pam_message`` (<security/_pam_types.h>, pam_conv(3))."""
     _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
 
 
 class PamResponse(ctypes.Structure):
+    """``struct pam_response``: ``resp`` is malloc(3)ed by us and freed by PAM."""
     _fields_ = [("resp", ctypes.c_void_p), ("resp_retcode", ctypes.c_int)]
 
 
@@ -63,6 +68,7 @@ CONV_FUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int,
 
 
 class PamConv(ctypes.Structure):
+    """``struct pam_conv``: the conversation function handed to pam_start(3)."""
     _fields_ = [("conv", CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
 
 
@@ -177,6 +183,8 @@ class PamTransaction:
         self.thread: threading.Thread | None = None
 
     async def start(self) -> None:
+        """Load the library and start the PAM thread (pam_start, pam_authenticate,
+        pam_acct_mgmt, pam_end). Raises ``PamError`` (library unusable, no thread to be had)."""
         lib = load_library(self.library)
         self._loop = asyncio.get_running_loop()
         self.outcome = self._loop.create_future()
@@ -188,6 +196,7 @@ class PamTransaction:
             raise PamError(f"cannot start a PAM thread: {exc}") from None
 
     async def next_event(self) -> Prompt | Outcome:
+        """The next ``Prompt`` to answer, or the ``Outcome`` (always the last event)."""
         return await self._events.get()
 
     def answer(self, text: str) -> None:

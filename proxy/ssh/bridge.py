@@ -7,7 +7,8 @@ freshly minted user certificate (host key verified: pinned key or host CA), and 
 channel to a target channel: shell, exec, subsystem (sftp), pty and resizes, environment, signals,
 break, EOF, exit status or signal, with flow control in both directions. Terminal sessions are
 recorded as asciicast v2; every session's start and end (with byte counts, recording path and
-SHA-256) are audited.
+SHA-256) are audited. ``BatchedWrites`` sends what asyncssh writes to a client connection during
+one event-loop iteration as one write (the bulk path's packets, one system call per loop turn).
 
 What it must not do: connect anywhere but the configured target, skip host key verification,
 forward agents or X11, relay port forwardings the grant's policy does not allow, or record keystrokes.
