@@ -22,8 +22,8 @@ from proxy.access import policy
 from proxy.access.duration import format_duration
 from proxy.access.model import AccessRequest, Grant, GrantStatus, RequestStatus
 from proxy.audit.log import AuditLog
-from proxy.clock import Clock, rfc3339
 from proxy.auth.identity import SystemIdentities
+from proxy.clock import Clock, rfc3339
 from proxy.config import Config
 from proxy.store import SessionRecord, Store
 
