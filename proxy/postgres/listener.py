@@ -47,7 +47,7 @@ from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE
                           decode_password_message, decode_sasl_initial_response,
                           decode_sasl_response, error_response,
                           gssenc_response, ssl_response)
-from proxy.auth.login import password_login
+from proxy.auth.login import LOCKED_TEXT, password_login
 from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
 from proxy.postgres.scram import ScramError, ScramServer
@@ -475,8 +475,7 @@ class PgClient:
         if why is not None:
             self.service.auth_failure(self.user, self.peer, method="scram",
                                       target=self.target_name[:256], why=why)
-            await self._fatal(INVALID_PASSWORD,
-                              f'password authentication failed for user "{self.user[:63]}"')
+            await self._fatal(INVALID_PASSWORD, self._refusal())
             self.grant = None
             return False
         await self._send(AuthenticationSASLFinal(server_final.encode()).encode())
@@ -487,6 +486,14 @@ class PgClient:
         self.service.audit.emit("auth.success", self.user, method="scram",
                                 target=self.target_name, grant=self.grant.id, peer=self.peer)
         return True
+
+    def _refusal(self) -> str:
+        """The FATAL text of a refused login: the same whatever was wrong, but saying so when
+        the user or address is locked out (as the SSH side does)."""
+        text = f'password authentication failed for user "{self.user[:63]}"'
+        if self.service.locked_out(self.user, self.peer):
+            text += f" ({LOCKED_TEXT})"
+        return text
 
     async def _authenticate_pam(self, frames: MessageDecoder, grace: float) -> bool:
         """A target with ``client_auth: pam``: the user's password in cleartext (we only get here
@@ -503,8 +510,7 @@ class PgClient:
             self.service.auth_failure(self.user, self.peer, method="pam",
                                       target=self.target_name[:256], why="no live grant")
         if not grants:
-            await self._fatal(INVALID_PASSWORD,
-                              f'password authentication failed for user "{self.user[:63]}"')
+            await self._fatal(INVALID_PASSWORD, self._refusal())
             return False
         self.grant = await self.service.use_grant(max(grants, key=lambda g: g.ends_at))
         self.leave_preauth()

@@ -284,6 +284,8 @@ def test_concurrent_guesses_cannot_outrun_the_lockout(pam_pg_env):
                and e["why"].startswith("PAM auth")]
     assert len(checked) <= 3  # at most max_failures guesses ever reach PAM
     assert [e for e in events if e["type"] == "auth.lockout" and e["subject"] == "user:bob"]
+    r = psql_pam(env, "bob", PASSWORDS["bob"])  # psql is told why, as ssh is
+    assert r.returncode != 0 and "too many failed logins" in r.stderr, r.stderr
     assert [e for e in events if e["type"] in ("auth.throttled", "auth.locked")]
 
 
