@@ -28,6 +28,7 @@ log = logging.getLogger("jit_proxy.auth")
 KbdIntChallenge = Any  # asyncssh's: (name, instruction, lang, [(prompt, echo)]) or a bool
 
 LOCKED_TEXT = "jit-proxy: too many failed logins; try again later."
+PAM_METHODS = frozenset({"keyboard-interactive", "password"})  # SSH methods that go through PAM
 
 
 async def known_user(service: Any, user: str) -> bool:
@@ -67,6 +68,18 @@ async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outc
     return True
 
 
+TIMED_OUT = "PAM did not answer in time"
+
+
+def _unusable(service: Any, user: str, peer: str, method: str, why: str, count: bool = False,
+              **fields: Any) -> bool:
+    """PAM could not give a verdict (library or thread unusable, ``auth.pam.timeout``): logged
+    for the operator and audited as a failure, counted only when ``count``. Returns False."""
+    log.error("PAM unusable for %s (%s): %s", user[:64], method, why)
+    service.auth_failure(user, peer, method=method, why=why[:300], count=count, **fields)
+    return False
+
+
 def _pam_time_limit(service: Any) -> float:
     """Seconds one PAM transaction may take in all before it is given up (``auth.pam.timeout``:
     a module hanging on a directory that does not answer). Its thread cannot be stopped, but
@@ -87,8 +100,7 @@ def _refused(service: Any, user: str, peer: str, method: str, **fields: Any) -> 
 def pam_needed(config: Any) -> bool:
     """Whether ``config`` uses PAM: a PAM method in ``auth.methods`` or a ``client_auth: pam``
     target."""
-    return (any(m in chain.split(",") for chain in config.auth.methods
-                for m in ("keyboard-interactive", "password"))
+    return (any(PAM_METHODS.intersection(chain.split(",")) for chain in config.auth.methods)
             or any(getattr(t, "client_auth", None) == "pam" for t in config.targets.values()))
 
 
@@ -130,15 +142,9 @@ async def password_login(service: Any, user: str, password: str, peer: str, meth
                                       peer.rsplit(":", 1)[0]), _pam_time_limit(service))
             return await _finish(service, user, peer, method, outcome, **fields)
         except PamError as exc:
-            log.error("PAM unusable: %s", exc)
-            service.auth_failure(user, peer, method=method, why=str(exc)[:300], count=False,
-                                 **fields)
-            return False
+            return _unusable(service, user, peer, method, str(exc), **fields)
         except asyncio.TimeoutError:  # counted: a fail delay may be holding up a wrong one
-            log.error("PAM unusable: no verdict in time for %s", user[:64])
-            service.auth_failure(user, peer, method=method, why="PAM did not answer in time",
-                                 **fields)
-            return False
+            return _unusable(service, user, peer, method, TIMED_OUT, count=True, **fields)
         finally:
             service.end_attempt(user, peer)
 
@@ -177,10 +183,7 @@ class KbdIntLogin:
         try:
             await tx.start()
         except PamError as exc:
-            log.error("PAM unusable: %s", exc)
-            self.service.auth_failure(self.user, self.peer, method=self.METHOD,
-                                      why=str(exc)[:300], count=False)
-            return False
+            return _unusable(self.service, self.user, self.peer, self.METHOD, str(exc))
         self.tx, self.answered = tx, False
         self.verdict = self.service.spawn(self._decide(tx), drain=False)
         return await self._next()
@@ -196,11 +199,8 @@ class KbdIntLogin:
                                                  _pam_time_limit(self.service))
             except asyncio.TimeoutError:
                 tx.abort()
-                log.error("PAM unusable: no verdict in time for %s", self.user[:64])
-                self.service.auth_failure(self.user, self.peer, method=self.METHOD,
-                                          why="PAM did not answer in time",
-                                          count=self.answered)
-                return False
+                return _unusable(self.service, self.user, self.peer, self.METHOD, TIMED_OUT,
+                                 count=self.answered)
             return await _finish(self.service, self.user, self.peer, self.METHOD, outcome)
         finally:
             if self.answered:

@@ -22,7 +22,8 @@ from typing import Any
 import asyncssh
 from asyncssh.connection import SSHServerConnection
 
-from proxy.auth.login import LOCKED_TEXT, KbdIntLogin, known_user, password_login
+from proxy.auth.login import (LOCKED_TEXT, PAM_METHODS, KbdIntLogin, known_user,
+                              password_login)
 from proxy.auth.methods import is_complete, next_methods
 from proxy.runtime.service import AccessService
 from proxy.ssh.bridge import JumpConnection, batch_writes
@@ -404,7 +405,8 @@ class ProxyServer(asyncssh.SSHServer):
         if self.kbdint is not None:
             self.kbdint.close()
         service = self.door.service
-        if service.config.auth.identities == "system":
+        if service.config.auth.identities == "system" \
+                and not PAM_METHODS.intersection(self.completed):  # else PAM's check did it
             await known_user(service, self.username or "")  # refreshes its system groups
         service.auth_succeeded(self.username or "")
         service.audit.emit("auth.success", self.username or "", method=",".join(self.completed),
