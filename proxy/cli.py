@@ -150,30 +150,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lockouts_clear(args: argparse.Namespace) -> int:
-    answer = _admin(args, "lockouts.clear", subject=args.subject)
+def _admin_action(args: argparse.Namespace, command: str, describe, **fields) -> int:
+    """Send one admin ``command``; print ``describe(answer)`` (or the JSON). 1 on refusal."""
+    answer = _admin(args, command, **fields)
     if answer is None:
         return 1
-    _print(args, answer, f"{answer['unlocked']}: lockout ended, failures forgotten\n")
+    _print(args, answer, describe(answer))
     return 0
+
+
+def cmd_lockouts_clear(args: argparse.Namespace) -> int:
+    return _admin_action(args, "lockouts.clear", lambda a: f"{a['unlocked']}: lockout ended, "
+                                                           f"failures forgotten\n",
+                         subject=args.subject)
 
 
 def cmd_sessions_kill(args: argparse.Namespace) -> int:
-    answer = _admin(args, "sessions.kill", id=args.id)
-    if answer is None:
-        return 1
-    s = answer["killed"]
-    _print(args, answer, f"session {s['id']} of {s['user']} ({s['login']}@{s['target']}) "
-                         f"ended\n")
-    return 0
+    return _admin_action(args, "sessions.kill", lambda a: (
+        f"session {a['killed']['id']} of {a['killed']['user']} ({a['killed']['login']}@"
+        f"{a['killed']['target']}) ended\n"), id=args.id)
 
 
 def cmd_grants_revoke(args: argparse.Namespace) -> int:
-    answer = _admin(args, "grants.revoke", id=args.id)
-    if answer is None:
-        return 1
-    _print(args, answer, f"grant {answer['revoked']} revoked; its sessions are closed\n")
-    return 0
+    return _admin_action(args, "grants.revoke", lambda a: f"grant {a['revoked']} revoked; its "
+                                                          f"sessions are closed\n", id=args.id)
 
 
 def cmd_recordings(args: argparse.Namespace) -> int:
