@@ -67,9 +67,11 @@ class FrontDoor:
     async def listen(self) -> tuple[str, int]:
         """Start listening on ``ssh.listen_address:listen_port``; returns the bound address."""
         cfg = self.service.config.ssh
+        # the inner server bridges bytes: no line editor (asyncssh's default wraps every session
+        # in one, a call layer per packet even without a pty; measured ~10% on bulk transfers)
         self._inner_base = await asyncssh.SSHServerConnectionOptions.construct(
             config=None, server_host_keys=await self._host_keys(), agent_forwarding=False,
-            encoding=None,
+            encoding=None, line_editor=False,
             x11_forwarding=False, allow_scp=False, encryption_algs=list(cfg.ciphers),
             login_timeout=cfg.login_grace_time, keepalive_interval=60)
         self.acceptor = await asyncssh.listen(
