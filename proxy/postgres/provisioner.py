@@ -33,6 +33,13 @@ from proxy.postgres.sql import quote_ident, quote_literal
 StepReporter = Callable[[str, dict], None]
 SCRAM_ITERATIONS = 4096
 TERMINATE_WAIT = 5.0  # seconds to wait for terminated backends to go away
+# the databases where a role owns objects or holds privileges (pg_shdepend, the shared catalog
+# DROP ROLE itself checks); $1 is the role name
+DATABASES_WITH_DEPENDENCIES = (
+    "SELECT DISTINCT d.datname FROM pg_shdepend s"
+    " JOIN pg_database d ON d.oid = s.dbid"
+    " JOIN pg_roles r ON r.oid = s.refobjid AND s.refclassid = 'pg_authid'::regclass"
+    " WHERE r.rolname = $1 AND d.datallowconn ORDER BY d.datname")
 ADMIN_POOL_SIZE = 4  # admin connections per target, for creating and dropping roles side by side
 ROLE_MARKER = "jit-proxy ephemeral role"  # start of the comment on every role the proxy creates
 
@@ -91,6 +98,12 @@ def _make_upstream_ssl(target: PostgresTarget) -> ssl.SSLContext | bool:
     elif mode == "verify-ca":
         ctx.check_hostname = False
     return ctx
+
+
+def terminate_waits(conn: asyncpg.Connection) -> bool:
+    """Whether the server's ``pg_terminate_backend(pid, timeout)`` waits for the backend to exit
+    (PostgreSQL 14 and later): then a teardown needs no polling round trips."""
+    return conn.get_server_version() >= (14, 0)
 
 
 class Provisioner:
@@ -202,44 +215,48 @@ class Provisioner:
         Raises:
             asyncpg.PostgresError, OSError: a step failed (the caller retries the whole teardown).
         """
-        async def first_steps(conn: asyncpg.Connection) -> int | None:
-            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
+        ident = quote_ident(name)
+
+        async def first_steps(conn: asyncpg.Connection) -> tuple[int, bool, list[str]] | None:
+            try:  # (one round trip for "does it exist" and NOLOGIN)
+                await conn.execute(f"ALTER ROLE {ident} NOLOGIN")
+            except asyncpg.UndefinedObjectError:
                 self.report("db.role.dropped", {"role": name, "already_gone": True})
                 return None
-            await conn.execute(f"ALTER ROLE {quote_ident(name)} NOLOGIN")
             self.report("db.role.nologin", {"role": name})
-            return await conn.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
-                name)
-        killed = await self._with_admin(first_steps)
-        if killed is None:
+            waited = terminate_waits(conn)
+            terminate = (f"pg_terminate_backend(pid, {int(TERMINATE_WAIT * 1000)})" if waited
+                         else "pg_terminate_backend(pid)")
+            row = await conn.fetchrow(
+                f"SELECT (SELECT count({terminate}) FROM pg_stat_activity WHERE usename = $1)"
+                f" AS killed, ARRAY({DATABASES_WITH_DEPENDENCIES}) AS databases", name)
+            return row["killed"], waited, list(row["databases"])
+        first = await self._with_admin(first_steps)
+        if first is None:
             return
-        # wait for the terminated backends to exit without holding the admin connection, so
-        # that other roles' teardowns go on meanwhile (an expiry storm tears down many at once)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TERMINATE_WAIT
-        while await self._with_admin(lambda c: c.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", name)) \
-                and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        killed, waited, databases = first
+        if killed and not waited:
+            # wait for the terminated backends to exit without holding the admin connection,
+            # so that other roles' teardowns go on meanwhile (an expiry storm ends many at once)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TERMINATE_WAIT
+            while await self._with_admin(lambda c: c.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", name)) \
+                    and loop.time() < deadline:
+                await asyncio.sleep(0.05)
         self.report("db.role.backends_terminated", {"role": name, "count": killed})
-        # only the databases where the role owns objects or holds privileges (pg_shdepend, the
-        # shared catalog DROP ROLE itself checks): one admin connection per such database
-        databases = [r["datname"] for r in await self._with_admin(lambda c: c.fetch(
-            "SELECT DISTINCT d.datname FROM pg_shdepend s"
-            " JOIN pg_database d ON d.oid = s.dbid"
-            " JOIN pg_roles r ON r.oid = s.refobjid AND s.refclassid = 'pg_authid'::regclass"
-            " WHERE r.rolname = $1 AND d.datallowconn ORDER BY d.datname", name))]
+        # (``databases`` was read before the backends went: one that committed something as it
+        # was terminated makes DROP ROLE fail, and the caller's retry reassigns that too)
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:
                 async with c.transaction():
-                    await c.execute(f"REASSIGN OWNED BY {quote_ident(name)} TO "
+                    await c.execute(f"REASSIGN OWNED BY {ident} TO "
                                     f"{quote_ident(self.target.owner)}")
-                    await c.execute(f"DROP OWNED BY {quote_ident(name)}")
+                    await c.execute(f"DROP OWNED BY {ident}")
             await self._with_admin(reassign, database=db)
         self.report("db.role.objects_reassigned", {"role": name, "databases": databases,
                                                    "owner": self.target.owner})
-        await self._with_admin(lambda c: c.execute(f"DROP ROLE IF EXISTS {quote_ident(name)}"))
+        await self._with_admin(lambda c: c.execute(f"DROP ROLE IF EXISTS {ident}"))
         self.report("db.role.dropped", {"role": name})
 
     async def existing_roles(self) -> list[str]:
