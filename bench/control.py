@@ -163,13 +163,13 @@ async def _storm(env: BenchEnv, n: int, n_db: int, concurrency: int) -> dict:
         outer.close()
 
     async def watch_pg(conn):
-        while not conn.is_closed():
-            try:
-                await conn.fetchval("SELECT 1", timeout=5)
-            except Exception:  # noqa: BLE001 - closed by the proxy, which is what we wait for
-                break
-            await asyncio.sleep(0.05)
-        closed.append(time.time())
+        # idle, as the storm's sessions are: asyncpg tells when the proxy closes the connection
+        # (polling with a query every 50 ms was 4,000 audited statements a second of extra load)
+        gone = asyncio.get_running_loop().create_future()
+        conn.add_termination_listener(lambda _: gone.done() or gone.set_result(time.time()))
+        if conn.is_closed() and not gone.done():
+            gone.set_result(time.time())
+        closed.append(await gone)
         conn.terminate()
 
     admin = await asyncpg.connect(host="127.0.0.1", port=env.pg.port, user="postgres",
