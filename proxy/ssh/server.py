@@ -236,6 +236,9 @@ class ChannelTransportSession(asyncssh.SSHTCPSession):
 
     def connection_made(self, chan: Any) -> None:
         self._conn.connection_made(chan)
+        # the inner connection's packets (up to the client's 32 KiB plus framing) go into the
+        # outer channel once per loop turn, so it sends full 32 KiB packets, not one and a scrap
+        batch_writes(self._conn)
 
     def session_started(self) -> None:
         self._conn.session_started()
