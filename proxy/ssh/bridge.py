@@ -7,8 +7,9 @@ freshly minted user certificate (host key verified: pinned key or host CA), and 
 channel to a target channel: shell, exec, subsystem (sftp), pty and resizes, environment, signals,
 break, EOF, exit status or signal, with flow control in both directions. Terminal sessions are
 recorded as asciicast v2; every session's start and end (with byte counts, recording path and
-SHA-256) are audited. ``BatchedWrites`` sends what asyncssh writes to a client connection during
-one event-loop iteration as one write (the bulk path's packets, one system call per loop turn).
+SHA-256) are audited. ``BatchedWrites`` sends what asyncssh writes to a client connection (its
+socket, or for an inner connection the outer channel) during one event-loop iteration as one write:
+the bulk path's packets cost one system call, or full outer packets, per loop turn.
 
 What it must not do: connect anywhere but the configured target, skip host key verification,
 forward agents or X11, relay port forwardings the grant's policy does not allow, or record keystrokes.
@@ -50,8 +51,8 @@ CLOSE_GRACE = 1.0
 
 class BatchedWrites:
     """Stands in for a connection's transport: what asyncssh writes during one event-loop
-    iteration (one SSH packet per write) goes to the socket as one write, one system call
-    instead of one per packet on the bulk path. Order is kept; ``close`` sends what is pending
+    iteration (one SSH packet per write) goes to the socket (or the outer channel) as one
+    write: one system call, or full-size outer packets, instead of one per packet. Order is kept; ``close`` sends what is pending
     first; everything else is the wrapped transport's."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
@@ -91,7 +92,7 @@ class BatchedWrites:
 
 
 def batch_writes(conn: asyncssh.SSHConnection) -> None:
-    """Put ``BatchedWrites`` between ``conn`` and its socket; call from the owner's
+    """Put ``BatchedWrites`` between ``conn`` and its transport; call from the owner's
     ``connection_made`` (asyncssh sets the transport before calling it)."""
     transport = getattr(conn, "_transport", None)
     if transport is not None and hasattr(transport, "write"):  # (uvloop's is no subclass)
