@@ -356,6 +356,17 @@ class BenchEnv:
         import json
         return json.loads(self.ssh_ok(user, f"db-login {PG_DB} --json"))["password"]
 
+    def relay_cpu_s(self, path: str) -> float | None:
+        """CPU seconds used so far by what relays ``path``: the jit-proxy process, or the
+        OpenSSH jump host's per-connection processes once they exited (sshd reaps them)."""
+        if path == "jit-proxy":
+            assert self.proc is not None
+            return cpu_s(self.proc.pid)
+        if path == "openssh-jump":
+            assert self.jump.process is not None
+            return cpu_s(self.jump.process.pid, children=True)
+        return None
+
     def proxy_rss_kib(self) -> int:
         assert self.proc is not None
         return rss_kib(self.proc.pid)
@@ -366,6 +377,14 @@ class BenchEnv:
             part.stop()
         if self.pg is not None:
             self.pg.stop()
+
+
+def cpu_s(pid: int, children: bool = False) -> float:
+    """CPU seconds (user + system) process ``pid`` used, or with ``children`` the ones its
+    exited and reaped children used (proc(5): utime, stime, cutime, cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in (fields[13:15] if children else fields[11:13]))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:

@@ -15,6 +15,7 @@ import os
 import select
 import subprocess
 import time
+from pathlib import Path
 
 from bench.env import BenchEnv
 from bench.stats import Results, percentile
@@ -27,6 +28,22 @@ def setup_once(env: BenchEnv, path: str) -> float:
     subprocess.run(env.ssh_args(path) + ["true"], check=True, stdin=subprocess.DEVNULL,
                    capture_output=True, timeout=60)
     return time.perf_counter() - t0
+
+
+def relay_cpu_per_gib(env: BenchEnv, path: str, transfer, size: int) -> tuple[float, float | None]:
+    """Run ``transfer(env, path, size)`` (MiB/s) and also return the relay's CPU seconds per GiB
+    it cost (None for the direct path): a figure the machine's other load barely moves."""
+    before = env.relay_cpu_s(path)
+    rate = transfer(env, path, size)
+    if before is None:
+        return rate, None
+    if path == "openssh-jump":  # its connection's processes count once sshd has reaped them
+        children = Path(f"/proc/{env.jump.process.pid}/task/{env.jump.process.pid}/children")
+        deadline = time.monotonic() + 5
+        while children.exists() and children.read_text().strip() and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+    return rate, (env.relay_cpu_s(path) - before) * (1 << 30) / size
 
 
 def bulk_up(env: BenchEnv, path: str, size: int) -> float:
@@ -104,6 +121,8 @@ def run(env: BenchEnv, results: Results, rounds: int, size: int, echo_samples: i
     setup = {p: [] for p in PATHS}
     up = {p: [] for p in PATHS}
     down = {p: [] for p in PATHS}
+    up_cpu: dict[str, list[float]] = {"jit-proxy": [], "openssh-jump": []}
+    down_cpu: dict[str, list[float]] = {"jit-proxy": [], "openssh-jump": []}
     lat = {p: [] for p in PATHS}
     lat_p50 = {p: [] for p in PATHS}
     lat_p99 = {p: [] for p in PATHS}
@@ -111,8 +130,11 @@ def run(env: BenchEnv, results: Results, rounds: int, size: int, echo_samples: i
         for p in PATHS:  # alternate, so drifts in the machine's load hit every path alike
             if "ssh" in parts:
                 setup[p].append(setup_once(env, p))
-                up[p].append(bulk_up(env, p, size))
-                down[p].append(bulk_down(env, p, size))
+                for rates, cpus, transfer in ((up, up_cpu, bulk_up), (down, down_cpu, bulk_down)):
+                    rate, cpu = relay_cpu_per_gib(env, p, transfer, size)
+                    rates[p].append(rate)
+                    if cpu is not None:
+                        cpus[p].append(cpu)
             if "latency" in parts:
                 s = echo_latency(env, p, echo_samples)
                 lat[p] += s
@@ -123,6 +145,9 @@ def run(env: BenchEnv, results: Results, rounds: int, size: int, echo_samples: i
         results.add("ssh", "connection setup (ssh -J … true)", "s", "lower", setup)
         results.add("ssh", f"bulk up {size >> 20} MiB (cat > /dev/null)", "MiB/s", "higher", up)
         results.add("ssh", f"bulk down {size >> 20} MiB (head -c)", "MiB/s", "higher", down)
+        note = "CPU (user + system) of the relaying process(es) only; the least noisy figure"
+        results.add("ssh", "relay CPU per GiB up", "s", "lower", up_cpu, note)
+        results.add("ssh", "relay CPU per GiB down", "s", "lower", down_cpu, note)
     if "latency" in parts:
         pooled = {p: [percentile(v, 50) * 1000] for p, v in lat.items()}
         pooled99 = {p: [percentile(v, 99) * 1000] for p, v in lat.items()}
