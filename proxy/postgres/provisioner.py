@@ -100,12 +100,6 @@ def _make_upstream_ssl(target: PostgresTarget) -> ssl.SSLContext | bool:
     return ctx
 
 
-def terminate_waits(conn: asyncpg.Connection) -> bool:
-    """Whether the server's ``pg_terminate_backend(pid, timeout)`` waits for the backend to exit
-    (PostgreSQL 14 and later): then a teardown needs no polling round trips."""
-    return conn.get_server_version() >= (14, 0)
-
-
 class Provisioner:
     """Role lifecycle on one target. ``report(step, fields)`` is called after each step."""
 
@@ -217,25 +211,26 @@ class Provisioner:
         """
         ident = quote_ident(name)
 
-        async def first_steps(conn: asyncpg.Connection) -> tuple[int, bool, list[str]] | None:
+        async def first_steps(conn: asyncpg.Connection) -> tuple[int, list[str]] | None:
             try:  # (one round trip for "does it exist" and NOLOGIN)
                 await conn.execute(f"ALTER ROLE {ident} NOLOGIN")
             except asyncpg.UndefinedObjectError:
                 self.report("db.role.dropped", {"role": name, "already_gone": True})
                 return None
             self.report("db.role.nologin", {"role": name})
-            waited = terminate_waits(conn)
-            terminate = (f"pg_terminate_backend(pid, {int(TERMINATE_WAIT * 1000)})" if waited
-                         else "pg_terminate_backend(pid)")
+            # signal every backend (not pg_terminate_backend's timeout form: it waits for each
+            # backend in turn, 100 ms steps, holding this connection) and, for the usual case of
+            # none left, the databases to reassign in, in the same round trip
             row = await conn.fetchrow(
-                f"SELECT (SELECT count({terminate}) FROM pg_stat_activity WHERE usename = $1)"
-                f" AS killed, ARRAY({DATABASES_WITH_DEPENDENCIES}) AS databases", name)
-            return row["killed"], waited, list(row["databases"])
+                "SELECT (SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                f" WHERE usename = $1) AS killed, ARRAY({DATABASES_WITH_DEPENDENCIES})"
+                " AS databases", name)
+            return row["killed"], list(row["databases"])
         first = await self._with_admin(first_steps)
         if first is None:
             return
-        killed, waited, databases = first
-        if killed and not waited:
+        killed, databases = first
+        if killed:
             # wait for the terminated backends to exit without holding the admin connection,
             # so that other roles' teardowns go on meanwhile (an expiry storm ends many at once)
             loop = asyncio.get_running_loop()
@@ -244,9 +239,10 @@ class Provisioner:
                     "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", name)) \
                     and loop.time() < deadline:
                 await asyncio.sleep(0.05)
+            # read again now that they are gone: one may have committed something as it went
+            databases = [r["datname"] for r in await self._with_admin(
+                lambda c: c.fetch(DATABASES_WITH_DEPENDENCIES, name))]
         self.report("db.role.backends_terminated", {"role": name, "count": killed})
-        # (``databases`` was read before the backends went: one that committed something as it
-        # was terminated makes DROP ROLE fail, and the caller's retry reassigns that too)
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:
                 async with c.transaction():
