@@ -30,6 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ["ssh", "latency", "pg", "control", "scale"]
+# the arguments each part uses (the results list only those of the parts that ran)
+ARGS_OF = {"ssh": ["rounds", "size_mib"], "latency": ["rounds", "echo_samples"],
+           "pg": ["rounds", "pg_seconds", "pg_scale"],
+           "control": ["control_samples", "certs", "storm_grants", "storm_db_grants"],
+           "scale": ["scale_sessions", "rounds", "echo_samples", "pg_scale"]}
 
 
 def main() -> int:
@@ -101,7 +106,8 @@ def main() -> int:
             print(f"bench: kept {d}", file=sys.stderr)
         else:
             shutil.rmtree(d, ignore_errors=True)
-    data = results.to_data({k: v for k, v in vars(args).items() if k not in ("out", "keep")})
+    used = {"only", "profile"} | {a for part in parts for a in ARGS_OF[part]}
+    data = results.to_data({k: v for k, v in vars(args).items() if k in used})
     md = Results.markdown(data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

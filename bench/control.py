@@ -25,7 +25,7 @@ import os
 import subprocess
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.clients import Clients, gather_limited
@@ -154,7 +154,8 @@ async def _storm(env: BenchEnv, n: int, n_db: int, concurrency: int) -> dict:
         raise RuntimeError(f"storm setup took {setup_s:.0f} s, past the common end: "
                            "use fewer --storm-grants")
     print(f"bench: storm: {len(opened)} SSH sessions and {len(pg_conns)} PostgreSQL "
-          f"connections live after {setup_s:.0f} s; grants end at {end}", flush=True)
+          f"connections live after {setup_s:.0f} s; grants end at "
+          f"{datetime.fromtimestamp(end, timezone.utc):%H:%M:%S} UTC", flush=True)
     closed: list[float] = []
 
     async def watch_ssh(outer, inner, proc):

@@ -106,8 +106,9 @@ def echo_latency(env: BenchEnv, path: str, samples: int) -> list[float]:
                     raise RuntimeError(f"{path}: no echo within 10 s")
                 got = os.read(out, 64)
             rtts.append(time.perf_counter() - t0)
-    finally:
+    finally:  # (a raw-mode pty ignores EOF: cat would run on, so ssh is stopped instead)
         proc.stdin.close()
+        proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -52,8 +52,8 @@ CLOSE_GRACE = 1.0
 class BatchedWrites:
     """Stands in for a connection's transport: what asyncssh writes during one event-loop
     iteration (one SSH packet per write) goes to the socket (or the outer channel) as one
-    write: one system call, or full-size outer packets, instead of one per packet. Order is kept; ``close`` sends what is pending
-    first; everything else is the wrapped transport's."""
+    write: one system call, or full-size outer packets, instead of one per packet. Order is
+    kept; ``close`` sends what is pending first; everything else is the wrapped transport's."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
         self._transport, self._loop = transport, loop
