@@ -357,14 +357,19 @@ class BenchEnv:
         return json.loads(self.ssh_ok(user, f"db-login {PG_DB} --json"))["password"]
 
     def relay_cpu_s(self, path: str) -> float | None:
-        """CPU seconds used so far by what relays ``path``: the jit-proxy process, or the
-        OpenSSH jump host's per-connection processes once they exited (sshd reaps them)."""
+        """CPU seconds used so far by what relays ``path``: the jit-proxy process, pgbouncer, or
+        the OpenSSH jump host's per-connection processes once they exited (sshd reaps them);
+        None for a direct path."""
         if path == "jit-proxy":
             assert self.proc is not None
             return cpu_s(self.proc.pid)
         if path == "openssh-jump":
             assert self.jump.process is not None
             return cpu_s(self.jump.process.pid, children=True)
+        if path == "pgbouncer" and self.pg is not None and self.pg.bouncer is not None:
+            pid = self.pg.bouncer.pid  # runuser's child when started as root
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            return cpu_s(int(kids[0]) if kids else pid)
         return None
 
     def proxy_rss_kib(self) -> int:

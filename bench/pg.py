@@ -35,8 +35,11 @@ def conn_env(env: BenchEnv, peer: str, secret: str) -> tuple[dict, list[str]]:
 
 
 def pgbench(env: BenchEnv, peer: str, secret: str, seconds: int, connect_each: bool,
-            clients: int = 8, threads: int = 2) -> float:
+            clients: int = 8, threads: int = 2, cpu: dict | None = None) -> float:
+    """pgbench's TPS through ``peer``; with ``cpu``, also appends to ``cpu[peer]`` the CPU
+    microseconds the relay (jit-proxy or pgbouncer) spent per transaction."""
     e, target = conn_env(env, peer, secret)
+    before = env.relay_cpu_s(peer)
     argv = ["pgbench", "-n", "-S", "-c", str(clients), "-j", str(threads), "-T", str(seconds)]
     if connect_each:
         argv.append("-C")
@@ -46,6 +49,10 @@ def pgbench(env: BenchEnv, peer: str, secret: str, seconds: int, connect_each: b
         re.search(r"tps = ([\d.]+)", r.stdout)
     if r.returncode != 0 or not m:
         raise RuntimeError(f"pgbench via {peer} failed: {r.stderr.strip()[-1000:]}")
+    done = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
+    if cpu is not None and before is not None and done and int(done.group(1)):
+        used = env.relay_cpu_s(peer) - before  # type: ignore[operator]
+        cpu.setdefault(peer, []).append(used / int(done.group(1)) * 1e6)
     return float(m.group(1))
 
 
@@ -53,13 +60,16 @@ def run(env: BenchEnv, results: Results, rounds: int, seconds: int) -> None:
     secret = env.db_login("alice")
     s_tps = {p: [] for p in PEERS}
     c_tps = {p: [] for p in PEERS}
+    s_cpu: dict[str, list[float]] = {}
     for r in range(rounds):
         for p in PEERS:
-            s_tps[p].append(pgbench(env, p, secret, seconds, connect_each=False))
+            s_tps[p].append(pgbench(env, p, secret, seconds, connect_each=False, cpu=s_cpu))
         for p in PEERS:
             c_tps[p].append(pgbench(env, p, secret, seconds, connect_each=True))
         print(f"bench: pg round {r + 1}/{rounds}: -S {s_tps} -C {c_tps}", flush=True)
     results.add("pg", "pgbench -S (8 clients, 2 threads)", "TPS", "higher", s_tps,
                 f"{seconds} s runs, scale {env.pg.scale if env.pg else '?'}")
+    results.add("pg", "relay CPU per pgbench -S transaction", "µs", "lower", s_cpu,
+                "CPU (user + system) of the jit-proxy or pgbouncer process only")
     results.add("pg", "pgbench -S -C (8 clients, 2 threads, connect per transaction)", "TPS",
                 "higher", c_tps, f"{seconds} s runs")
