@@ -242,11 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     v.set_defaults(func=cmd_audit_verify)
 
+    def admin_options(c: argparse.ArgumentParser, given_only: bool = False) -> None:
+        """-c, --socket and --json; ``given_only`` for an action under a group that has them
+        too, so ``lockouts -c FILE clear X`` and ``lockouts clear X -c FILE`` both work (an
+        action's own default would overwrite what was given before it)."""
+        default = (lambda value: argparse.SUPPRESS) if given_only else (lambda value: value)
+        c.add_argument("-c", "--config", default=default(DEFAULT_CONFIG))
+        c.add_argument("--socket", default=default(None),
+                       help="the admin socket (default: from the configuration)")
+        c.add_argument("--json", action="store_true", default=default(False))
+
     def admin_parser(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-        c.add_argument("--socket", help="the admin socket (default: from the configuration)")
-        c.add_argument("--json", action="store_true")
+        admin_options(c)
         return c
 
     c = admin_parser("status", "listeners, live sessions, active grants, pending requests, "
@@ -254,13 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_status)
     def admin_action(group: str, help: str, action: str, action_help: str, func,
                      arg: str = "id", arg_type: type = int) -> None:
-        c = sub.add_parser(group, help=help)
+        c = admin_parser(group, help)
         actions = c.add_subparsers(dest=f"{group}_command", required=True)
         a = actions.add_parser(action, help=action_help)
         a.add_argument(arg, type=arg_type)
-        a.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-        a.add_argument("--socket", help="the admin socket (default: from the configuration)")
-        a.add_argument("--json", action="store_true")
+        admin_options(a, given_only=True)
         a.set_defaults(func=func)
 
     admin_action("sessions", "live sessions (listed by status)", "kill",

@@ -87,7 +87,7 @@ def test_status_kill_revoke_metrics_and_recordings(ops_env):
         time.sleep(0.1)
     # the grant survived the kill; revoke it from the host
     assert env.jump("alice", "true").returncode == 0
-    r = jit("grants", "revoke", str(grant["id"]), "-c", str(env.config_path))
+    r = jit("grants", "-c", str(env.config_path), "revoke", str(grant["id"]))  # -c first
     assert r.returncode == 0, r.stderr
     assert env.jump("alice", "true").returncode == 255
     assert env.wait_event("access.grant.revoked", lambda e: e["actor"] == "local:root")
