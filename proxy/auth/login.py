@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from proxy.auth import address_of
 from proxy.auth.pam import (PAM_CONV_ERR, Outcome, PamError, PamTransaction, Prompt, Text,
                             authenticate_password, load_library)
 
@@ -139,7 +140,7 @@ async def password_login(service: Any, user: str, password: str, peer: str, meth
         try:
             outcome = await asyncio.wait_for(
                 authenticate_password(pam.library, pam_service or pam.service, user, password,
-                                      peer.rsplit(":", 1)[0]), _pam_time_limit(service))
+                                      address_of(peer)), _pam_time_limit(service))
             return await _finish(service, user, peer, method, outcome, **fields)
         except PamError as exc:
             return _unusable(service, user, peer, method, str(exc), **fields)
@@ -178,7 +179,7 @@ class KbdIntLogin:
             self._result = False
             return ("", LOCKED_TEXT, "", [])
         pam = self.service.config.auth.pam
-        tx = PamTransaction(pam.library, pam.service, self.user, self.peer.rsplit(":", 1)[0],
+        tx = PamTransaction(pam.library, pam.service, self.user, address_of(self.peer),
                             answer_timeout=self.answer_timeout)
         try:
             await tx.start()

@@ -22,6 +22,7 @@ from proxy.access import policy
 from proxy.access.duration import format_duration
 from proxy.access.model import AccessRequest, Grant, GrantStatus, RequestStatus
 from proxy.audit.log import AuditLog
+from proxy.auth import address_of
 from proxy.auth.identity import SystemIdentities
 from proxy.clock import Clock, rfc3339
 from proxy.config import Config
@@ -553,7 +554,7 @@ class AccessService:
         if self.locked_out(claimed_user, peer):
             return  # refused while locked: the lockout runs its course, it is not extended
         now, cfg = self.clock.now(), self.config.auth
-        address = peer.rsplit(":", 1)[0]
+        address = address_of(peer)
         for key, limit in ((f"user:{claimed_user[:64]}", cfg.max_failures),
                            (f"address:{address}", cfg.max_failures_per_address)):
             recent = [t for t in self._failures.get(key, []) if now - t < cfg.failure_window]
@@ -623,7 +624,7 @@ class AccessService:
     def locked_out(self, user: str, peer: str) -> bool:
         """Whether logins of ``user`` or from ``peer``'s address are locked out now."""
         now = self.clock.now()
-        address = peer.rsplit(":", 1)[0]
+        address = address_of(peer)
         return any(self._locked_until.get(k, 0) > now
                    for k in (f"user:{user[:64]}", f"address:{address}"))
 
@@ -632,7 +633,7 @@ class AccessService:
         """Audit something an unauthenticated peer did, at most ``AUTH_FAILURES_PER_MINUTE``
         events per source address a minute; the rest are counted and reported in one
         ``auth.failure.suppressed`` event, so nobody can fill the audit log without credentials."""
-        address = peer.rsplit(":", 1)[0]
+        address = address_of(peer)
         now = self.clock.now()
         window, count, suppressed = self._auth_failures.get(address, (now, 0, 0))
         if now - window >= 60:

@@ -22,6 +22,7 @@ from typing import Any
 import asyncssh
 from asyncssh.connection import SSHServerConnection
 
+from proxy.auth import address_of
 from proxy.auth.login import (LOCKED_TEXT, PAM_METHODS, KbdIntLogin, known_user,
                               password_login)
 from proxy.auth.methods import is_complete, next_methods
@@ -281,7 +282,7 @@ class ProxyServer(asyncssh.SSHServer):
         conn.send_userauth_success = self._send_success  # type: ignore[method-assign]
         self.door.connections.add(conn)
         self.peer = _peer(conn)
-        self.address = self.peer.rsplit(":", 1)[0]
+        self.address = address_of(self.peer)
         if not self.door.service.admit(self.address):
             # like sshd's MaxStartups: unauthenticated connections are a bounded resource
             asyncio.get_running_loop().call_soon(

@@ -157,3 +157,11 @@ def test_a_library_without_pam_is_refused_clearly():
         load_library("libc.so.6")
     with pytest.raises(PamError, match="cannot use"):
         load_library(os.devnull)
+
+
+def test_address_of_a_peer_keeps_an_ipv6_hosts_colons():
+    from proxy.auth import address_of
+    assert address_of("192.0.2.7:51234") == "192.0.2.7"
+    assert address_of("::1:51234") == "::1"
+    assert address_of("2001:db8::5:22") == "2001:db8::5"
+    assert address_of("unknown") == "unknown"
