@@ -1,4 +1,4 @@
-"""jit-proxy against OpenSSH, pgbouncer and direct connections, in one run on this machine (issue 6).
+"""jit-proxy against OpenSSH, pgbouncer and direct connections, in one run on this machine.
 
 What it is for: one command, ``python -m bench``, that starts its own peers on 127.0.0.1 (bench/env.py:
 a target sshd, an OpenSSH jump host, a PostgreSQL cluster, pgbouncer, jit-proxy with recording on),
@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,10 +47,14 @@ def main() -> int:
     p.add_argument("--control-samples", type=int, default=20,
                    help="approve-to-usable samples per kind")
     p.add_argument("--certs", type=int, default=2000, help="certificates to issue per rate")
-    p.add_argument("--storm-grants", type=int, default=1000)
-    p.add_argument("--storm-db-grants", type=int, default=200)
-    p.add_argument("--scale-sessions", type=int, default=500)
-    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--storm-grants", type=int, default=1000,
+                   help="grants ending together in the expiry storm")
+    p.add_argument("--storm-db-grants", type=int, default=200,
+                   help="of those, grants with a PostgreSQL connection and role")
+    p.add_argument("--scale-sessions", type=int, default=500,
+                   help="idle SSH sessions, and as many idle PostgreSQL connections")
+    p.add_argument("--out", default=str(ROOT / "results"),
+                   help="directory for RESULTS*.json and .md (default: bench/results)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--profile", metavar="FILE",
                    help="record the proxy process with py-spy (collapsed stacks to FILE; "
@@ -78,11 +80,9 @@ def main() -> int:
                    pg_scale=args.pg_scale,
                    pg_max_connections=max(200, storm + args.scale_sessions + 200))
     results = Results()
-    spy = None
+    env.profile = args.profile
     try:
         env.start()
-        if args.profile:
-            spy = start_profiler(env.proc.pid, args.profile)
         if parts & {"ssh", "latency"}:
             from bench import ssh
             ssh.run(env, results, args.rounds, args.size_mib << 20, args.echo_samples, parts)
@@ -98,9 +98,6 @@ def main() -> int:
             scale.run(env, results, args.scale_sessions, args.scale_sessions,
                       max(1, args.rounds), max(50, args.echo_samples // 2))
     finally:
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(timeout=120)
         env.close()
         if args.keep:
             print(f"bench: kept {d}", file=sys.stderr)
@@ -115,16 +112,11 @@ def main() -> int:
     (out / f"RESULTS{suffix}.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / f"RESULTS{suffix}.md").write_text(md)
     print(md)
+    print(f"bench: results in {out / f'RESULTS{suffix}.md'} and .json", file=sys.stderr)
+    for f in env.profiles:
+        print(f"bench: profile of a proxy process in {f} (python -m bench.topstacks {f})",
+              file=sys.stderr)
     return 0
-
-
-def start_profiler(pid: int, out: str) -> subprocess.Popen:
-    spy = shutil.which("py-spy")
-    if spy is None:
-        raise RuntimeError("--profile needs py-spy (pip install py-spy)")
-    return subprocess.Popen([spy, "record", "-p", str(pid), "-o", out, "--format", "raw",
-                             "-r", "250", "--nonblocking"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ What it must not do: listen beyond 127.0.0.1, touch the user's own ~/.ssh, or le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -24,8 +25,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import asyncssh
 import yaml
@@ -220,6 +223,9 @@ class BenchEnv:
         _append(d / "jump" / "sshd_config", "AllowTcpForwarding yes\n" + SSHD_SCALE)
         self.pg = PgPeers(d / "pgpeers", pg_scale, pg_max_connections) if pg else None
         self.proc: subprocess.Popen | None = None
+        self.profile: str | None = None  # py-spy output for the proxy (``--profile``)
+        self.profiles: list[str] = []  # the files written, one per proxy process
+        self._spy: subprocess.Popen | None = None
         self.port = self.pg_port = 0
         self.log_path = d / "proxy.log"
 
@@ -319,6 +325,16 @@ class BenchEnv:
         wait_port(self.port, self.proc, self.log_path)
         if self.pg_port:
             wait_port(self.pg_port, self.proc, self.log_path)
+        if self.profile:  # one py-spy per proxy process: FILE, then FILE.2 after a restart
+            spy = shutil.which("py-spy")
+            if spy is None:
+                raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+            n = len(self.profiles) + 1
+            out = self.profile if n == 1 else f"{self.profile}.{n}"
+            self.profiles.append(out)
+            self._spy = subprocess.Popen(
+                [spy, "record", "-p", str(self.proc.pid), "-o", out, "--format", "raw", "-r",
+                 "250", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def restart_proxy(self) -> None:
         """Stop the proxy (SIGTERM) and start it again with the same state: grants stay."""
@@ -326,6 +342,10 @@ class BenchEnv:
         self.start_proxy()
 
     def stop_proxy(self) -> None:
+        if self._spy is not None:  # py-spy writes its file when interrupted
+            self._spy.send_signal(signal.SIGINT)
+            self._spy.wait(timeout=120)
+            self._spy = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -356,21 +376,27 @@ class BenchEnv:
         import json
         return json.loads(self.ssh_ok(user, f"db-login {PG_DB} --json"))["password"]
 
-    def relay_cpu_s(self, path: str) -> float | None:
-        """CPU seconds used so far by what relays ``path``: the jit-proxy process, pgbouncer, or
-        the OpenSSH jump host's per-connection processes once they exited (sshd reaps them);
-        None for a direct path."""
+    @contextlib.contextmanager
+    def relay_cpu(self, path: str) -> Iterator[CPUSampler | _ProcessCPU | None]:
+        """Measures the CPU seconds (``.used``, after the block) of what relays ``path`` during
+        the block: the jit-proxy process, pgbouncer, or the OpenSSH jump host's per-connection
+        processes; None for a direct path."""
+        meter: CPUSampler | _ProcessCPU | None = None
         if path == "jit-proxy":
             assert self.proc is not None
-            return cpu_s(self.proc.pid)
-        if path == "openssh-jump":
+            meter = _ProcessCPU(self.proc.pid)
+        elif path == "openssh-jump":
             assert self.jump.process is not None
-            return cpu_s(self.jump.process.pid, children=True)
-        if path == "pgbouncer" and self.pg is not None and self.pg.bouncer is not None:
+            meter = CPUSampler(self.jump.process.pid)
+        elif path == "pgbouncer" and self.pg is not None and self.pg.bouncer is not None:
             pid = self.pg.bouncer.pid  # runuser's child when started as root
-            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            return cpu_s(int(kids[0]) if kids else pid)
-        return None
+            kids = descendants(pid)
+            meter = _ProcessCPU(kids[0] if kids else pid)
+        if meter is None:
+            yield None
+            return
+        with meter:
+            yield meter
 
     def proxy_rss_kib(self) -> int:
         assert self.proc is not None
@@ -384,12 +410,84 @@ class BenchEnv:
             self.pg.stop()
 
 
-def cpu_s(pid: int, children: bool = False) -> float:
-    """CPU seconds (user + system) process ``pid`` used, or with ``children`` the ones its
-    exited and reaped children used (proc(5): utime, stime, cutime, cstime)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(x) for x in (fields[13:15] if children else fields[11:13]))
-    return ticks / os.sysconf("SC_CLK_TCK")
+def _cpu_of(stat: str) -> float:
+    """CPU seconds (user + system) in a /proc/PID/stat line (proc(5): utime, stime)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far."""
+    return _cpu_of(Path(f"/proc/{pid}/stat").read_text())
+
+
+def descendants(pid: int) -> list[int]:
+    """The living descendants of ``pid`` (proc(5): /proc/PID/task/TID/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:  # gone meanwhile
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+class _ProcessCPU:
+    """CPU seconds one long-lived process uses during a ``with`` block (``.used``)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def __enter__(self) -> "_ProcessCPU":
+        self._start = cpu_s(self.pid)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.used = cpu_s(self.pid) - self._start
+
+
+class CPUSampler:
+    """CPU seconds the descendants of ``pid`` use while it runs (a context manager): each is
+    sampled every ``interval`` seconds and counted at its last sample, so a process that exits,
+    reaped or not, still counts (OpenSSH's per-connection processes never report to the
+    listener). Misses at most ``interval`` of each process's last CPU."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        self.pid, self.interval = pid, interval
+        self.seen: dict[tuple[int, str], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for p in descendants(self.pid):
+            try:
+                stat = Path(f"/proc/{p}/stat").read_text()
+            except OSError:
+                continue
+            start = stat.rsplit(")", 1)[1].split()[19]  # starttime: a reused pid is another
+            self.seen[(p, start)] = _cpu_of(stat)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "CPUSampler":
+        self._sample()
+        self.base = dict(self.seen)  # what the processes alive at the start had already used
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def used(self) -> float:
+        return sum(v - self.base.get(k, 0.0) for k, v in self.seen.items())
 
 
 def rss_kib(pid: int) -> int:

@@ -39,20 +39,19 @@ def pgbench(env: BenchEnv, peer: str, secret: str, seconds: int, connect_each: b
     """pgbench's TPS through ``peer``; with ``cpu``, also appends to ``cpu[peer]`` the CPU
     microseconds the relay (jit-proxy or pgbouncer) spent per transaction."""
     e, target = conn_env(env, peer, secret)
-    before = env.relay_cpu_s(peer)
     argv = ["pgbench", "-n", "-S", "-c", str(clients), "-j", str(threads), "-T", str(seconds)]
     if connect_each:
         argv.append("-C")
-    r = subprocess.run(argv + target, env=e, capture_output=True, text=True,
-                       timeout=seconds + 120)
+    with env.relay_cpu(peer) as meter:
+        r = subprocess.run(argv + target, env=e, capture_output=True, text=True,
+                           timeout=seconds + 120)
     m = re.search(r"tps = ([\d.]+) \((without|excluding)", r.stdout) or \
         re.search(r"tps = ([\d.]+)", r.stdout)
     if r.returncode != 0 or not m:
         raise RuntimeError(f"pgbench via {peer} failed: {r.stderr.strip()[-1000:]}")
     done = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
-    if cpu is not None and before is not None and done and int(done.group(1)):
-        used = env.relay_cpu_s(peer) - before  # type: ignore[operator]
-        cpu.setdefault(peer, []).append(used / int(done.group(1)) * 1e6)
+    if cpu is not None and meter is not None and done and int(done.group(1)):
+        cpu.setdefault(peer, []).append(meter.used / int(done.group(1)) * 1e6)
     return float(m.group(1))
 
 
@@ -66,7 +65,8 @@ def run(env: BenchEnv, results: Results, rounds: int, seconds: int) -> None:
             s_tps[p].append(pgbench(env, p, secret, seconds, connect_each=False, cpu=s_cpu))
         for p in PEERS:
             c_tps[p].append(pgbench(env, p, secret, seconds, connect_each=True))
-        print(f"bench: pg round {r + 1}/{rounds}: -S {s_tps} -C {c_tps}", flush=True)
+        last = "; ".join(f"{p} {s_tps[p][-1]:.0f} / {c_tps[p][-1]:.1f}" for p in PEERS)
+        print(f"bench: pg round {r + 1}/{rounds} (TPS -S / -C): {last}", flush=True)
     results.add("pg", "pgbench -S (8 clients, 2 threads)", "TPS", "higher", s_tps,
                 f"{seconds} s runs, scale {env.pg.scale if env.pg else '?'}")
     results.add("pg", "relay CPU per pgbench -S transaction", "µs", "lower", s_cpu,

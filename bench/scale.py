@@ -38,6 +38,7 @@ def _figures(env: BenchEnv, rounds: int, echo: int) -> dict:
 def run(env: BenchEnv, results: Results, n_ssh: int, n_pg: int, rounds: int, echo: int) -> None:
     # a fresh proxy process: memory an earlier part (the storm) freed stays in its RSS
     env.restart_proxy()
+    _figures(env, 1, 10)  # warm-up: a fresh process's first connections are slower
     before = _figures(env, rounds, echo)
     c = Clients(env)
     loop = asyncio.new_event_loop()  # the idle clients live on a loop in a thread of their own
@@ -75,9 +76,13 @@ def run(env: BenchEnv, results: Results, n_ssh: int, n_pg: int, rounds: int, ech
         results.add("scale", f"proxy RSS per idle PostgreSQL connection ({n_pg} open)", "KiB",
                     "lower", {"jit-proxy": [(rss2 - rss1) / len(pgc)]},
                     f"RSS {rss1} → {rss2} KiB")
-    for k, unit, better in (("setup_s", "s", "lower"), ("echo_p50_ms", "ms", "lower"),
-                            ("echo_p99_ms", "ms", "lower"), ("pgbench_S_tps", "TPS", "higher")):
+    for k, label, unit, better in (
+            ("setup_s", "connection setup (ssh -J … true)", "s", "lower"),
+            ("echo_p50_ms", "pty 1-byte echo p50", "ms", "lower"),
+            ("echo_p99_ms", "pty 1-byte echo p99", "ms", "lower"),
+            ("pgbench_S_tps", "pgbench -S, 5 s", "TPS", "higher")):
         if k in before:
             # the "peer" here is the same proxy with nothing else open
-            results.add("scale", f"{k} with all idle sessions open (peer: proxy idle)", unit,
-                        better, {"jit-proxy": [during[k]], "no idle sessions": [before[k]]})
+            results.add("scale", f"{label} with all idle sessions open", unit, better,
+                        {"jit-proxy": [during[k]], "no idle sessions": [before[k]]},
+                        "peer: the same proxy, warmed up, before the idle sessions opened")

@@ -12,10 +12,10 @@ What it must not do: assert anything (it measures), or use any client but ``ssh`
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import time
-from pathlib import Path
 
 from bench.env import BenchEnv
 from bench.stats import Results, percentile
@@ -30,46 +30,62 @@ def setup_once(env: BenchEnv, path: str) -> float:
     return time.perf_counter() - t0
 
 
-def relay_cpu_per_gib(env: BenchEnv, path: str, transfer, size: int) -> tuple[float, float | None]:
-    """Run ``transfer(env, path, size)`` (MiB/s) and also return the relay's CPU seconds per GiB
-    it cost (None for the direct path): a figure the machine's other load barely moves."""
-    before = env.relay_cpu_s(path)
-    rate = transfer(env, path, size)
-    if before is None:
-        return rate, None
-    if path == "openssh-jump":  # its connection's processes count once sshd has reaped them
-        children = Path(f"/proc/{env.jump.process.pid}/task/{env.jump.process.pid}/children")
-        deadline = time.monotonic() + 5
-        while children.exists() and children.read_text().strip() and \
-                time.monotonic() < deadline:
-            time.sleep(0.02)
-    return rate, (env.relay_cpu_s(path) - before) * (1 << 30) / size
+def ciphers(env: BenchEnv, path: str) -> str:
+    """The ciphers ``ssh -v`` reports for ``path`` (outer/inner for a jump), as the client chose
+    them from what each server offers (jit-proxy offers AES-GCM first: ``ssh.ciphers``)."""
+    r = subprocess.run(env.ssh_args(path)[:1] + ["-v"] + env.ssh_args(path)[1:] + ["true"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    found = re.findall(r"kex: server->client cipher: (\S+)", r.stderr)
+    return "/".join(found) or "?"
 
 
-def bulk_up(env: BenchEnv, path: str, size: int) -> float:
-    t0 = time.perf_counter()
-    with subprocess.Popen(env.ssh_args(path) + ["cat > /dev/null"], stdin=subprocess.PIPE,
+def _session_ready(proc: subprocess.Popen) -> None:
+    """Wait for the remote command's READY line: the transfer is timed from there, without the
+    connection's setup (measured on its own)."""
+    line = proc.stdout.readline()
+    if line != b"READY\n":
+        raise RuntimeError(f"expected READY from the target, got {line[:200]!r}")
+
+
+def bulk_up(env: BenchEnv, path: str, size: int) -> tuple[float, float | None]:
+    """MiB/s of ``size`` bytes up, and the relay's CPU seconds per GiB (None for direct), both
+    from the session's start."""
+    with subprocess.Popen(env.ssh_args(path) + ["echo READY; exec cat > /dev/null"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL) as proc:
-        block = b"\0" * (1 << 20)
-        for _ in range(size >> 20):
-            proc.stdin.write(block)
-        proc.stdin.close()
+        _session_ready(proc)
+        with env.relay_cpu(path) as meter:
+            t0 = time.perf_counter()
+            block = b"\0" * (1 << 20)
+            for _ in range(size >> 20):
+                proc.stdin.write(block)
+            proc.stdin.close()
+            proc.wait()
+            elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{path}: upload failed ({proc.returncode})")
-    return (size >> 20) / (time.perf_counter() - t0)
+    return (size >> 20) / elapsed, _per_gib(meter, size)
 
 
-def bulk_down(env: BenchEnv, path: str, size: int) -> float:
-    t0 = time.perf_counter()
+def bulk_down(env: BenchEnv, path: str, size: int) -> tuple[float, float | None]:
+    """As ``bulk_up``, ``size`` bytes down."""
     got = 0
-    with subprocess.Popen(env.ssh_args(path) + [f"head -c {size} /dev/zero"],
+    with subprocess.Popen(env.ssh_args(path) + [f"echo READY; exec head -c {size} /dev/zero"],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL) as proc:
-        while chunk := proc.stdout.read(1 << 20):
-            got += len(chunk)
+        _session_ready(proc)
+        with env.relay_cpu(path) as meter:
+            t0 = time.perf_counter()
+            while chunk := proc.stdout.read(1 << 20):
+                got += len(chunk)
+            elapsed = time.perf_counter() - t0
     if got != size:
         raise RuntimeError(f"{path}: short transfer ({got} of {size} bytes)")
-    return (size >> 20) / (time.perf_counter() - t0)
+    return (size >> 20) / elapsed, _per_gib(meter, size)
+
+
+def _per_gib(meter, size: int) -> float | None:
+    return meter.used * (1 << 30) / size if meter is not None else None
 
 
 def _read_until(fd: int, marker: bytes, timeout: float = 20) -> None:
@@ -132,7 +148,7 @@ def run(env: BenchEnv, results: Results, rounds: int, size: int, echo_samples: i
             if "ssh" in parts:
                 setup[p].append(setup_once(env, p))
                 for rates, cpus, transfer in ((up, up_cpu, bulk_up), (down, down_cpu, bulk_down)):
-                    rate, cpu = relay_cpu_per_gib(env, p, transfer, size)
+                    rate, cpu = transfer(env, p, size)
                     rates[p].append(rate)
                     if cpu is not None:
                         cpus[p].append(cpu)
@@ -144,9 +160,13 @@ def run(env: BenchEnv, results: Results, rounds: int, size: int, echo_samples: i
         print(f"bench: ssh round {r + 1}/{rounds} done", flush=True)
     if "ssh" in parts:
         results.add("ssh", "connection setup (ssh -J … true)", "s", "lower", setup)
-        results.add("ssh", f"bulk up {size >> 20} MiB (cat > /dev/null)", "MiB/s", "higher", up)
-        results.add("ssh", f"bulk down {size >> 20} MiB (head -c)", "MiB/s", "higher", down)
-        note = "CPU (user + system) of the relaying process(es) only; the least noisy figure"
+        used = "ciphers (outer/inner): " + "; ".join(f"{p} {ciphers(env, p)}" for p in PATHS)
+        results.add("ssh", f"bulk up {size >> 20} MiB (cat > /dev/null)", "MiB/s", "higher", up,
+                    "timed from the session's start; " + used)
+        results.add("ssh", f"bulk down {size >> 20} MiB (head -c)", "MiB/s", "higher", down,
+                    "timed from the session's start; " + used)
+        note = ("CPU (user + system) from the session's start of jit-proxy, or of the jump "
+                "host's per-connection sshd processes (sampled every 20 ms)")
         results.add("ssh", "relay CPU per GiB up", "s", "lower", up_cpu, note)
         results.add("ssh", "relay CPU per GiB down", "s", "lower", down_cpu, note)
     if "latency" in parts:

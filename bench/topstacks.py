@@ -24,6 +24,8 @@ def main(path: str, n: int = 30) -> None:
         self_c[frames[-1]] += c
         for f in set(frames):
             total_c[f] += c
+    if not all_samples:
+        sys.exit(f"{path}: no samples (py-spy could not read the process, or it was gone)")
     print(f"{all_samples} samples")
     print("--- self ---")
     for f, c in self_c.most_common(n):
