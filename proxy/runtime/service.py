@@ -554,9 +554,7 @@ class AccessService:
         if self.locked_out(claimed_user, peer):
             return  # refused while locked: the lockout runs its course, it is not extended
         now, cfg = self.clock.now(), self.config.auth
-        address = address_of(peer)
-        for key, limit in ((f"user:{claimed_user[:64]}", cfg.max_failures),
-                           (f"address:{address}", cfg.max_failures_per_address)):
+        for key, limit in self._lockout_keys(claimed_user, peer):
             recent = [t for t in self._failures.get(key, []) if now - t < cfg.failure_window]
             recent.append(now)
             self._failures[key] = recent[-limit:]
@@ -570,10 +568,12 @@ class AccessService:
         for key in [k for k, until in self._locked_until.items() if until <= now]:
             del self._locked_until[key]
 
-    def _attempt_keys(self, user: str, peer: str) -> list[tuple[str, int]]:
+    def _lockout_keys(self, user: str, peer: str) -> list[tuple[str, int]]:
+        """The subjects failures of ``user`` from ``peer`` count against, each with its limit
+        (``auth.max_failures``, ``auth.max_failures_per_address``)."""
         cfg = self.config.auth
         return [(f"user:{user[:64]}", cfg.max_failures),
-                (f"address:{peer.rsplit(':', 1)[0]}", cfg.max_failures_per_address)]
+                (f"address:{address_of(peer)}", cfg.max_failures_per_address)]
 
     def begin_attempt(self, user: str, peer: str) -> str | None:
         """Reserve a slot for one password check (PAM) of ``user`` from ``peer``; None, or why
@@ -582,7 +582,7 @@ class AccessService:
         if self.locked_out(user, peer):
             return "locked out"
         now, window = self.clock.now(), self.config.auth.failure_window
-        keys = self._attempt_keys(user, peer)
+        keys = self._lockout_keys(user, peer)
         for key, limit in keys:
             recent = sum(1 for t in self._failures.get(key, []) if now - t < window)
             if recent + self._in_flight.get(key, 0) >= limit:
@@ -592,7 +592,7 @@ class AccessService:
         return None
 
     def end_attempt(self, user: str, peer: str) -> None:
-        for key, _ in self._attempt_keys(user, peer):
+        for key, _ in self._lockout_keys(user, peer):
             left = self._in_flight.get(key, 0) - 1
             if left > 0:
                 self._in_flight[key] = left
@@ -624,9 +624,7 @@ class AccessService:
     def locked_out(self, user: str, peer: str) -> bool:
         """Whether logins of ``user`` or from ``peer``'s address are locked out now."""
         now = self.clock.now()
-        address = address_of(peer)
-        return any(self._locked_until.get(k, 0) > now
-                   for k in (f"user:{user[:64]}", f"address:{address}"))
+        return any(self._locked_until.get(k, 0) > now for k, _ in self._lockout_keys(user, peer))
 
     def audit_unauthenticated(self, type: str, claimed_user: str, peer: str,
                               **fields: Any) -> None:
