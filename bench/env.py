@@ -347,12 +347,7 @@ class BenchEnv:
             self._spy.wait(timeout=120)
             self._spy = None
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 60)
 
     def ssh_cmd(self, user: str, command: str) -> list[str]:
         return ["ssh", "-F", str(self.ssh_config), f"{user}@jit-proxy", command]
@@ -408,6 +403,16 @@ class BenchEnv:
             part.stop()
         if self.pg is not None:
             self.pg.stop()
+
+
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM ``proc``; SIGKILL it if it has not exited after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _cpu_of(stat: str) -> float:

@@ -17,7 +17,7 @@ import select
 import subprocess
 import time
 
-from bench.env import BenchEnv
+from bench.env import BenchEnv, stop_process
 from bench.stats import Results, percentile
 
 PATHS = ["jit-proxy", "openssh-jump", "direct"]
@@ -124,12 +124,7 @@ def echo_latency(env: BenchEnv, path: str, samples: int) -> list[float]:
             rtts.append(time.perf_counter() - t0)
     finally:  # (a raw-mode pty ignores EOF: cat would run on, so ssh is stopped instead)
         proc.stdin.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
     return rtts
 
 
