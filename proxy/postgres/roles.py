@@ -86,6 +86,7 @@ class RoleManager:
         if self._target(grant.target) is None:
             return
         self.roles.pop(grant.id, None)
+        self._windows.pop(grant.id, None)
         self.schedule_teardown(grant.target, self.role_name(grant), grant.id)
 
     # --- roles and login windows -----------------------------------------------------------------
@@ -133,6 +134,10 @@ class RoleManager:
             asyncpg.PostgresError, OSError: the target cluster refused or is unreachable.
         """
         name = await self.credentials(grant)
+        # one _Window per grant for the grant's whole life (``ended`` forgets it): were it
+        # dropped when its count fell to 0, a client arriving while it closes would get a new
+        # window and lock, and its LOGIN would race the closing NOLOGIN on the same catalog row
+        # ("tuple concurrently updated", or a NOLOGIN landing after the LOGIN)
         window = self._windows.setdefault(grant.id, _Window())
         provisioner = self.provisioner(grant.target)
         async with window.lock:
@@ -147,7 +152,6 @@ class RoleManager:
                 window.count -= 1
                 if window.count == 0:
                     window.role = None
-                    self._windows.pop(grant.id, None)
                     try:
                         await provisioner.close_login(name)
                     except Exception as exc:  # teardown makes it NOLOGIN in any case

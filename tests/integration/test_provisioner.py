@@ -1,6 +1,7 @@
 """The role teardown straight against a real PostgreSQL cluster: with a backend still live (it is
 terminated, and the databases to reassign in are read once it is gone) and with none (the
-usual case at a grant's end, when the proxy has closed the role's sessions already)."""
+usual case at a grant's end, when the proxy has closed the role's sessions already); and
+login windows of one grant that open and close at once (RoleManager)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,93 @@ def test_teardown_reassigns_what_the_role_owns_and_drops_it(pg_cluster, live):
     assert fields["db.role.backends_terminated"]["count"] == (1 if live else 0)
     assert fields["db.role.objects_reassigned"]["databases"] == ["orders"]
     assert steps[5][1] == {"role": name, "already_gone": True}
+
+
+
+def test_a_window_opening_while_another_closes_waits_for_its_nologin(pg_cluster, tmp_path):
+    """Client A's window of a grant closes (NOLOGIN) as client B's opens (PAM logins, or a script
+    running psql after psql). B's LOGIN must wait for A's NOLOGIN: run at once, the two ALTER ROLEs
+    race on one catalog row ("tuple concurrently updated"), or the NOLOGIN lands last and B's
+    login is refused. A test transaction holding pg_authid makes both statements arrive while
+    the first is still pending."""
+    import asyncssh
+    import yaml
+
+    from ca import SSHCertificateAuthority
+    from proxy.audit.log import AuditLog
+    from proxy.clock import SystemClock
+    from proxy.config import parse_config
+    from proxy.postgres.roles import RoleManager
+    from proxy.runtime.service import AccessService
+    from proxy.store.sqlite import SQLiteStore
+
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    config = parse_config(yaml.safe_dump({
+        "state_dir": str(tmp_path),
+        "users": {"alice": {"keys": [key]}, "bob": {"keys": [key]}},
+        "postgres": {"listen_address": "127.0.0.1", "listen_port": 0, "role_prefix": "jit_w_"},
+        "targets": {"orders": {
+            "kind": "postgres", "address": "127.0.0.1", "port": pg_cluster.port,
+            "database": "orders",
+            "admin": {"user": "postgres", "password_file": str(pg_cluster.admin_password_file)},
+            "roles": {"read": ["app_reader"]}, "owner": "app_owner",
+            "tls": {"mode": "verify-full", "ca_file": str(pg_cluster.ca_file)}}},
+        "policies": [{"name": "db", "targets": ["orders"], "roles": ["read"],
+                      "requesters": ["alice"], "approvers": ["bob"], "max_duration": "1h"}]}))
+    ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
+
+    async def scenario() -> str:
+        clock = SystemClock()
+        store = await SQLiteStore.open(tmp_path / "db.sqlite")
+        service = AccessService(config, store, AuditLog(tmp_path / "audit.jsonl", clock), clock,
+                                SSHCertificateAuthority.open(tmp_path / "ca"),
+                                asyncssh.generate_private_key("ssh-ed25519"))
+        roles = RoleManager(service)
+        req = await service.request("alice", "orders", "read", 600, "INC-1")
+        grant = await service.approve("bob", req.id, None)
+        holder = await asyncpg.connect(**pg_cluster.dsn())
+        a_closing = asyncio.Event()
+
+        async def client_a() -> None:
+            async with roles.login_window(grant):
+                await holder.execute("BEGIN; LOCK TABLE pg_authid IN SHARE MODE")
+            a_closing.set()  # (not reached before its NOLOGIN returns)
+
+        async def client_b() -> str:
+            async with roles.login_window(grant) as creds:
+                conn = await asyncpg.connect(
+                    host="127.0.0.1", port=pg_cluster.port, user=creds.name,
+                    password=creds.password, database="orders", ssl=ctx)
+                try:
+                    return await conn.fetchval("SELECT current_user")
+                finally:
+                    await conn.close()
+
+        try:
+            await roles.credentials(grant)  # the role exists before the catalog is held
+            a = asyncio.create_task(client_a())
+            while not await holder.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'ALTER ROLE % NOLOGIN'"):
+                await asyncio.sleep(0.01)  # A holds the catalog and its NOLOGIN waits
+            b = asyncio.create_task(client_b())
+            for _ in range(200):  # B's LOGIN, if it does not wait for A's NOLOGIN, queues too
+                if await holder.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                        "AND query LIKE 'ALTER ROLE % LOGIN PASSWORD %'"):
+                    break
+                await asyncio.sleep(0.01)
+            print("WAITERS", await holder.fetch("SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'"))
+            await holder.execute("COMMIT")
+            await a
+            return await b
+        finally:
+            await holder.close()
+            roles.ended(grant)
+            await asyncio.gather(*roles.teardowns.values())
+            await roles.close()
+            await store.close()
+
+    assert asyncio.run(scenario()) == "jit_w_alice_g1"
+    assert not pg_cluster.sql("postgres", "SELECT 1 FROM pg_roles WHERE rolname LIKE 'jit_w_%'",
+                              fetch=True)
