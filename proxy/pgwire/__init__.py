@@ -7,7 +7,7 @@ The PostgreSQL 15 docs' "Frontend/Backend Protocol" chapter ("Message Flow", "Me
   - ``errors``: ``ProtocolError`` (sqlstate, message, remote) and SQLSTATE constants;
   - ``startup``: ``StartupDecoder`` and the startup packets (SSLRequest, GSSENCRequest,
     CancelRequest, StartupMessage), bounded to 10000 bytes;
-  - ``framing``: ``MessageDecoder`` / ``Frame`` / ``encode_frame`` for typed messages, bounded per
+  - ``framing``: ``MessageDecoder`` / ``FrameBoundaries`` / ``Frame`` / ``encode_frame`` for typed messages, bounded per
     type (64 MiB by default), linear in the bytes fed;
   - ``frontend``: client messages and ``decode_frontend``, the password-family decoders;
   - ``backend``: server messages and ``decode_backend``, ``error_response``, ``notice_response``.
@@ -89,6 +89,7 @@ from .framing import (
     FRONTEND_TYPES,
     SMALL_MESSAGE_LIMIT,
     Frame,
+    FrameBoundaries,
     Message,
     MessageDecoder,
     encode_frame,

@@ -13,6 +13,8 @@ Invariants of ``MessageDecoder``:
     least as long as what remains (so each byte moves at most once more);
   - the same bytes give the same frames however they are split between ``feed`` calls;
   - after a ``ProtocolError`` the decoder is broken and raises that same error again.
+``FrameBoundaries`` follows the same framing without keeping bodies, for a relay that streams
+bytes through as they come and must still know where one message ends.
 
 What it must not do: any I/O, logging, or interpretation of payloads (``frontend``/``backend`` do).
 """
@@ -233,3 +235,80 @@ class MessageDecoder:
         else:
             self._pos = end
         return Frame(_TYPE_BYTES[t], payload)
+
+
+class FrameBoundaries:
+    """Follows message boundaries in a stream of typed messages without buffering their bodies,
+    so a relay can stream bytes through as they come and still know where it may inject a message
+    of its own; messages of the ``watch`` types (at most ``WATCH_LIMIT`` body bytes) are collected
+    whole into ``watched``, for the caller to read and clear.
+
+    ``feed(data)`` returns the offset just after the last message that ends inside ``data`` (None
+    if none does); ``at_boundary`` says whether the stream is between messages. The same bytes
+    give the same boundaries and watched messages however they are split between ``feed`` calls.
+    Work is linear in the bytes fed and a message's body is never copied unless it is watched.
+
+    Raises (from ``feed``):
+        ProtocolError: a length field below 4 (PostgreSQL docs, "Message Formats"), or a watched
+            message longer than ``WATCH_LIMIT``.
+    """
+
+    WATCH_LIMIT = 10000  # bytes of a watched message body
+
+    def __init__(self, watch: bytes = b"S") -> None:
+        self._watch = frozenset(watch)
+        self._header = bytearray()  # a header split across feeds
+        self._remaining = 0         # body bytes of the current message not yet fed
+        self._type = b""
+        self._body: bytearray | None = None  # the watched message being collected
+        self.watched: list[Frame] = []
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._remaining == 0 and not self._header
+
+    def feed(self, data: bytes) -> int | None:
+        pos, last, n = 0, None, len(data)
+        while pos < n:
+            if self._remaining:  # the rest of a message begun in an earlier feed
+                step = min(self._remaining, n - pos)
+                if self._body is not None:
+                    self._body += data[pos:pos + step]
+                pos += step
+                self._remaining -= step
+                if not self._remaining:
+                    last = pos
+                    if self._body is not None:
+                        self.watched.append(Frame(self._type, bytes(self._body)))
+                        self._body = None
+                continue
+            if not self._header and n - pos >= 5:  # the usual case: a whole header in ``data``
+                t = data[pos]
+                (length,) = _LENGTH.unpack_from(data, pos + 1)
+                pos += 5
+            else:
+                take = min(5 - len(self._header), n - pos)
+                self._header += data[pos:pos + take]
+                pos += take
+                if len(self._header) < 5:
+                    break
+                t = self._header[0]
+                (length,) = _LENGTH.unpack_from(self._header, 1)
+                self._header.clear()
+            if length < 4:
+                raise ProtocolError(f"server message length {length} is below 4")
+            end = pos + length - 4
+            if t in self._watch:
+                if length - 4 > self.WATCH_LIMIT:
+                    raise ProtocolError(f"server message {_TYPE_BYTES[t]!r} is too long")
+                if end <= n:
+                    self.watched.append(Frame(_TYPE_BYTES[t], bytes(data[pos:end])))
+                else:
+                    self._body = bytearray(data[pos:])
+            if end <= n:
+                pos = last = end
+            else:
+                self._type = _TYPE_BYTES[t]
+                self._remaining = end - n
+                pos = n
+        return last

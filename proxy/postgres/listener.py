@@ -38,7 +38,8 @@ from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE
                           INVALID_PASSWORD, AuthenticationCleartextPassword,
                           AuthenticationMD5Password, AuthenticationOk, AuthenticationSASL,
                           AuthenticationSASLContinue, AuthenticationSASLFinal, BackendKeyData,
-                          Bind, CancelRequest, Close, ErrorResponse, Execute, Frame, FunctionCall,
+                          Bind, CancelRequest, Close, ErrorResponse, Execute, Frame, FrameBoundaries,
+                          FunctionCall,
                           GSSENCRequest, MessageDecoder, NegotiateProtocolVersion,
                           NoticeResponse, ParameterStatus, Parse,
                           PasswordMessage, ProtocolError, Query, ReadyForQuery,
@@ -92,69 +93,6 @@ def _params(bind: Bind) -> list[str | None]:
         else:
             out.append(value.decode("utf-8", "replace")[:PARAM_AUDIT_LIMIT])
     return out
-
-
-class FrameBoundaries:
-    """Follows message boundaries in a stream of typed messages without buffering their bodies,
-    so the proxy can stream server bytes through and still know where it may inject a message.
-
-    ``feed(data)`` returns the offset just after the last boundary inside ``data`` (None if no
-    message ended in it); ``at_boundary`` says whether the stream is between messages.
-
-    Raises:
-        ProtocolError: a length field below 4 (PostgreSQL docs, "Message Formats").
-    """
-
-    WATCH_LIMIT = 10000  # bytes of a watched message body
-
-    def __init__(self, watch: bytes = b"S") -> None:
-        self._header = bytearray()
-        self._remaining = 0
-        self._watch = watch
-        self._body: bytearray | None = None  # the watched message being collected
-        self._type = b""
-        self.watched: list[Frame] = []  # complete watched messages, for the caller to drain
-
-    @property
-    def at_boundary(self) -> bool:
-        return self._remaining == 0 and not self._header
-
-    def feed(self, data: bytes) -> int | None:
-        pos, last, n = 0, None, len(data)
-        while pos < n:
-            if self._remaining:
-                step = min(self._remaining, n - pos)
-                if self._body is not None:
-                    self._body += data[pos:pos + step]
-                pos += step
-                self._remaining -= step
-                if not self._remaining:
-                    last = pos
-                    self._complete()
-                continue
-            take = min(5 - len(self._header), n - pos)
-            self._header += data[pos:pos + take]
-            pos += take
-            if len(self._header) == 5:
-                length = int.from_bytes(self._header[1:5], "big")
-                if length < 4:
-                    raise ProtocolError(f"server message length {length} is below 4")
-                self._type = bytes(self._header[:1])
-                self._remaining = length - 4
-                self._header.clear()
-                if self._type in self._watch:
-                    if self._remaining > self.WATCH_LIMIT:
-                        raise ProtocolError(f"server message {self._type!r} is too long")
-                    self._body = bytearray()
-                if not self._remaining:
-                    last = pos
-                    self._complete()
-        return last
-
-    def _complete(self) -> None:
-        if self._body is not None:
-            self.watched.append(Frame(self._type, bytes(self._body)))
-            self._body = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -348,3 +349,56 @@ def test_startup_round_trip(message, rest):
     for step in (None, 1):
         got, error = run_startup(message.encode() + rest, step)
         assert error is None and got == [message, ("rest", rest)]
+
+
+# --- FrameBoundaries: where backend messages end, however the stream is split ---
+
+BACKEND_MESSAGE = st.tuples(st.sampled_from(sorted(pg.BACKEND_TYPES)), st.binary(max_size=40))
+
+
+@st.composite
+def split_stream(draw, messages):
+    stream = b"".join(bytes((t,)) + struct.pack("!i", len(body) + 4) + body
+                      for t, body in messages)
+    cuts = sorted(draw(st.sets(st.integers(0, len(stream)), max_size=8)) | {0, len(stream)})
+    return stream, [stream[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+@FAST
+@given(st.data(), st.lists(BACKEND_MESSAGE, max_size=12))
+def test_frame_boundaries_are_the_message_ends_however_the_stream_is_split(data, messages):
+    stream, chunks = data.draw(split_stream(messages))
+    ends, offset = set(), 0
+    for _, body in messages:
+        offset += 5 + len(body)
+        ends.add(offset)
+    fb = pg.FrameBoundaries(watch=b"SZ")
+    start = 0
+    for chunk in chunks:
+        last = fb.feed(chunk)
+        inside = [e - start for e in ends if start < e <= start + len(chunk)]
+        assert last == (max(inside) if inside else None)
+        start += len(chunk)
+        assert fb.at_boundary == (start in ends or start == 0)
+    assert fb.watched == [pg.Frame(bytes((t,)), body) for t, body in messages if t in b"SZ"]
+
+
+@FAST
+@given(st.data(), st.lists(BACKEND_MESSAGE, max_size=4), st.integers(-2**31, 3))
+def test_frame_boundaries_refuse_a_length_below_4_wherever_it_is_cut(data, before, length):
+    good, _ = data.draw(split_stream(before))
+    stream = good + b"D" + struct.pack("!i", length) + b"rest"
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=6)) | {0, len(stream)})
+    fb = pg.FrameBoundaries()
+    with pytest.raises(pg.ProtocolError, match=f"length {length} is below 4"):
+        for a, b in zip(cuts, cuts[1:]):
+            fb.feed(stream[a:b])
+
+
+def test_frame_boundaries_refuse_a_watched_message_over_the_limit_from_its_header():
+    fb = pg.FrameBoundaries(watch=b"S")
+    assert fb.feed(b"S" + struct.pack("!i", 4 + 10000) + b"x" * 10) is None  # at the limit: fine
+    fb = pg.FrameBoundaries(watch=b"S")
+    with pytest.raises(pg.ProtocolError, match="too long"):
+        fb.feed(b"S" + struct.pack("!i", 4 + 10001))
+    assert pg.FrameBoundaries(watch=b"S").feed(b"D" + struct.pack("!i", 4 + 10001)) is None
