@@ -250,7 +250,8 @@ class FrameBoundaries:
 
     Raises (from ``feed``):
         ProtocolError: a length field below 4 (PostgreSQL docs, "Message Formats"), or a watched
-            message longer than ``WATCH_LIMIT``.
+            message longer than ``WATCH_LIMIT``; after it the tracker is broken: ``feed`` raises
+            the same error again and ``at_boundary`` is False.
     """
 
     WATCH_LIMIT = 10000  # bytes of a watched message body
@@ -262,12 +263,22 @@ class FrameBoundaries:
         self._type = b""
         self._body: bytearray | None = None  # the watched message being collected
         self.watched: list[Frame] = []
+        self._error: ProtocolError | None = None
 
     @property
     def at_boundary(self) -> bool:
-        return self._remaining == 0 and not self._header
+        return self._remaining == 0 and not self._header and self._error is None
 
     def feed(self, data: bytes) -> int | None:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._feed(data)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _feed(self, data: bytes) -> int | None:
         pos, last, n = 0, None, len(data)
         while pos < n:
             if self._remaining:  # the rest of a message begun in an earlier feed

@@ -79,14 +79,15 @@ class RoleManager:
 
     async def window_started(self, grant: Grant) -> None:
         if self._target(grant.target) is not None and grant.id in self.roles:
-            await self.provisioner(grant.target).set_valid_until(self.role_name(grant),
-                                                                 grant.ends_at)
+            async with self._window(grant).lock:  # a client of the grant may be logging in
+                await self.provisioner(grant.target).set_valid_until(self.role_name(grant),
+                                                                     grant.ends_at)
 
     def ended(self, grant: Grant) -> None:
-        if self._target(grant.target) is None:
-            return
         self.roles.pop(grant.id, None)
         self._windows.pop(grant.id, None)
+        if self._target(grant.target) is None:
+            return
         self.schedule_teardown(grant.target, self.role_name(grant), grant.id)
 
     # --- roles and login windows -----------------------------------------------------------------
@@ -124,6 +125,20 @@ class RoleManager:
             self.schedule_teardown(grant.target, name, grant.id)
             raise LookupError(f"grant {grant.id} has ended")
 
+    def _window(self, grant: Grant) -> _Window:
+        """The grant's one ``_Window``: every ALTER ROLE of a live grant's role (LOGIN, NOLOGIN,
+        VALID UNTIL) runs under its lock. It lives as long as the grant (``ended`` forgets it):
+        were it dropped when no client was logging in, a client arriving while another's window
+        closes would get a lock of its own, and its LOGIN would race the NOLOGIN on the same
+        catalog row ("tuple concurrently updated", or a NOLOGIN landing after the LOGIN).
+
+        Raises:
+            LookupError: the grant is no longer active (no window is made for it).
+        """
+        if grant.id not in self.service.active:
+            raise LookupError(f"grant {grant.id} has ended")
+        return self._windows.setdefault(grant.id, _Window())
+
     @contextlib.asynccontextmanager
     async def login_window(self, grant: Grant) -> AsyncIterator[EphemeralRole]:
         """The role may log in (with a fresh password) while the block runs; windows of
@@ -134,11 +149,7 @@ class RoleManager:
             asyncpg.PostgresError, OSError: the target cluster refused or is unreachable.
         """
         name = await self.credentials(grant)
-        # one _Window per grant for the grant's whole life (``ended`` forgets it): were it
-        # dropped when its count fell to 0, a client arriving while it closes would get a new
-        # window and lock, and its LOGIN would race the closing NOLOGIN on the same catalog row
-        # ("tuple concurrently updated", or a NOLOGIN landing after the LOGIN)
-        window = self._windows.setdefault(grant.id, _Window())
+        window = self._window(grant)
         provisioner = self.provisioner(grant.target)
         async with window.lock:
             if window.count == 0:

@@ -393,6 +393,9 @@ def test_frame_boundaries_refuse_a_length_below_4_wherever_it_is_cut(data, befor
     with pytest.raises(pg.ProtocolError, match=f"length {length} is below 4"):
         for a, b in zip(cuts, cuts[1:]):
             fb.feed(stream[a:b])
+    assert not fb.at_boundary  # broken for good: nothing may be injected, nothing parsed on
+    with pytest.raises(pg.ProtocolError, match=f"length {length} is below 4"):
+        fb.feed(b"Z\0\0\0\x05I")
 
 
 def test_frame_boundaries_refuse_a_watched_message_over_the_limit_from_its_header():
@@ -401,4 +404,6 @@ def test_frame_boundaries_refuse_a_watched_message_over_the_limit_from_its_heade
     fb = pg.FrameBoundaries(watch=b"S")
     with pytest.raises(pg.ProtocolError, match="too long"):
         fb.feed(b"S" + struct.pack("!i", 4 + 10001))
+    with pytest.raises(pg.ProtocolError, match="too long"):  # and stays broken
+        fb.feed(b"Z\0\0\0\x05I")
     assert pg.FrameBoundaries(watch=b"S").feed(b"D" + struct.pack("!i", 4 + 10001)) is None

@@ -1,7 +1,8 @@
 """The role teardown straight against a real PostgreSQL cluster: with a backend still live (it is
 terminated, and the databases to reassign in are read once it is gone) and with none (the
-usual case at a grant's end, when the proxy has closed the role's sessions already); and
-login windows of one grant that open and close at once (RoleManager)."""
+usual case at a grant's end, when the proxy has closed the role's sessions already); and a
+login window of a grant opening while another ALTER ROLE of its role is under way
+(RoleManager)."""
 
 from __future__ import annotations
 
@@ -66,13 +67,25 @@ def test_teardown_reassigns_what_the_role_owns_and_drops_it(pg_cluster, live):
     assert steps[5][1] == {"role": name, "already_gone": True}
 
 
+async def _wait_for(conn: asyncpg.Connection, sql: str, timeout: float) -> bool:
+    """Poll ``sql`` (a count) on ``conn`` until it is non-zero; False after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await conn.fetchval(sql):
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
-def test_a_window_opening_while_another_closes_waits_for_its_nologin(pg_cluster, tmp_path):
-    """Client A's window of a grant closes (NOLOGIN) as client B's opens (PAM logins, or a script
-    running psql after psql). B's LOGIN must wait for A's NOLOGIN: run at once, the two ALTER ROLEs
-    race on one catalog row ("tuple concurrently updated"), or the NOLOGIN lands last and B's
-    login is refused. A test transaction holding pg_authid makes both statements arrive while
-    the first is still pending."""
+
+@pytest.mark.parametrize("first", ["nologin", "valid-until"])
+def test_a_login_waits_for_the_alter_role_of_the_same_grant_before_it(pg_cluster, tmp_path,
+                                                                      first):
+    """Client B of a grant opens its login window while an earlier ALTER ROLE of the same role
+    is under way: client A's window closing (NOLOGIN; PAM logins, or a script running psql after
+    psql), or the grant's window starting (VALID UNTIL; a first use that B's client raced). B's
+    LOGIN must wait for it: run at once, the two statements race on one catalog row ("tuple
+    concurrently updated"), or the NOLOGIN lands last and B's login is refused. A transaction
+    holding pg_authid makes the first statement wait, so that B's would meet it."""
     import asyncssh
     import yaml
 
@@ -98,6 +111,7 @@ def test_a_window_opening_while_another_closes_waits_for_its_nologin(pg_cluster,
         "policies": [{"name": "db", "targets": ["orders"], "roles": ["read"],
                       "requesters": ["alice"], "approvers": ["bob"], "max_duration": "1h"}]}))
     ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
+    statement = "NOLOGIN" if first == "nologin" else "VALID UNTIL %"
 
     async def scenario() -> str:
         clock = SystemClock()
@@ -108,13 +122,16 @@ def test_a_window_opening_while_another_closes_waits_for_its_nologin(pg_cluster,
         roles = RoleManager(service)
         req = await service.request("alice", "orders", "read", 600, "INC-1")
         grant = await service.approve("bob", req.id, None)
-        holder = await asyncpg.connect(**pg_cluster.dsn())
-        a_closing = asyncio.Event()
+        holder = await asyncpg.connect(**pg_cluster.dsn())  # holds pg_authid
+        watcher = await asyncpg.connect(**pg_cluster.dsn())  # looks at pg_stat_activity
 
         async def client_a() -> None:
+            if first == "valid-until":
+                await holder.execute("BEGIN; LOCK TABLE pg_authid IN SHARE MODE")
+                await roles.window_started(grant)
+                return
             async with roles.login_window(grant):
                 await holder.execute("BEGIN; LOCK TABLE pg_authid IN SHARE MODE")
-            a_closing.set()  # (not reached before its NOLOGIN returns)
 
         async def client_b() -> str:
             async with roles.login_window(grant) as creds:
@@ -126,26 +143,26 @@ def test_a_window_opening_while_another_closes_waits_for_its_nologin(pg_cluster,
                 finally:
                     await conn.close()
 
+        a = b = None
         try:
             await roles.credentials(grant)  # the role exists before the catalog is held
             a = asyncio.create_task(client_a())
-            while not await holder.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'ALTER ROLE % NOLOGIN'"):
-                await asyncio.sleep(0.01)  # A holds the catalog and its NOLOGIN waits
+            assert await _wait_for(watcher, "SELECT count(*) FROM pg_stat_activity WHERE "
+                                            "wait_event_type = 'Lock' AND query LIKE "
+                                            f"'ALTER ROLE % {statement}'", 30), "A never waited"
             b = asyncio.create_task(client_b())
-            for _ in range(200):  # B's LOGIN, if it does not wait for A's NOLOGIN, queues too
-                if await holder.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                        "AND query LIKE 'ALTER ROLE % LOGIN PASSWORD %'"):
-                    break
-                await asyncio.sleep(0.01)
-            print("WAITERS", await holder.fetch("SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'"))
+            # B's LOGIN, if it does not wait for A's statement, reaches the server too
+            await _wait_for(watcher, "SELECT count(*) FROM pg_stat_activity WHERE state = "
+                                     "'active' AND query LIKE 'ALTER ROLE % LOGIN PASSWORD %'", 2)
             await holder.execute("COMMIT")
-            await a
-            return await b
+            await asyncio.wait_for(a, 30)
+            return await asyncio.wait_for(b, 30)
         finally:
+            for task in (a, b):
+                if task is not None and not task.done():
+                    task.cancel()
             await holder.close()
+            await watcher.close()
             roles.ended(grant)
             await asyncio.gather(*roles.teardowns.values())
             await roles.close()
