@@ -7,8 +7,9 @@ The PostgreSQL 15 docs' "Frontend/Backend Protocol" chapter ("Message Flow", "Me
   - ``errors``: ``ProtocolError`` (sqlstate, message, remote) and SQLSTATE constants;
   - ``startup``: ``StartupDecoder`` and the startup packets (SSLRequest, GSSENCRequest,
     CancelRequest, StartupMessage), bounded to 10000 bytes;
-  - ``framing``: ``MessageDecoder`` / ``FrameBoundaries`` / ``Frame`` / ``encode_frame`` for typed messages, bounded per
-    type (64 MiB by default), linear in the bytes fed;
+  - ``framing``: ``MessageDecoder`` / ``Frame`` / ``encode_frame`` for typed messages, bounded per
+    type (64 MiB by default), linear in the bytes fed; ``FrameBoundaries`` for a relay that streams
+    messages through and must know where each one ends;
   - ``frontend``: client messages and ``decode_frontend``, the password-family decoders;
   - ``backend``: server messages and ``decode_backend``, ``error_response``, ``notice_response``.
 Typical use on a client connection::
