@@ -34,12 +34,13 @@ from ca.keys import write_secret_file
 from ca.x509 import X509CertificateAuthority
 from proxy.access.model import Grant
 from proxy.config import PostgresTarget
-from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE, INVALID_AUTHORIZATION_SPECIFICATION,
-                          INVALID_PASSWORD, AuthenticationCleartextPassword,
+from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE,
+                          INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD, AuthenticationCleartextPassword,
                           AuthenticationMD5Password, AuthenticationOk, AuthenticationSASL,
                           AuthenticationSASLContinue, AuthenticationSASLFinal, BackendKeyData,
                           Bind, CancelRequest, Close, ErrorResponse, Execute, Frame,
-                          FrameBoundaries, FunctionCall, GSSENCRequest, MessageDecoder, NegotiateProtocolVersion,
+                          FrameBoundaries, FunctionCall, GSSENCRequest, MessageDecoder,
+                          NegotiateProtocolVersion,
                           NoticeResponse, ParameterStatus, Parse,
                           PasswordMessage, ProtocolError, Query, ReadyForQuery,
                           SASLInitialResponse, SASLResponse, SSLRequest, StartupDecoder,
