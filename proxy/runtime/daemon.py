@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -65,13 +66,15 @@ class Daemon:
         self.metrics = None  # the Prometheus endpoint when configured
         self.pg = None     # PostgresFrontDoor when PostgreSQL is configured
         self._tasks: list[asyncio.Task] = []
+        self._state_lock: int | None = None  # fd of STATE/lock while this process owns it
 
     async def start(self) -> tuple[str, int]:
         """Open everything and listen; returns the SSH listener's (address, port).
 
         Raises:
             ca.CAKeyError: a CA or host key file is too open or cannot be read.
-            OSError: the state directory or the listen address is unusable.
+            OSError: the state directory or the listen address is unusable, or another
+                jit-proxy process uses the same state directory.
         """
         cfg = self.config
         for key, problem in pam_problems(cfg):
@@ -80,6 +83,7 @@ class Daemon:
             log.warning("%s: %s", key, problem)
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._state_lock = lock_state_dir(state)
         passphrase = read_passphrase(cfg.ca.passphrase_file or systemd_credential(CREDENTIAL))
         ca = SSHCertificateAuthority.open(state / "ca", passphrase)
         host_key = load_or_create_key(state / "host_key", passphrase)
@@ -226,6 +230,9 @@ class Daemon:
             service.audit.emit("proxy.stopped", "system", pid=os.getpid())
             service.audit.close()
             await service.store.close()
+        if self._state_lock is not None:
+            os.close(self._state_lock)  # (the kernel releases it too if the process dies)
+            self._state_lock = None
 
     async def reload(self, path: Path) -> bool:
         """SIGHUP: load ``path``; if valid, users, groups, targets and policies apply to new
@@ -316,6 +323,29 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
     while True:
         notifier.notify(WATCHDOG=1)
         await asyncio.sleep(interval)
+
+
+def lock_state_dir(state: Path) -> int:
+    """Take ``state`` for this process: an exclusive flock(2) on ``STATE/lock`` (0600, holding
+    the owner's pid), released when the returned fd is closed or the process ends. A second
+    proxy on the same state directory would replace the first one's admin socket and TLS key,
+    and close its sessions as orphans in the shared database.
+
+    Raises:
+        OSError: another process holds the lock (the message names its pid), or the file cannot
+            be opened.
+    """
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OSError(f"state_dir {state} is in use by another jit-proxy (pid {owner}); stop "
+                      f"it first, or give this one a state_dir of its own") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 _audit_log = logging.getLogger("jit_proxy.audit")

@@ -126,3 +126,23 @@ def test_admin_socket_refuses_users_outside_the_admin_group(ops_env):
                         str(env.admin_socket)], capture_output=True, text=True, timeout=30)
     assert "not allowed" in r.stdout and "live_sessions" not in r.stdout
     assert env.wait_event("proxy.admin.refused", lambda e: e["actor"] == "local:nobody")
+
+
+def test_a_second_proxy_on_the_same_state_dir_is_refused_and_the_first_carries_on(ops_env):
+    """Started by mistake on a live proxy's state_dir (a copied config, or a manual serve beside
+    systemd's), a second proxy stops before it touches anything: it would replace the first
+    one's admin socket and TLS key and close its sessions as orphans."""
+    env = ops_env
+
+    def keys_and_certificates() -> dict[str, int]:  # (the live proxy may write its database)
+        return {str(p): p.stat().st_mtime_ns for p in env.state.rglob("*")
+                if p.is_file() and ".db" not in p.name and "audit" not in p.name}
+
+    before = keys_and_certificates()
+    r = jit("serve", "-c", str(env.config_path), "--log-level", "warning")
+    assert r.returncode == 1
+    assert (f"state_dir {env.state} is in use by another jit-proxy (pid {env.proc.pid})"
+            in r.stderr), r.stderr
+    assert keys_and_certificates() == before
+    status = jit("status", "-c", str(env.config_path), "--socket", str(env.admin_socket))
+    assert status.returncode == 0, status.stderr
