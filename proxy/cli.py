@@ -263,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     def admin_action(group: str, help: str, action: str, action_help: str, func,
                      arg: str = "id", arg_type: type = int) -> None:
         c = admin_parser(group, help)
-        actions = c.add_subparsers(dest=f"{group}_command", required=True)
+        actions = c.add_subparsers(dest=f"{group}_command", metavar=action, title="action")
+        c.set_defaults(func=lambda _: c.error(
+            f"say what to do: jit-proxy {group} {action} {arg.upper()} (the {group} are "
+            f"listed by 'jit-proxy status')"))
         a = actions.add_parser(action, help=action_help)
         a.add_argument(arg, type=arg_type)
         admin_options(a, given_only=True)

@@ -203,6 +203,10 @@ def test_lockout_refuses_even_the_right_password(pam_env):
     assert r.returncode == 0 and "user:bob" in r.stdout, r.stderr
     r = jit("lockouts", "clear", "user:carol", "-c", str(pam_env.config_path))
     assert r.returncode == 1 and "'user:carol' is not locked out (locked: user:bob)" in r.stderr
+    r = jit("lockouts", "clear", "bob", "-c", str(pam_env.config_path))  # without its kind
+    assert r.returncode == 1 and "'bob': give user:NAME or address:IP (locked: user:bob)" in r.stderr
+    r = jit("lockouts", "-c", str(pam_env.config_path))  # no action: says what to type
+    assert r.returncode == 2 and "say what to do: jit-proxy lockouts clear SUBJECT" in r.stderr
     r = jit("lockouts", "-c", str(pam_env.config_path), "clear", "user:bob")  # -c first
     assert r.returncode == 0, r.stderr
     assert pam_env.wait_event("auth.unlocked", lambda e: e["subject"] == "user:bob")
