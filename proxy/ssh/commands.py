@@ -241,6 +241,13 @@ async def run_command(service: AccessService, actor: str, command_line: str) -> 
     if argv[0] in ("-h", "--help"):
         argv = ["help"]
     try:
+        options = [w.split("=", 1)[0] for w in argv[1:] if w.startswith("--")]
+        twice = next((o for i, o in enumerate(options) if o in options[:i]), None)
+        if twice is not None:  # e.g. --reason "fix --for 4h": ssh joined the words, so the
+            # reason ended at --for and the later --for would silently win
+            raise _UsageError(f"jit-proxy {argv[0]}: {twice} is given twice (ssh joins the "
+                              f"words of a command; a --reason or --comment ends where an "
+                              f"option starts, so its text cannot hold one)")
         args = PARSER.parse_args(argv)
     except _UsageError as exc:
         service.audit.emit("command.refused", actor, command=argv[0], why="usage error")

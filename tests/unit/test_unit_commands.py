@@ -276,6 +276,23 @@ def test_usage_error_explains_bad_duration(tmp_path, host_key):
     assert len(refused) == 2 and refused[0]["command"] == "request"
 
 
+def test_an_option_given_twice_is_refused_not_silently_overridden(tmp_path, host_key):
+    """ssh joins a command's words, so --reason "fix --for 4h" arrives as a reason "fix" and a
+    second --for: the request must not go out for 4h."""
+    async def scenario():
+        async with service_in(tmp_path, host_key) as svc:
+            r = await run_command(svc, "alice", "request web1 --login deploy --for 10m "
+                                                "--reason fix --for 4h")
+            assert r.status == 2
+            assert "--for is given twice" in r.err and "cannot hold one" in r.err
+            r = await run_command(svc, "bob", "approve 1 --comment ok --comment=sure")
+            assert r.status == 2 and "--comment is given twice" in r.err
+            assert await svc.store.list_requests() == []
+    run(scenario())
+    refused = [e for e in audit_events(tmp_path) if e["type"] == "command.refused"]
+    assert [e["command"] for e in refused] == ["request", "approve"]
+
+
 @pytest.mark.parametrize("command_line", ["", "help", "-h", "--help", "help --json"])
 def test_help(tmp_path, host_key, command_line):
     async def scenario():
