@@ -121,7 +121,7 @@ class Daemon:
         if cfg.daemon.metrics_listen:
             from proxy.runtime.metrics import start_metrics
             self.metrics = start_metrics(self.service, self, cfg.daemon.metrics_listen)
-            log.info("metrics on http://%s/metrics", cfg.daemon.metrics_listen)
+            log.info("metrics on http://%s/metrics", self.metrics.address)
             self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_metrics()))
         log.info("listening for SSH on %s:%d", *self.address)
         return self.address
@@ -136,8 +136,8 @@ class Daemon:
                 out["postgres"] = f"{sock[0]}:{sock[1]}"
         if self.admin is not None and self.admin.path is not None:
             out["admin"] = str(self.admin.path)
-        if self.config.daemon.metrics_listen:
-            out["metrics"] = self.config.daemon.metrics_listen
+        if self.metrics is not None:
+            out["metrics"] = self.metrics.address
         return out
 
     def status_line(self) -> str:

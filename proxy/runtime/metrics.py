@@ -54,6 +54,8 @@ class Metrics:
         self.server, self.thread = start_http_server(int(port), host.strip("[]"),
                                                      registry=self.registry)
         service.audit.observers.append(self.observe)
+        bound = self.server.server_address  # the port the OS chose for port 0
+        self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
 
     def observe(self, event: dict) -> None:
         kind = event["type"]

@@ -40,16 +40,17 @@ def ops_env(fresh_env):
     env = fresh_env
     sock_dir = Path(tempfile.mkdtemp(prefix="jit-admin-"))
     os.chmod(sock_dir, 0o711)
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
     config = env.config()
     config["daemon"] = {"admin_socket": str(sock_dir / "admin.sock"),
-                        "metrics_listen": f"127.0.0.1:{metrics_port}"}
+                        "metrics_listen": "127.0.0.1:0"}  # status says which port it got
     env.write_config(config)
     env.restart()
     env.admin_socket = sock_dir / "admin.sock"
-    env.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    r = jit("status", "-c", str(env.config_path), "--json")
+    assert r.returncode == 0, r.stderr
+    address = json.loads(r.stdout)["listeners"]["metrics"]
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0"), address
+    env.metrics_url = f"http://{address}/metrics"
     yield env
     env.stop()
 
