@@ -572,9 +572,21 @@ BROAD_ROLES = {"pg_read_all_data", "pg_write_all_data", "pg_read_server_files",
 
 def warnings(config: Config) -> list[tuple[Path_, str]]:
     """Valid but risky or ineffective settings: roles that reach beyond the target's database,
-    forwarding the proxy never relays."""
+    forwarding the proxy never relays, requesters whose requests no set of approvers can
+    approve (nobody may approve their own request)."""
     out = []
     for p, policy in enumerate(config.policies):
+        if config.auth.identities != "system":  # (NSS could add approvers the file cannot show)
+            approvers = {u for u in config.users if config.matches(u, policy.approvers)}
+            stuck = [u for u in config.users if config.matches(u, policy.requesters)
+                     and len(approvers - {u}) < policy.approvals]
+            if stuck:
+                out.append((("policies", p, "approvers"),
+                            f"requests of {', '.join(stuck)} need {policy.approvals} approver(s) "
+                            f"other than the requester, but only "
+                            f"{', '.join(sorted(approvers)) or 'nobody'} may approve"
+                            + (" (unless auto_approve matches them)"
+                               if policy.auto_approve else "")))
         for what in ("agent_forwarding", "x11_forwarding"):
             if getattr(policy.allow, what):
                 out.append((("policies", p, "allow", what),
@@ -582,6 +594,14 @@ def warnings(config: Config) -> list[tuple[Path_, str]]:
                             f"{what.replace('_', ' ')}"))
     for name, target in config.targets.items():
         if isinstance(target, PostgresTarget):
+            try:
+                with open(target.admin.password_file, "rb"):
+                    pass
+            except OSError as exc:
+                out.append((("targets", name, "admin", "password_file"),
+                            f"cannot read {target.admin.password_file}: {exc.strerror} (the "
+                            f"proxy could not create roles on {name}; fine if it is readable "
+                            f"only by the proxy's account)"))
             for key, members in target.roles.items():
                 for i, role in enumerate(members):
                     if role in BROAD_ROLES:

@@ -67,3 +67,22 @@ def test_roles_reaching_every_database_are_warned_about(tmp_path):
     line = _line_of(text, "read: [pg_read_all_data]")
     assert f"{f}:{line}: targets.orders.roles.read[0]: warning: pg_read_all_data reaches every " \
            f"database" in r.stderr
+
+
+def test_requests_nobody_may_approve_and_an_unreadable_admin_password_are_warned_about(tmp_path):
+    text = EXAMPLE.read_text().replace("    approvals: 1", "    approvals: 3", 1)
+    password = tmp_path / "orders-admin.password"
+    text = text.replace("/etc/jit-proxy/orders-admin.password", str(password))
+    f = tmp_path / "stuck.yaml"
+    f.write_text(text)
+    r = check(f)
+    assert r.returncode == 0  # valid, but
+    assert re.search(rf"^{re.escape(str(f))}:\d+: policies\[0\]\.approvers: warning: requests "
+                     rf"of \S.* need 3 approver\(s\) other than the requester, but only .* may "
+                     rf"approve \(unless auto_approve matches them\)$", r.stderr, re.M), r.stderr
+    line = _line_of(text, str(password))
+    assert (f"{f}:{line}: targets.orders.admin.password_file: warning: cannot read {password}: "
+            f"No such file or directory" in r.stderr), r.stderr
+    password.write_text("secret\n")
+    r = check(f)
+    assert "password_file" not in r.stderr, r.stderr
