@@ -10,6 +10,8 @@ hold secrets (passphrases and passwords are referenced by file path, never inlin
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -265,6 +267,12 @@ class AutoApprove(_Model):
 
     requesters: list[str] = Field(default_factory=list)
     targets: list[Name] = Field(default_factory=list)
+
+    def covers(self, config: "Config", requester: str, target: str) -> bool:
+        """Whether this rule approves ``requester``'s requests for ``target`` by itself."""
+        if self.requesters and not config.matches(requester, self.requesters):
+            return False
+        return not self.targets or target in self.targets
 
     @model_validator(mode="after")
     def _something(self) -> "AutoApprove":
@@ -570,6 +578,22 @@ BROAD_ROLES = {"pg_read_all_data", "pg_write_all_data", "pg_read_server_files",
                "pg_read_all_settings", "pg_read_all_stats", "pg_signal_backend"}
 
 
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` is no readable, non-empty regular file for the account checking (None: it
+    is one). Never opens anything but a regular file (a FIFO would block)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "cannot read: Permission denied"
+    if st.st_size == 0:
+        return "empty"
+    return None
+
+
 def warnings(config: Config) -> list[tuple[Path_, str]]:
     """Valid but risky or ineffective settings: roles that reach beyond the target's database,
     forwarding the proxy never relays, requesters whose requests no set of approvers can
@@ -578,15 +602,16 @@ def warnings(config: Config) -> list[tuple[Path_, str]]:
     for p, policy in enumerate(config.policies):
         if config.auth.identities != "system":  # (NSS could add approvers the file cannot show)
             approvers = {u for u in config.users if config.matches(u, policy.approvers)}
+            rule = policy.auto_approve
             stuck = [u for u in config.users if config.matches(u, policy.requesters)
-                     and len(approvers - {u}) < policy.approvals]
+                     and len(approvers - {u}) < policy.approvals
+                     and not (rule and all(rule.covers(config, u, t) for t in policy.targets))]
             if stuck:
+                may = (f"only {', '.join(sorted(approvers))} may approve" if approvers
+                       else "nobody may approve")
                 out.append((("policies", p, "approvers"),
                             f"requests of {', '.join(stuck)} need {policy.approvals} approver(s) "
-                            f"other than the requester, but only "
-                            f"{', '.join(sorted(approvers)) or 'nobody'} may approve"
-                            + (" (unless auto_approve matches them)"
-                               if policy.auto_approve else "")))
+                            f"other than the requester, but {may}"))
         for what in ("agent_forwarding", "x11_forwarding"):
             if getattr(policy.allow, what):
                 out.append((("policies", p, "allow", what),
@@ -594,14 +619,11 @@ def warnings(config: Config) -> list[tuple[Path_, str]]:
                             f"{what.replace('_', ' ')}"))
     for name, target in config.targets.items():
         if isinstance(target, PostgresTarget):
-            try:
-                with open(target.admin.password_file, "rb"):
-                    pass
-            except OSError as exc:
+            problem = _file_problem(target.admin.password_file)
+            if problem:
                 out.append((("targets", name, "admin", "password_file"),
-                            f"cannot read {target.admin.password_file}: {exc.strerror} (the "
-                            f"proxy could not create roles on {name}; fine if it is readable "
-                            f"only by the proxy's account)"))
+                            f"{target.admin.password_file}: {problem} (the proxy could not "
+                            f"create roles on {name}; check it as the proxy's account)"))
             for key, members in target.roles.items():
                 for i, role in enumerate(members):
                     if role in BROAD_ROLES:

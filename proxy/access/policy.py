@@ -126,11 +126,7 @@ def auto_approves(config: Config, request: AccessRequest) -> bool:
     """Whether the request's policy approves it by itself (its ``auto_approve`` rule matches)."""
     policy = policy_named(config, request.policy)
     rule = policy.auto_approve if policy is not None else None
-    if rule is None:
-        return False
-    if rule.requesters and not config.matches(request.requester, rule.requesters):
-        return False
-    return not rule.targets or request.target in rule.targets
+    return rule is not None and rule.covers(config, request.requester, request.target)
 
 
 def decide_revoke(config: Config, actor: str, grant: Grant) -> Decision:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import stat
 from pathlib import Path
 
 from ca import SSHCertificateAuthority, load_or_create_key
@@ -84,6 +85,14 @@ class Daemon:
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._state_lock = lock_state_dir(state)
+        try:
+            return await self._start(cfg, state)
+        except BaseException:  # a failed start gives the directory back (what it opened
+            os.close(self._state_lock)  # is left to the process's exit)
+            self._state_lock = None
+            raise
+
+    async def _start(self, cfg: Config, state: Path) -> tuple[str, int]:
         passphrase = read_passphrase(cfg.ca.passphrase_file or systemd_credential(CREDENTIAL))
         ca = SSHCertificateAuthority.open(state / "ca", passphrase)
         host_key = load_or_create_key(state / "host_key", passphrase)
@@ -325,24 +334,30 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def lock_state_dir(state: Path) -> int:
+def lock_state_dir(state: Path, name: str = "state_dir") -> int:
     """Take ``state`` for this process: an exclusive flock(2) on ``STATE/lock`` (0600, holding
     the owner's pid), released when the returned fd is closed or the process ends. A second
     proxy on the same state directory would replace the first one's admin socket and TLS key,
-    and close its sessions as orphans in the shared database.
+    and close its sessions as orphans in the shared database. ``name`` is what the message
+    calls the directory (``state_dir``, or the sandbox's ``--dir``).
 
     Raises:
-        OSError: another process holds the lock (the message names its pid), or the file cannot
-            be opened.
+        OSError: another process holds the lock (the message names its pid), or ``STATE/lock``
+            is a symlink or not a regular file, or cannot be opened.
     """
-    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{state / 'lock'} is not a regular file; remove it")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise OSError(f"state_dir {state} is in use by another jit-proxy (pid {owner}); stop "
-                      f"it first, or give this one a state_dir of its own") from None
+        raise OSError(f"{name} {state} is in use by another jit-proxy (pid {owner}); stop "
+                      f"it first, or give this one a {name} of its own") from None
+    except BaseException:
+        os.close(fd)
+        raise
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd

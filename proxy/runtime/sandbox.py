@@ -401,11 +401,20 @@ def main(d: Path) -> int:
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"jit-proxy sandbox: {exc}", file=sys.stderr)
         return 1
+    from proxy.runtime.daemon import lock_state_dir
     try:
-        return run(_run_sandbox(d))
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = lock_state_dir(d, "--dir")  # before anything in it is touched
+    except OSError as exc:
         print(f"jit-proxy sandbox: {exc}", file=sys.stderr)
         return 1
+    try:
+        return run(_run_sandbox(d))
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"jit-proxy sandbox: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        os.close(lock)
 
 
 def _postgres_bindir() -> Path:

@@ -66,6 +66,10 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any):
+        # no abbreviations: --fo would be --for, and pass the check for options given twice
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
     def error(self, message: str):  # never exit the daemon
         raise _UsageError(f"{self.prog}: {message}\n{self.format_usage()}")
 

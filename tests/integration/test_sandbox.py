@@ -110,6 +110,16 @@ def test_sandbox_walkthrough_as_written_then_sigterm_leaves_nothing(sandbox):
         time.sleep(0.1)
     assert {"exec", "subsystem", "shell"} <= kinds, kinds
 
+    # a second sandbox on the same directory refuses before it touches anything there
+    before = {str(p): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()
+              and p.suffix not in (".jsonl", ".db", ".db-wal", ".db-shm", ".cast")
+              and "pg" not in p.relative_to(d).parts[:1]}
+    r = subprocess.run(["jit-proxy", "sandbox", "--dir", str(d)], capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL, timeout=60, env=env)
+    assert r.returncode == 1
+    assert f"--dir {d} is in use by another jit-proxy (pid {proc.pid})" in r.stderr, r.stderr
+    assert {str(p): p.stat().st_mtime_ns for p in d.rglob("*") if str(p) in before} == before
+
     sshd_pid = int((d / "target" / "sshd.pid").read_text())
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=30)[0].decode()

@@ -287,10 +287,14 @@ def test_an_option_given_twice_is_refused_not_silently_overridden(tmp_path, host
             assert "--for is given twice" in r.err and "cannot hold one" in r.err
             r = await run_command(svc, "bob", "approve 1 --comment ok --comment=sure")
             assert r.status == 2 and "--comment is given twice" in r.err
+            for second in ("--fo 4h", "--f=4h"):  # no abbreviations that would get round it
+                r = await run_command(svc, "alice", "request web1 --login deploy --for 10m "
+                                                    f"--reason fix {second}")
+                assert r.status == 2 and "unrecognized arguments" in r.err, r
             assert await svc.store.list_requests() == []
     run(scenario())
     refused = [e for e in audit_events(tmp_path) if e["type"] == "command.refused"]
-    assert [e["command"] for e in refused] == ["request", "approve"]
+    assert [e["command"] for e in refused] == ["request", "approve", "request", "request"]
 
 
 @pytest.mark.parametrize("command_line", ["", "help", "-h", "--help", "help --json"])

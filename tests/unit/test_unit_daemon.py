@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+
+import pytest
 
 from proxy.runtime.daemon import CREDENTIAL, read_passphrase, systemd_credential
 from proxy.runtime.notify import Notifier
@@ -28,3 +31,23 @@ def test_notifier_sends_datagrams_and_is_a_no_op_without_systemd(tmp_path):
     assert sock.recv(100) == b"READY=1\nSTATUS=up"
     sock.close()
     n.notify(STOPPING=1)  # the socket went away: still no error
+
+
+def test_the_state_lock_is_exclusive_and_never_follows_a_symlink(tmp_path):
+    from proxy.runtime.daemon import lock_state_dir
+    fd = lock_state_dir(tmp_path)
+    assert (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
+    assert oct((tmp_path / "lock").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(OSError, match=rf"--dir {tmp_path} is in use by another jit-proxy "
+                                      rf"\(pid {os.getpid()}\)"):
+        lock_state_dir(tmp_path, "--dir")  # (flock: a second open file, even in one process)
+    os.close(fd)
+    os.close(lock_state_dir(tmp_path))  # released: taken again
+    other = tmp_path / "other"
+    other.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (other / "lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        lock_state_dir(other)
+    assert victim.read_text() == "precious"
