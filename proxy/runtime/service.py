@@ -614,12 +614,11 @@ class AccessService:
     def unlock(self, actor: str, subject: str) -> None:
         """End the lockout of ``subject`` (``user:NAME`` or ``address:IP``) now and forget its
         failures; audited as ``auth.unlocked``. Raises AccessError when it is not locked."""
+        locked = ", ".join(k for k, _ in self.lockouts()) or "none"
         if not subject.startswith(("user:", "address:")):
-            raise AccessError(f"{subject!r}: give user:NAME or address:IP (locked: "
-                              f"{', '.join(k for k, _ in self.lockouts()) or 'none'})")
+            raise AccessError(f"{subject!r}: give user:NAME or address:IP (locked: {locked})")
         if self._locked_until.get(subject, 0) <= self.clock.now():
-            raise AccessError(f"{subject!r} is not locked out (locked: "
-                              f"{', '.join(k for k, _ in self.lockouts()) or 'none'})")
+            raise AccessError(f"{subject!r} is not locked out (locked: {locked})")
         del self._locked_until[subject]
         self._failures.pop(subject, None)
         self.audit.emit("auth.unlocked", actor, subject=subject)
