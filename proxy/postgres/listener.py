@@ -35,19 +35,17 @@ from ca.x509 import X509CertificateAuthority
 from proxy.access.model import Grant
 from proxy.config import PostgresTarget
 from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE,
-                          INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD, AuthenticationCleartextPassword,
-                          AuthenticationMD5Password, AuthenticationOk, AuthenticationSASL,
-                          AuthenticationSASLContinue, AuthenticationSASLFinal, BackendKeyData,
-                          Bind, CancelRequest, Close, ErrorResponse, Execute, Frame,
-                          FrameBoundaries, FunctionCall, GSSENCRequest, MessageDecoder,
-                          NegotiateProtocolVersion,
-                          NoticeResponse, ParameterStatus, Parse,
-                          PasswordMessage, ProtocolError, Query, ReadyForQuery,
-                          SASLInitialResponse, SASLResponse, SSLRequest, StartupDecoder,
-                          StartupMessage, Terminate, decode_backend, decode_frontend,
-                          decode_password_message, decode_sasl_initial_response,
-                          decode_sasl_response, error_response,
-                          gssenc_response, ssl_response)
+                          INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD,
+                          AuthenticationCleartextPassword, AuthenticationMD5Password,
+                          AuthenticationOk, AuthenticationSASL, AuthenticationSASLContinue,
+                          AuthenticationSASLFinal, BackendKeyData, Bind, CancelRequest, Close,
+                          ErrorResponse, Execute, Frame, FrameBoundaries, FunctionCall,
+                          GSSENCRequest, MessageDecoder, NegotiateProtocolVersion, NoticeResponse,
+                          ParameterStatus, Parse, PasswordMessage, ProtocolError, Query,
+                          ReadyForQuery, SASLInitialResponse, SASLResponse, SSLRequest,
+                          StartupDecoder, StartupMessage, Terminate, decode_backend,
+                          decode_frontend, decode_password_message, decode_sasl_initial_response,
+                          decode_sasl_response, error_response, gssenc_response, ssl_response)
 from proxy.auth.login import LOCKED_TEXT, password_login
 from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
