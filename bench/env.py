@@ -387,10 +387,7 @@ class BenchEnv:
             pid = self.pg.bouncer.pid  # runuser's child when started as root
             kids = descendants(pid)
             meter = _ProcessCPU(kids[0] if kids else pid)
-        if meter is None:
-            yield None
-            return
-        with meter:
+        with meter if meter is not None else contextlib.nullcontext():
             yield meter
 
     def proxy_rss_kib(self) -> int:
