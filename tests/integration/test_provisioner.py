@@ -17,13 +17,18 @@ from proxy.config import PostgresTarget
 from proxy.postgres.provisioner import Provisioner
 
 
+def _orders_target(pg_cluster, roles: dict[str, list[str]]) -> dict:
+    """The fixtures' ``orders`` database as a PostgreSQL target's configuration."""
+    return {"kind": "postgres", "address": "127.0.0.1", "port": pg_cluster.port,
+            "database": "orders",
+            "admin": {"user": "postgres", "password_file": str(pg_cluster.admin_password_file)},
+            "roles": roles, "owner": "app_owner",
+            "tls": {"mode": "verify-full", "ca_file": str(pg_cluster.ca_file)}}
+
+
 @pytest.mark.parametrize("live", [True, False], ids=["live-backend", "no-backend"])
 def test_teardown_reassigns_what_the_role_owns_and_drops_it(pg_cluster, live):
-    target = PostgresTarget(
-        kind="postgres", address="127.0.0.1", port=pg_cluster.port, database="orders",
-        admin={"user": "postgres", "password_file": str(pg_cluster.admin_password_file)},
-        roles={"write": ["app_writer"]}, owner="app_owner",
-        tls={"mode": "verify-full", "ca_file": str(pg_cluster.ca_file)})
+    target = PostgresTarget(**_orders_target(pg_cluster, {"write": ["app_writer"]}))
     steps: list[tuple[str, dict]] = []
     prov = Provisioner("orders", target, "jit_p_", lambda step, f: steps.append((step, f)))
     name = f"jit_p_teardown_{'live' if live else 'none'}"
@@ -102,12 +107,7 @@ def test_a_login_waits_for_the_alter_role_of_the_same_grant_before_it(pg_cluster
         "state_dir": str(tmp_path),
         "users": {"alice": {"keys": [key]}, "bob": {"keys": [key]}},
         "postgres": {"listen_address": "127.0.0.1", "listen_port": 0, "role_prefix": "jit_w_"},
-        "targets": {"orders": {
-            "kind": "postgres", "address": "127.0.0.1", "port": pg_cluster.port,
-            "database": "orders",
-            "admin": {"user": "postgres", "password_file": str(pg_cluster.admin_password_file)},
-            "roles": {"read": ["app_reader"]}, "owner": "app_owner",
-            "tls": {"mode": "verify-full", "ca_file": str(pg_cluster.ca_file)}}},
+        "targets": {"orders": _orders_target(pg_cluster, {"read": ["app_reader"]})},
         "policies": [{"name": "db", "targets": ["orders"], "roles": ["read"],
                       "requesters": ["alice"], "approvers": ["bob"], "max_duration": "1h"}]}))
     ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
