@@ -27,6 +27,7 @@ from proxy.auth.login import (LOCKED_TEXT, PAM_METHODS, KbdIntLogin, known_user,
                               password_login)
 from proxy.auth.methods import is_complete, next_methods
 from proxy.runtime.service import AccessService
+from proxy.ssh import tuning
 from proxy.ssh.bridge import JumpConnection, batch_writes
 from proxy.ssh.commands import HELP, run_command
 
@@ -68,6 +69,7 @@ class FrontDoor:
     async def listen(self) -> tuple[str, int]:
         """Start listening on ``ssh.listen_address:listen_port``; returns the bound address."""
         cfg = self.service.config.ssh
+        tuning.apply()  # asyncssh's per-packet work the relay does not need (see the module)
         # the inner server bridges bytes: no line editor (asyncssh's default wraps every session
         # in one, a call layer per packet even without a pty; measured ~10% on bulk transfers)
         self._inner_base = await asyncssh.SSHServerConnectionOptions.construct(
