@@ -5,7 +5,9 @@ What it is for: the ``GrantHooks`` of PostgreSQL targets. At approval it creates
 (``login_window``: LOGIN with a fresh password, closed again once the proxy is in); at the grant's end
 it tears the role down in the background, retrying with exponential backoff so that one failing
 cluster never blocks other grants; at start it reconciles: roles of ended grants and prefixed roles
-that no live grant owns are dropped.
+that no live grant owns are dropped. A target that a reload removed keeps its provisioner (the old
+address and admin credentials) until its grants' roles are dropped at their end; a role on a target
+missing at start cannot be reached and is reported (``db.role.orphaned``), at every start.
 
 What it must not do: write a password anywhere (each login window sets a fresh one, kept in memory
 only while the window is open), or let a teardown failure propagate into the grant's end.
@@ -43,7 +45,8 @@ class RoleManager:
         self.roles: dict[int, str] = {}  # grant id -> role name, for roles that exist
         self._windows: dict[int, _Window] = {}
         self._provisioners: dict[str, Provisioner] = {}
-        self.teardowns: dict[str, asyncio.Task] = {}
+        self.teardowns: dict[str, asyncio.Task] = {}  # role name -> its teardown
+        self._teardown_targets: dict[str, str] = {}   # role name -> target, while it runs
         self._creating: dict[int, asyncio.Task] = {}
 
     def _target(self, name: str) -> PostgresTarget | None:
@@ -84,11 +87,12 @@ class RoleManager:
                                                                      grant.ends_at)
 
     def ended(self, grant: Grant) -> None:
-        self.roles.pop(grant.id, None)
+        name = self.roles.pop(grant.id, None)  # the name it was made with (role_prefix may change)
         self._windows.pop(grant.id, None)
-        if self._target(grant.target) is None:
-            return
-        self.schedule_teardown(grant.target, self.role_name(grant), grant.id)
+        if self._target(grant.target) is None and grant.target not in self._provisioners:
+            return  # an SSH target, or a PostgreSQL target this process never reached
+        # (a target a reload removed is torn down with the settings it had: see _teardown)
+        self.schedule_teardown(grant.target, name or self.role_name(grant), grant.id)
 
     # --- roles and login windows -----------------------------------------------------------------
 
@@ -175,14 +179,43 @@ class RoleManager:
             return
         task = asyncio.get_running_loop().create_task(self._teardown(target, role, grant_id))
         self.teardowns[role] = task
-        task.add_done_callback(lambda _: self.teardowns.pop(role, None))
+        self._teardown_targets[role] = target
+
+        def done(_: asyncio.Task) -> None:
+            self.teardowns.pop(role, None)
+            self._teardown_targets.pop(role, None)
+            self._retire(target)
+        task.add_done_callback(done)
+
+    def _teardown_provisioner(self, target: str) -> Provisioner | None:
+        """The configured target's provisioner; for a target a reload removed, the one this
+        process last used for it (the old address and admin credentials), or None."""
+        if self._target(target) is not None:
+            return self.provisioner(target)
+        return self._provisioners.get(target)
+
+    def reloaded(self) -> None:
+        """The configuration changed: close what removed targets no longer need."""
+        for target in list(self._provisioners):
+            self._retire(target)
+
+    def _retire(self, target: str) -> None:
+        """Close the provisioner of a removed target once no grant or teardown needs it."""
+        if (self._target(target) is None and target in self._provisioners
+                and target not in self._teardown_targets.values()
+                and not any(g.target == target for g in self.service.active.values())):
+            self.service.spawn(self._provisioners.pop(target).close())
 
     async def _teardown(self, target: str, role: str, grant_id: int | None) -> None:
         delay = BACKOFF_START
         attempt = 1
         while True:
             try:
-                await self.provisioner(target).teardown(role)
+                provisioner = self._teardown_provisioner(target)
+                if provisioner is None:  # removed by a reload, and re-added and removed since
+                    self._orphaned(target, role, grant_id)
+                    return
+                await provisioner.teardown(role)
                 await self.service.store.mark_db_role_dropped(role, now=self.service.clock.now())
                 return
             except asyncio.CancelledError:
@@ -206,6 +239,8 @@ class RoleManager:
                 owned.setdefault(rec.target, set()).add(rec.role)
             elif self._target(rec.target) is not None:
                 self.schedule_teardown(rec.target, rec.role, rec.grant_id)
+            else:
+                self._orphaned(rec.target, rec.role, rec.grant_id)
         for name, target in self.service.config.targets.items():
             if not isinstance(target, PostgresTarget):
                 continue
@@ -218,6 +253,14 @@ class RoleManager:
             for role in existing:
                 if role not in owned.get(name, set()):
                     self.schedule_teardown(name, role, None)
+
+    def _orphaned(self, target: str, role: str, grant_id: int | None) -> None:
+        """A role on a target no longer configured, which the proxy cannot reach: say so."""
+        why = (f"target {target} is no longer configured: drop the role on its cluster by hand, "
+               f"or configure the target again and restart the proxy, which drops it then")
+        self.service.audit.emit("db.role.orphaned", "system", target=target, role=role,
+                                grant=grant_id, why=why)
+        log.warning("role %s: %s", role, why)
 
     async def close(self) -> None:
         for task in list(self.teardowns.values()) + list(self._creating.values()):

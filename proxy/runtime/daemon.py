@@ -273,6 +273,8 @@ class Daemon:
                 log.warning("reload: the %s listener changes only after a restart", section)
         self.config = new
         self.service.use_config(new)
+        if self.roles is not None:  # roles of a removed target are still dropped at their end
+            self.roles.reloaded()
         self.service.clear_host_certificates()
         if self.door is not None:
             await self.door.renew_host_certificate()

@@ -356,6 +356,53 @@ def test_at_the_grant_end_sessions_close_and_the_role_is_dropped_everywhere(fres
     pg.sql("orders", "DROP TABLE made_by_role")
 
 
+def _without_orders(env) -> dict:
+    config = env.config()
+    del config["targets"]["orders"]
+    config["policies"] = [p for p in config["policies"] if "orders" not in p["targets"]]
+    return config
+
+
+def _role_exists(env, role: str) -> bool:
+    return bool(env.pg.sql("postgres", f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'",
+                           fetch=True))
+
+
+def test_a_role_is_dropped_at_its_grant_end_after_a_reload_removed_its_target(fresh_pg_env):
+    import signal
+    import time
+    env = fresh_pg_env
+    grant = db_grant(env, duration="6s")
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    assert psql(env, db_login(env), "SELECT current_user").stdout.strip() == role
+    env.write_config(_without_orders(env))
+    env.proc.send_signal(signal.SIGHUP)
+    env.wait_event("proxy.reloaded")
+    assert env.ssh("alice", "db-login orders").returncode != 0  # the target is gone for new work
+    end = _ends_at(grant)
+    while _role_exists(env, role):
+        assert time.time() < end + 5.0, "the role outlived its grant by 5 s"
+        time.sleep(0.1)
+    steps = [e["type"] for e in env.audit_events("db.role.") if e.get("role") == role]
+    assert steps[-1] == "db.role.dropped", steps
+
+
+def test_a_role_on_a_target_missing_at_start_is_reported(fresh_pg_env):
+    env = fresh_pg_env
+    grant = db_grant(env, duration="30m")
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    assert _role_exists(env, role)
+    env.write_config(_without_orders(env))
+    env.restart()
+    try:
+        orphaned = env.wait_event("db.role.orphaned", lambda e: e.get("role") == role)
+        assert orphaned["target"] == "orders" and orphaned["grant"] == grant["id"]
+        assert "drop the role on its cluster by hand" in orphaned["why"]
+        assert f"role {role}: target orders is no longer configured" in env.log_path.read_text()
+    finally:
+        env.pg.sql("postgres", f'DROP ROLE IF EXISTS "{role}"')
+
+
 def test_after_kill_9_and_a_restart_past_the_end_the_role_is_dropped(fresh_pg_env):
     import signal
     import time
