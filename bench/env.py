@@ -318,7 +318,7 @@ class BenchEnv:
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.proxyd", "serve", "-c",
-                                      str(self.d / "jit-proxy.yaml"), "--log-level", "warning"],
+                                      str(self.d / "jit-proxy.yaml")],  # logs as by default
                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                      cwd=str(Path(__file__).resolve().parent.parent))
         log.close()

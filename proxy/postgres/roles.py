@@ -255,12 +255,12 @@ class RoleManager:
                     self.schedule_teardown(name, role, None)
 
     def _orphaned(self, target: str, role: str, grant_id: int | None) -> None:
-        """A role on a target no longer configured, which the proxy cannot reach: say so."""
+        """A role on a target no longer configured, which the proxy cannot reach: say so (the
+        event is a warning in the operator's log too)."""
         why = (f"target {target} is no longer configured: drop the role on its cluster by hand, "
                f"or configure the target again and restart the proxy, which drops it then")
         self.service.audit.emit("db.role.orphaned", "system", target=target, role=role,
                                 grant=grant_id, why=why)
-        log.warning("role %s: %s", role, why)
 
     async def close(self) -> None:
         for task in list(self.teardowns.values()) + list(self._creating.values()):

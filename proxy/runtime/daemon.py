@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import stat
 from pathlib import Path
@@ -366,13 +367,22 @@ def lock_state_dir(state: Path, name: str = "state_dir") -> int:
 
 
 _audit_log = logging.getLogger("jit_proxy.audit")
+# refusals, failures, errors, what was left behind, lockouts: the events an operator must see
+_WARNING_EVENT = re.compile(
+    r"[._](refused|failed|failure|orphaned|unusable)$|error|^auth\.lockout$")
 
 
 def _log_event(event: dict) -> None:
     """Every audit event also goes to the operator's log (journald), as one line; the audit log
-    never holds secrets, so neither does this."""
-    level = logging.WARNING if (event["type"].endswith((".refused", ".failed", ".failure"))
-                                or "error" in event["type"]) else logging.INFO
+    never holds secrets, so neither does this. Refusals and failures are warnings; a statement
+    (``db.query``) is a debug line unless refused: one line per SQL statement would flood
+    journald, which rate-limits a unit that does so and then drops the lines that matter too. The
+    audit log keeps every statement."""
+    kind = event["type"]
+    if _WARNING_EVENT.search(kind) or (kind == "db.query" and "refused" in event):
+        level = logging.WARNING
+    else:
+        level = logging.DEBUG if kind == "db.query" else logging.INFO
     if not _audit_log.isEnabledFor(level):  # e.g. --log-level warning: no JSON for nobody
         return
     fields = {k: v for k, v in event.items() if k not in ("prev", "hash", "ts")}

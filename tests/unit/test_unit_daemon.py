@@ -1,7 +1,10 @@
-"""Small pieces of the daemon's lifecycle: systemd credentials, sd_notify datagrams."""
+"""Small pieces of the daemon's lifecycle: systemd credentials, sd_notify datagrams, the state lock,
+audit events in the operator's log."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 
@@ -51,3 +54,33 @@ def test_the_state_lock_is_exclusive_and_never_follows_a_symlink(tmp_path):
     with pytest.raises(OSError):
         lock_state_dir(other)
     assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("event, level", [
+    ({"type": "access.grant.created", "actor": "bob", "grant": 3}, "INFO"),
+    ({"type": "ssh.session.refused", "actor": "alice", "why": "no active grant"}, "WARNING"),
+    ({"type": "db.role.teardown_failed", "actor": "system", "error": "x"}, "WARNING"),
+    ({"type": "access.grant.setup_failed", "actor": "system", "grant": 3}, "WARNING"),
+    ({"type": "db.role.orphaned", "actor": "system", "role": "jit_a_g1"}, "WARNING"),
+    ({"type": "ssh.session.orphaned", "actor": "system", "session": 4}, "WARNING"),
+    ({"type": "auth.lockout", "actor": "system", "key": "user:alice"}, "WARNING"),
+    ({"type": "ssh.protocol.error", "actor": "alice", "error": "bad"}, "WARNING"),
+    ({"type": "db.role.dropped", "actor": "system", "role": "jit_a_g1"}, "INFO"),
+    ({"type": "db.query", "actor": "alice", "sql": "SELECT 1"}, "DEBUG"),
+    ({"type": "db.query", "actor": "alice", "sql": "SET client_encoding TO 'SJIS'",
+      "refused": "changes the client encoding"}, "WARNING"),
+])
+def test_audit_events_reach_the_operators_log_at_their_level(caplog, event, level):
+    """Every audit event has its line (a statement only at debug level: journald rate-limits a
+    unit that floods it); ``prev``, ``hash`` and ``ts`` stay in the audit log."""
+    from proxy.runtime.daemon import _log_event
+    full = {"ts": "2026-11-29T17:00:00.000Z", **event, "prev": "0" * 64, "hash": "f" * 64}
+    with caplog.at_level(logging.DEBUG, logger="jit_proxy.audit"):
+        _log_event(full)
+    [record] = caplog.records
+    assert record.levelname == level
+    assert json.loads(record.getMessage()) == event
+    caplog.clear()
+    with caplog.at_level(getattr(logging, level) + 1, logger="jit_proxy.audit"):
+        _log_event(full)
+    assert caplog.records == []
