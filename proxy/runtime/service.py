@@ -487,8 +487,9 @@ class AccessService:
                             login=grant.login, ends_at=rfc3339(grant.ends_at))
         except Exception:  # e.g. a full disk: the sessions are closed all the same
             log.exception("auditing the end of grant %s failed", grant.id)
+        # the grant's own end (the sweep that finds it runs up to a tick later), or the revocation
         line = (f"jit-proxy: access to {grant.login}@{grant.target} ended at "
-                f"{rfc3339(now)} (grant {grant.id} {how})")
+                f"{rfc3339(min(grant.ends_at, now))} (grant {grant.id} {how})")
         conns = list(self.connections.pop(grant.id, ()))
         if conns:
             results = await asyncio.gather(*(c.terminate(line) for c in conns),
