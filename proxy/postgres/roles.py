@@ -5,9 +5,10 @@ What it is for: the ``GrantHooks`` of PostgreSQL targets. At approval it creates
 (``login_window``: LOGIN with a fresh password, closed again once the proxy is in); at the grant's end
 it tears the role down in the background, retrying with exponential backoff so that one failing
 cluster never blocks other grants; at start it reconciles: roles of ended grants and prefixed roles
-that no live grant owns are dropped. A target that a reload removed keeps its provisioner (the old
-address and admin credentials) until its grants' roles are dropped at their end; a role on a target
-missing at start cannot be reached and is reported (``db.role.orphaned``), at every start.
+that no live grant owns are dropped. A role stays with the provisioner it was made through (its
+cluster's address and admin credentials) until it is dropped, whatever a reload does to its target
+meanwhile; a role whose target is missing at start cannot be reached and is reported
+(``db.role.orphaned``) at every start, until the target is configured again.
 
 What it must not do: write a password anywhere (each login window sets a fresh one, kept in memory
 only while the window is open), or let a teardown failure propagate into the grant's end.
@@ -42,27 +43,37 @@ class _Window:
 class RoleManager:
     def __init__(self, service: AccessService):
         self.service = service
-        self.roles: dict[int, str] = {}  # grant id -> role name, for roles that exist
+        self.roles: dict[int, str] = {}  # grant id -> role name, for roles made in this process
+        self._names: dict[int, str] = {}  # grant id -> the name its role has (store, or made)
         self._windows: dict[int, _Window] = {}
-        self._provisioners: dict[str, Provisioner] = {}
+        self._provisioners: dict[str, Provisioner] = {}  # configured target -> its provisioner
+        # role name -> the provisioner of the cluster it lives on, until it is dropped: a reload
+        # that changes or removes its target leaves it where it is
+        self._placed: dict[str, Provisioner] = {}
         self.teardowns: dict[str, asyncio.Task] = {}  # role name -> its teardown
-        self._teardown_targets: dict[str, str] = {}   # role name -> target, while it runs
         self._creating: dict[int, asyncio.Task] = {}
+        self._closing = False
 
     def _target(self, name: str) -> PostgresTarget | None:
         target = self.service.config.targets.get(name)
         return target if isinstance(target, PostgresTarget) else None
 
     def provisioner(self, target_name: str) -> Provisioner:
-        """The target's provisioner (one per target, rebuilt when a reload changed it)."""
+        """The target's provisioner (one per target, rebuilt when a reload changed it; the old
+        one serves the roles made with it until they are dropped)."""
         target = self._target(target_name)
         assert target is not None and self.service.config.postgres is not None
         prefix = self.service.config.postgres.role_prefix
         cached = self._provisioners.get(target_name)
-        if cached is not None and cached.target is target and cached.prefix == prefix:
-            return cached
+        if cached is not None and cached.prefix == prefix:
+            if cached.target is target:
+                return cached
+            if cached.target == target:  # a reload with the same settings
+                cached.target = target
+                return cached
         if cached is not None:
-            self.service.spawn(cached.close())
+            del self._provisioners[target_name]
+            self._retire(cached)
 
         def report(step: str, fields: dict) -> None:
             self.service.audit.emit(step, "system", target=target_name, **fields)
@@ -71,8 +82,18 @@ class RoleManager:
         return fresh
 
     def role_name(self, grant: Grant) -> str:
+        """The grant's role: the name it was made with (``postgres.role_prefix`` may have
+        changed since), or the name it gets."""
+        known = self._names.get(grant.id)
+        if known is not None:
+            return known
         assert self.service.config.postgres is not None
         return role_name(self.service.config.postgres.role_prefix, grant.user, grant.id)
+
+    def _role_provisioner(self, grant: Grant) -> Provisioner:
+        """The provisioner of the cluster the grant's role lives on (its target's, if the role
+        is not made yet)."""
+        return self._placed.get(self.role_name(grant)) or self.provisioner(grant.target)
 
     # --- GrantHooks ------------------------------------------------------------------------------
 
@@ -83,16 +104,19 @@ class RoleManager:
     async def window_started(self, grant: Grant) -> None:
         if self._target(grant.target) is not None and grant.id in self.roles:
             async with self._window(grant).lock:  # a client of the grant may be logging in
-                await self.provisioner(grant.target).set_valid_until(self.role_name(grant),
-                                                                     grant.ends_at)
+                await self._role_provisioner(grant).set_valid_until(self.role_name(grant),
+                                                                    grant.ends_at)
 
     def ended(self, grant: Grant) -> None:
-        name = self.roles.pop(grant.id, None)  # the name it was made with (role_prefix may change)
+        name = self.role_name(grant)
+        self.roles.pop(grant.id, None)
+        self._names.pop(grant.id, None)
         self._windows.pop(grant.id, None)
-        if self._target(grant.target) is None and grant.target not in self._provisioners:
-            return  # an SSH target, or a PostgreSQL target this process never reached
-        # (a target a reload removed is torn down with the settings it had: see _teardown)
-        self.schedule_teardown(grant.target, name or self.role_name(grant), grant.id)
+        provisioner = self._placed.get(name)  # where the role is, whatever a reload did since
+        if provisioner is None and self._target(grant.target) is not None:
+            provisioner = self.provisioner(grant.target)  # made before a restart, or never
+        if provisioner is not None:  # (None: an SSH target, or a role this process never knew)
+            self.schedule_teardown(grant.target, name, grant.id, provisioner)
 
     # --- roles and login windows -----------------------------------------------------------------
 
@@ -106,7 +130,7 @@ class RoleManager:
         if grant.id not in self.service.active:
             raise LookupError(f"grant {grant.id} has ended")
         if grant.id in self.roles:
-            return self.role_name(grant)
+            return self.roles[grant.id]
         task = self._creating.get(grant.id)
         if task is None:  # one creation at a time per grant, shared by concurrent callers
             task = asyncio.get_running_loop().create_task(self._create(grant))
@@ -119,14 +143,22 @@ class RoleManager:
         target = self._target(grant.target)
         assert target is not None
         name = self.role_name(grant)
-        await self.provisioner(grant.target).create_role(
-            name, list(target.roles[grant.login]), grant.ends_at, grant.id)
-        await self.service.store.record_db_role(grant_id=grant.id, target=grant.target,
-                                                role=name, now=self.service.clock.now())
+        provisioner = self.provisioner(grant.target)
+        self._placed[name] = provisioner  # from the first statement on, the role may exist
+        try:
+            await provisioner.create_role(name, list(target.roles[grant.login]), grant.ends_at,
+                                          grant.id)
+            await self.service.store.record_db_role(grant_id=grant.id, target=grant.target,
+                                                    role=name, now=self.service.clock.now())
+        except BaseException:
+            if grant.id in self.service.active:  # (the grant's end tears it down otherwise)
+                self._placed.pop(name, None)
+                self._retire(provisioner)
+            raise
         if grant.id in self.service.active:
-            self.roles[grant.id] = name
+            self.roles[grant.id] = self._names[grant.id] = name
         else:  # the grant ended while we were creating: undo at once
-            self.schedule_teardown(grant.target, name, grant.id)
+            self.schedule_teardown(grant.target, name, grant.id, provisioner)
             raise LookupError(f"grant {grant.id} has ended")
 
     def _window(self, grant: Grant) -> _Window:
@@ -154,7 +186,7 @@ class RoleManager:
         """
         name = await self.credentials(grant)
         window = self._window(grant)
-        provisioner = self.provisioner(grant.target)
+        provisioner = self._role_provisioner(grant)
         async with window.lock:
             if window.count == 0:
                 window.role = await provisioner.open_login(name)
@@ -174,47 +206,46 @@ class RoleManager:
 
     # --- teardown --------------------------------------------------------------------------------
 
-    def schedule_teardown(self, target: str, role: str, grant_id: int | None) -> None:
+    def schedule_teardown(self, target: str, role: str, grant_id: int | None,
+                          provisioner: Provisioner) -> None:
+        """Drop ``role`` through ``provisioner`` (the cluster it lives on) in the background,
+        retrying with backoff until it is gone."""
         if role in self.teardowns:
             return
-        task = asyncio.get_running_loop().create_task(self._teardown(target, role, grant_id))
+        self._placed[role] = provisioner
+        task = asyncio.get_running_loop().create_task(
+            self._teardown(target, role, grant_id, provisioner))
         self.teardowns[role] = task
-        self._teardown_targets[role] = target
 
-        def done(_: asyncio.Task) -> None:
+        def done(task: asyncio.Task) -> None:
             self.teardowns.pop(role, None)
-            self._teardown_targets.pop(role, None)
-            self._retire(target)
+            if not task.cancelled() and task.exception() is None:
+                self._placed.pop(role, None)
+                self._retire(provisioner)
         task.add_done_callback(done)
 
-    def _teardown_provisioner(self, target: str) -> Provisioner | None:
-        """The configured target's provisioner; for a target a reload removed, the one this
-        process last used for it (the old address and admin credentials), or None."""
-        if self._target(target) is not None:
-            return self.provisioner(target)
-        return self._provisioners.get(target)
-
     def reloaded(self) -> None:
-        """The configuration changed: close what removed targets no longer need."""
-        for target in list(self._provisioners):
-            self._retire(target)
+        """The configuration changed: provisioners of targets a reload removed or changed are
+        closed once no role lives on them."""
+        for name, provisioner in list(self._provisioners.items()):
+            target = self._target(name)
+            if target is None or target != provisioner.target:
+                del self._provisioners[name]
+                self._retire(provisioner)
 
-    def _retire(self, target: str) -> None:
-        """Close the provisioner of a removed target once no grant or teardown needs it."""
-        if (self._target(target) is None and target in self._provisioners
-                and target not in self._teardown_targets.values()
-                and not any(g.target == target for g in self.service.active.values())):
-            self.service.spawn(self._provisioners.pop(target).close())
+    def _retire(self, provisioner: Provisioner) -> None:
+        """Close ``provisioner`` if it serves no configured target and no role lives on it."""
+        if (self._closing or any(p is provisioner for p in self._provisioners.values())
+                or any(p is provisioner for p in self._placed.values())):
+            return
+        self.service.spawn(provisioner.close())
 
-    async def _teardown(self, target: str, role: str, grant_id: int | None) -> None:
+    async def _teardown(self, target: str, role: str, grant_id: int | None,
+                        provisioner: Provisioner) -> None:
         delay = BACKOFF_START
         attempt = 1
         while True:
             try:
-                provisioner = self._teardown_provisioner(target)
-                if provisioner is None:  # removed by a reload, and re-added and removed since
-                    self._orphaned(target, role, grant_id)
-                    return
                 await provisioner.teardown(role)
                 await self.service.store.mark_db_role_dropped(role, now=self.service.clock.now())
                 return
@@ -231,14 +262,19 @@ class RoleManager:
             attempt += 1
 
     async def reconcile(self) -> None:
-        """At start: drop roles of ended grants, and prefixed roles no live grant owns."""
+        """At start: drop roles of ended grants, and prefixed roles no live grant owns (on any
+        target: several targets may share one cluster, whose roles each of them lists); learn
+        the names of live grants' roles; report roles whose target is gone."""
         live = {g.id for g in self.service.active.values() if self._target(g.target)}
-        owned: dict[str, set[str]] = {}
+        owned: set[str] = set()
         for rec in await self.service.store.list_db_roles(live=True):
             if rec.grant_id in live:
-                owned.setdefault(rec.target, set()).add(rec.role)
+                owned.add(rec.role)
+                self._names[rec.grant_id] = rec.role
+                self._placed[rec.role] = self.provisioner(rec.target)
             elif self._target(rec.target) is not None:
-                self.schedule_teardown(rec.target, rec.role, rec.grant_id)
+                self.schedule_teardown(rec.target, rec.role, rec.grant_id,
+                                       self.provisioner(rec.target))
             else:
                 self._orphaned(rec.target, rec.role, rec.grant_id)
         for name, target in self.service.config.targets.items():
@@ -251,21 +287,29 @@ class RoleManager:
                                         error=str(exc)[:500])
                 continue
             for role in existing:
-                if role not in owned.get(name, set()):
-                    self.schedule_teardown(name, role, None)
+                if role not in owned:
+                    self.schedule_teardown(name, role, None, self.provisioner(name))
 
     def _orphaned(self, target: str, role: str, grant_id: int | None) -> None:
         """A role on a target no longer configured, which the proxy cannot reach: say so (the
         event is a warning in the operator's log too)."""
-        why = (f"target {target} is no longer configured: drop the role on its cluster by hand, "
-               f"or configure the target again and restart the proxy, which drops it then")
+        why = (f"{target} is no longer a configured PostgreSQL target: drop the role on its "
+               f"cluster by hand; this repeats at every start until the target is configured "
+               f"again (the proxy then drops the role, or finds it gone)")
         self.service.audit.emit("db.role.orphaned", "system", target=target, role=role,
                                 grant=grant_id, why=why)
 
     async def close(self) -> None:
-        for task in list(self.teardowns.values()) + list(self._creating.values()):
+        """Cancel teardowns and creations (a restart reconciles), then close every provisioner."""
+        self._closing = True
+        tasks = list(self.teardowns.values()) + list(self._creating.values())
+        for task in tasks:
             task.cancel()
-        for provisioner in self._provisioners.values():
+        await asyncio.gather(*tasks, return_exceptions=True)
+        provisioners = {id(p): p for p in [*self._provisioners.values(), *self._placed.values()]}
+        self._provisioners.clear()
+        self._placed.clear()
+        for provisioner in provisioners.values():
             try:
                 await provisioner.close()
             except Exception:

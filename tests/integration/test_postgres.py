@@ -397,11 +397,71 @@ def test_a_role_on_a_target_missing_at_start_is_reported(fresh_pg_env):
     try:
         orphaned = env.wait_event("db.role.orphaned", lambda e: e.get("role") == role)
         assert orphaned["target"] == "orders" and orphaned["grant"] == grant["id"]
-        assert "drop the role on its cluster by hand" in orphaned["why"]
+        assert "drop the role on its cluster by hand" in orphaned["why"], orphaned
         assert any("level=warning" in line and "db.role.orphaned" in line and role in line
                    for line in env.log_path.read_text().splitlines())
     finally:
         env.pg.sql("postgres", f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_sigterm_while_a_removed_targets_teardown_retries_stops_cleanly(fresh_pg_env):
+    import signal
+    import time
+    env = fresh_pg_env
+    grant = db_grant(env, duration="5s")
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    db = f"locked_{env.role_prefix}"
+    # the role owns a table in a database nobody may connect to: its teardown retries
+    env.pg.sql("postgres", f"CREATE DATABASE {db}")
+    env.pg.sql(db, f'CREATE TABLE t (id int); ALTER TABLE t OWNER TO "{role}"')
+    env.pg.sql("postgres", f"ALTER DATABASE {db} ALLOW_CONNECTIONS false")
+    try:
+        env.write_config(_without_orders(env))
+        env.proc.send_signal(signal.SIGHUP)
+        env.wait_event("proxy.reloaded")
+        env.wait_event("db.role.teardown_failed", lambda e: e.get("role") == role,
+                       timeout=_ends_at(grant) - time.time() + 10)
+        assert env.stop() == 0
+        assert env.audit_events("proxy.stopped")
+    finally:
+        env.pg.sql("postgres", f"ALTER DATABASE {db} ALLOW_CONNECTIONS true")
+        env.pg.sql("postgres", f"DROP DATABASE {db}")
+        env.pg.sql("postgres", f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_a_reload_changing_the_role_prefix_keeps_live_grants_working(fresh_pg_env):
+    import signal
+    import time
+    env = fresh_pg_env
+    grant = db_grant(env, duration="8s")
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    config = env.config()
+    config["postgres"]["role_prefix"] = "x" + env.role_prefix
+    env.write_config(config)
+    env.proc.send_signal(signal.SIGHUP)
+    env.wait_event("proxy.reloaded")
+    r = psql(env, db_login(env), "SELECT current_user")
+    assert r.stdout.strip() == role, r.stderr  # the role keeps the name it was made with
+    end = _ends_at(grant)
+    while _role_exists(env, role):
+        assert time.time() < end + 5.0, "the role outlived its grant by 5 s"
+        time.sleep(0.1)
+
+
+def test_two_targets_on_one_cluster_keep_each_others_live_roles_at_a_restart(fresh_pg_env):
+    env = fresh_pg_env
+    config = env.config()
+    config["targets"]["other"] = {**config["targets"]["orders"], "database": "other"}
+    config["policies"][-1]["targets"] = ["orders", "other"]
+    env.write_config(config)
+    env.restart()
+    grant = db_grant(env, duration="30m")
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    env.restart()  # each target lists the cluster's roles; neither may drop the other's
+    assert psql(env, db_login(env), "SELECT current_user").stdout.strip() == role
+    assert not [e for e in env.audit_events("db.role.") if e.get("role") == role
+                and e["type"] != "db.role.created"]
+    env.json("bob", f"revoke {grant['id']}")
 
 
 def test_after_kill_9_and_a_restart_past_the_end_the_role_is_dropped(fresh_pg_env):
