@@ -241,7 +241,8 @@ class FrameBoundaries:
     """Follows message boundaries in a stream of typed messages without buffering their bodies,
     so a relay can stream bytes through as they come and still know where it may inject a message
     of its own; messages of the ``watch`` types (at most ``WATCH_LIMIT`` body bytes) are collected
-    whole into ``watched``, for the caller to read and clear.
+    whole into ``watched``, for the caller to read and clear, and messages of the ``mark`` types
+    (any length) go there too with an empty body, in stream order: only that they came counts.
 
     ``feed(data)`` returns the offset just after the last message that ends inside ``data`` (None
     if none does); ``at_boundary`` says whether the stream is between messages. The same bytes
@@ -256,8 +257,9 @@ class FrameBoundaries:
 
     WATCH_LIMIT = 10000  # bytes of a watched message body
 
-    def __init__(self, watch: bytes = b"S") -> None:
+    def __init__(self, watch: bytes = b"S", mark: bytes = b"") -> None:
         self._watch = frozenset(watch)
+        self._mark = frozenset(mark) - self._watch
         self._header = bytearray()  # a header split across feeds
         self._remaining = 0         # body bytes of the current message not yet fed
         self._type = b""
@@ -316,6 +318,8 @@ class FrameBoundaries:
                     self.watched.append(Frame(_TYPE_BYTES[t], bytes(data[pos:end])))
                 else:
                     self._body = bytearray(data[pos:])
+            elif t in self._mark:
+                self.watched.append(Frame(_TYPE_BYTES[t], b""))
             if end <= n:
                 pos = last = end
             else:

@@ -50,6 +50,7 @@ from proxy.auth.login import LOCKED_TEXT, password_login
 from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
 from proxy.postgres.scram import ScramError, ScramServer
+from proxy.postgres.statements import PreparedStatements
 from proxy.postgres.secrets import OneTimeSecrets, dummy_verifier
 from proxy.runtime.service import AccessService, LiveSession
 
@@ -65,6 +66,8 @@ PASSED_PARAMETERS = ("DateStyle", "TimeZone", "extra_float_digits", "search_path
 SAFE_CLIENT_ENCODINGS = {"UTF8", "UNICODE", "SQLASCII", "AUTO"}
 
 
+# the extended-query messages a Sync ends (PostgreSQL protocol, "Extended Query")
+EXTENDED_QUERY = frozenset((b"P", b"B", b"E", b"D", b"C", b"H"))
 # statements that change the client encoding are refused before they reach the server (the
 # ParameterStatus watch ends the session if one gets there by another route, e.g. dynamic SQL)
 ENCODING_CHANGE = re.compile(r"client_encoding|\bset\s+names\b", re.I)
@@ -235,13 +238,16 @@ class PgClient:
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
         self.cancel_key: tuple[int, int] | None = None
-        self.statements: dict[str, str] = {}
-        self.portals: dict[str, str] = {}
+        self.statements = PreparedStatements()
+        # portal -> (statement, its SQL, its SQL if unanswered Parses/Closes fail, parameters)
+        self.portals: dict[str, tuple[str, str, list[str], list]] = {}
+        self._extended_open = False  # extended-query messages sent since the last Sync
         self.bytes_up = self.bytes_down = 0
         self.ending: str | None = None
         self.ending_reason = "grant ended"
         self.end_reason = "closed"
-        self._boundaries = FrameBoundaries()
+        # ParameterStatus read; ParseComplete, CloseComplete, ErrorResponse, ReadyForQuery counted
+        self._boundaries = FrameBoundaries(watch=b"S", mark=b"13EZ")
         self._pump: asyncio.Task | None = None
         self._reading_upstream = False
 
@@ -627,9 +633,24 @@ class PgClient:
 
     def _audit_frame(self, frame: Frame) -> None:
         """Audit what will run, as the server will see it: Execute reports the SQL its portal
-        was bound to (a later Parse cannot rewrite history) and the Bind parameters."""
-        if frame.type not in (b"Q", b"P", b"B", b"E", b"F", b"C"):
+        was bound to (a later Parse cannot rewrite history; what each Parse did is learnt from
+        the server's replies, see PreparedStatements) and the Bind parameters."""
+        kind = frame.type
+        if kind == b"S":
+            self.statements.sync()
+            self._extended_open = False
             return
+        if kind in EXTENDED_QUERY:
+            self._extended_open = True
+            if kind in (b"D", b"H"):  # Describe, Flush
+                return
+        elif kind not in (b"Q", b"F"):  # COPY data, Terminate
+            return
+        elif kind == b"Q" and self._extended_open:
+            # the server would skip it after an error in the batch, and answer it otherwise:
+            # the proxy could not tell which, so it refuses the mix (libpq never sends it)
+            raise ProtocolError("jit-proxy does not relay a simple Query inside an "
+                                "extended-query batch: send Sync first")
         msg = decode_frontend(frame)
         sql = msg.sql if isinstance(msg, Query) else msg.query if isinstance(msg, Parse) else None
         if sql is not None and ENCODING_CHANGE.search(sql):
@@ -640,21 +661,20 @@ class PgClient:
                                 sqlstate="0A000")
         if isinstance(msg, Query):
             self._audit_sql("simple", msg.sql, None)
+            self.statements.sync(query=True)
         elif isinstance(msg, Parse):
-            if msg.name and msg.name in self.statements:
-                # the server refuses to redefine a named statement (42P05): it keeps the old one
-                self._audit_sql("parse", msg.query, msg.name, refused="statement exists")
-            else:
-                self.statements[msg.name] = msg.query
-                self._audit_sql("parse", msg.query, msg.name)
+            self.statements.parse(msg.name, msg.query)
+            self._audit_sql("parse", msg.query, msg.name)
         elif isinstance(msg, Bind):
-            self.portals[msg.portal] = (msg.statement, self.statements.get(msg.statement, ""),
+            self.portals[msg.portal] = (msg.statement, *self.statements.lookup(msg.statement),
                                         _params(msg))
         elif isinstance(msg, Execute):
-            name, sql, params = self.portals.get(msg.portal, ("", "", []))
-            self._audit_sql("execute", sql, name, params=params)
+            name, sql, instead, params = self.portals.get(msg.portal, ("", "", [], []))
+            self._audit_sql("execute", sql, name, params=params, instead=instead)
         elif isinstance(msg, Close):
-            (self.statements if msg.kind == "S" else self.portals).pop(msg.name, None)
+            self.statements.close(msg.name, portal=msg.kind != "S")
+            if msg.kind != "S":
+                self.portals.pop(msg.name, None)
         elif isinstance(msg, FunctionCall):
             self._audit_sql("function_call", f"function oid {msg.function_oid}", None,
                             refused="the fast-path interface is not relayed")
@@ -663,7 +683,8 @@ class PgClient:
                                 sqlstate="0A000")
 
     def _audit_sql(self, kind: str, sql: str, statement: str | None,
-                   params: list | None = None, refused: str | None = None) -> None:
+                   params: list | None = None, refused: str | None = None,
+                   instead: list[str] | None = None) -> None:
         fields: dict = {"session": self.session_id, "target": self.target_name,
                         "role": self.role, "kind": kind, "sql": sql[:AUDIT_SQL_LIMIT]}
         if statement is not None:
@@ -672,6 +693,8 @@ class PgClient:
             fields["params"] = params
         if refused:
             fields["refused"] = refused
+        if instead:  # Parses or Closes of earlier batches are still unanswered
+            fields["sql_if_earlier_failed"] = [s[:AUDIT_SQL_LIMIT] for s in instead]
         if len(sql) > AUDIT_SQL_LIMIT:
             fields["sql_truncated"] = True
             fields["sql_sha256"] = hashlib.sha256(sql.encode()).hexdigest()
@@ -691,6 +714,15 @@ class PgClient:
                 return
             last = self._boundaries.feed(data)
             for frame in self._boundaries.watched:
+                if frame.type == b"Z":
+                    self.statements.ready()
+                    continue
+                if frame.type in (b"1", b"3"):
+                    self.statements.completed()
+                    continue
+                if frame.type == b"E":
+                    self.statements.error()
+                    continue
                 status = decode_backend(frame)
                 if (isinstance(status, ParameterStatus) and status.name == "client_encoding"
                         and not safe_encoding(status.value)):

@@ -372,7 +372,7 @@ def test_frame_boundaries_are_the_message_ends_however_the_stream_is_split(data,
     for _, body in messages:
         offset += 5 + len(body)
         ends.add(offset)
-    fb = pg.FrameBoundaries(watch=b"SZ")
+    fb = pg.FrameBoundaries(watch=b"SZ", mark=b"1E")
     start = 0
     for chunk in chunks:
         last = fb.feed(chunk)
@@ -380,7 +380,8 @@ def test_frame_boundaries_are_the_message_ends_however_the_stream_is_split(data,
         assert last == (max(inside) if inside else None)
         start += len(chunk)
         assert fb.at_boundary == (start in ends or start == 0)
-    assert fb.watched == [pg.Frame(bytes((t,)), body) for t, body in messages if t in b"SZ"]
+    assert fb.watched == [pg.Frame(bytes((t,)), body if t in b"SZ" else b"")
+                          for t, body in messages if t in b"SZ1E"]
 
 
 @FAST
@@ -407,3 +408,6 @@ def test_frame_boundaries_refuse_a_watched_message_over_the_limit_from_its_heade
     with pytest.raises(pg.ProtocolError, match="too long"):  # and stays broken
         fb.feed(b"Z\0\0\0\x05I")
     assert pg.FrameBoundaries(watch=b"S").feed(b"D" + struct.pack("!i", 4 + 10001)) is None
+    marked = pg.FrameBoundaries(watch=b"S", mark=b"E")  # only counted: any length will do
+    assert marked.feed(b"E" + struct.pack("!i", 4 + 20000) + b"x" * 20000) == 20005
+    assert marked.watched == [pg.Frame(b"E", b"")]

@@ -538,3 +538,57 @@ def test_execute_is_audited_with_the_sql_and_parameters_it_was_bound_to(pg_env):
     execs = [e for e in pg_env.audit_events("db.query") if e["kind"] == "execute"
              and "FROM items WHERE id" in e["sql"]]
     assert execs and execs[-1]["params"] == ["\\x00000002"]  # asyncpg binds int4 in binary
+
+
+def test_execute_is_audited_with_what_each_parse_really_did(pg_env):
+    """The server decides what a Parse does (a name that exists is refused, a broken one is not
+    made, DEALLOCATE frees a name): the audit follows its replies, not a guess."""
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    ctx = ssl.create_default_context(cafile=ca_file(pg_env))
+    marker = os.urandom(4).hex()
+
+    async def scenario():
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg_env.pg_port, user="alice",
+                                     password=login["password"], database="orders", ssl=ctx,
+                                     statement_cache_size=0)
+        try:
+            first = await conn.prepare(f"SELECT 'a-{marker}'", name=f"s1_{marker}")
+            with pytest.raises(asyncpg.DuplicatePreparedStatementError):
+                await conn.prepare(f"SELECT 'b-{marker}'", name=f"s1_{marker}")
+            assert await first.fetchval() == f"a-{marker}"  # the server kept the first
+            with pytest.raises(asyncpg.PostgresSyntaxError):
+                await conn.prepare(f"SELEC 'broken-{marker}'", name=f"s2_{marker}")
+            made = await conn.prepare(f"SELECT 'c-{marker}'", name=f"s2_{marker}")
+            assert await made.fetchval() == f"c-{marker}"  # the broken one was never made
+            await conn.execute(f"DEALLOCATE s1_{marker}")
+            again = await conn.prepare(f"SELECT 'd-{marker}'", name=f"s1_{marker}")
+            assert await again.fetchval() == f"d-{marker}"  # the name was free again
+        finally:
+            await conn.close()
+    asyncio.run(scenario())
+    ran = [(e["statement"], e["sql"]) for e in pg_env.audit_events("db.query")
+           if e["kind"] == "execute" and marker in e["sql"]]
+    assert ran == [(f"s1_{marker}", f"SELECT 'a-{marker}'"),
+                   (f"s2_{marker}", f"SELECT 'c-{marker}'"),
+                   (f"s1_{marker}", f"SELECT 'd-{marker}'")]
+
+
+def test_a_simple_query_inside_an_unfinished_extended_batch_is_refused(pg_env):
+    """The server would skip it after an error in the batch and answer it otherwise: the proxy
+    could not tell which statement state follows, so it ends that connection (08P01)."""
+    from proxy.pgwire.frontend import Parse, Query
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    ctx = ssl.create_default_context(cafile=ca_file(pg_env))
+
+    async def scenario():
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg_env.pg_port, user="alice",
+                                     password=login["password"], database="orders", ssl=ctx)
+        conn._transport.write(Parse("", "SELECT 1").encode() + Query("SELECT 2").encode())
+        with pytest.raises((asyncpg.PostgresError, ConnectionError, asyncpg.InterfaceError)):
+            await conn.fetchval("SELECT 3", timeout=10)
+        conn.terminate()
+    asyncio.run(scenario())
+    refused = pg_env.wait_event("db.protocol.error", lambda e: "send Sync first" in e["error"])
+    assert refused["sqlstate"] == "08P01" and refused["actor"] == "alice"
