@@ -99,6 +99,8 @@ class PreparedStatements:
         self._ready += 1
 
     def _fail(self) -> None:
+        if not self._pending:  # the usual case: nothing unanswered
+            return
         failed = [op for op in self._pending if op.batch <= self._ready]
         if not failed:
             return
