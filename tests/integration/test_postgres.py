@@ -293,6 +293,13 @@ def test_garbage_and_a_huge_length_prefix_get_08P01_and_others_carry_on(pg_env):
             other.kill()
 
 
+async def connect_as_alice(env, login: dict, **kw) -> asyncpg.Connection:
+    """asyncpg through the proxy with ``login``'s one-time secret (TLS, verify-full)."""
+    ctx = ssl.create_default_context(cafile=ca_file(env))
+    return await asyncpg.connect(host="127.0.0.1", port=env.pg_port, user="alice",
+                                 password=login["password"], database="orders", ssl=ctx, **kw)
+
+
 def _ends_at(grant: dict) -> float:
     from datetime import datetime
     return datetime.fromisoformat(grant["ends_at"].replace("Z", "+00:00")).timestamp()
@@ -525,11 +532,9 @@ def test_execute_is_audited_with_the_sql_and_parameters_it_was_bound_to(pg_env):
     import struct
     db_grant(pg_env)
     login = db_login(pg_env)
-    ctx = ssl.create_default_context(cafile=ca_file(pg_env))
 
     async def scenario():
-        conn = await asyncpg.connect(host="127.0.0.1", port=pg_env.pg_port, user="alice",
-                                     password=login["password"], database="orders", ssl=ctx)
+        conn = await connect_as_alice(pg_env, login)
         try:
             assert await conn.fetchval("SELECT name FROM items WHERE id = $1", 2) == "cpu"
         finally:
@@ -545,13 +550,10 @@ def test_execute_is_audited_with_what_each_parse_really_did(pg_env):
     made, DEALLOCATE frees a name): the audit follows its replies, not a guess."""
     db_grant(pg_env)
     login = db_login(pg_env)
-    ctx = ssl.create_default_context(cafile=ca_file(pg_env))
     marker = os.urandom(4).hex()
 
     async def scenario():
-        conn = await asyncpg.connect(host="127.0.0.1", port=pg_env.pg_port, user="alice",
-                                     password=login["password"], database="orders", ssl=ctx,
-                                     statement_cache_size=0)
+        conn = await connect_as_alice(pg_env, login, statement_cache_size=0)
         try:
             first = await conn.prepare(f"SELECT 'a-{marker}'", name=f"s1_{marker}")
             with pytest.raises(asyncpg.DuplicatePreparedStatementError):
@@ -580,11 +582,9 @@ def test_a_simple_query_inside_an_unfinished_extended_batch_is_refused(pg_env):
     from proxy.pgwire.frontend import Parse, Query
     db_grant(pg_env)
     login = db_login(pg_env)
-    ctx = ssl.create_default_context(cafile=ca_file(pg_env))
 
     async def scenario():
-        conn = await asyncpg.connect(host="127.0.0.1", port=pg_env.pg_port, user="alice",
-                                     password=login["password"], database="orders", ssl=ctx)
+        conn = await connect_as_alice(pg_env, login)
         conn._transport.write(Parse("", "SELECT 1").encode() + Query("SELECT 2").encode())
         with pytest.raises((asyncpg.PostgresError, ConnectionError, asyncpg.InterfaceError)):
             await conn.fetchval("SELECT 3", timeout=10)
