@@ -33,13 +33,16 @@ from proxy.postgres.sql import quote_ident, quote_literal
 StepReporter = Callable[[str, dict], None]
 SCRAM_ITERATIONS = 4096
 TERMINATE_WAIT = 5.0  # seconds to wait for terminated backends to go away
-# the databases where a role owns objects or holds privileges (pg_shdepend, the shared catalog
-# DROP ROLE itself checks); $1 is the role name
+# the databases to REASSIGN/DROP OWNED in ($1 the role, $2 the admin database): those where it
+# owns objects or holds privileges (pg_shdepend, the shared catalog DROP ROLE itself checks), and
+# for privileges on shared objects (GRANT CONNECT ON DATABASE, a tablespace: dbid 0) the admin
+# database, since DROP OWNED in any database revokes those too (without it, DROP ROLE failed
+# for ever)
 DATABASES_WITH_DEPENDENCIES = (
-    "SELECT DISTINCT d.datname FROM pg_shdepend s"
-    " JOIN pg_database d ON d.oid = s.dbid"
+    "SELECT DISTINCT CASE WHEN s.dbid = 0 THEN $2 ELSE d.datname END AS datname"
+    " FROM pg_shdepend s LEFT JOIN pg_database d ON d.oid = s.dbid"
     " JOIN pg_roles r ON r.oid = s.refobjid AND s.refclassid = 'pg_authid'::regclass"
-    " WHERE r.rolname = $1 AND d.datallowconn ORDER BY d.datname")
+    " WHERE r.rolname = $1 AND (s.dbid = 0 OR d.datallowconn) ORDER BY 1")
 ADMIN_POOL_SIZE = 4  # admin connections per target, for creating and dropping roles side by side
 ROLE_MARKER = "jit-proxy ephemeral role"  # start of the comment on every role the proxy creates
 
@@ -224,7 +227,7 @@ class Provisioner:
             row = await conn.fetchrow(
                 "SELECT (SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 f" WHERE usename = $1) AS killed, ARRAY({DATABASES_WITH_DEPENDENCIES})"
-                " AS databases", name)
+                " AS databases", name, self.target.admin.database)
             return row["killed"], list(row["databases"])
         first = await self._with_admin(first_steps)
         if first is None:
@@ -241,7 +244,8 @@ class Provisioner:
                 await asyncio.sleep(0.05)
             # read again now that they are gone: one may have committed something as it went
             databases = [r["datname"] for r in await self._with_admin(
-                lambda c: c.fetch(DATABASES_WITH_DEPENDENCIES, name))]
+                lambda c: c.fetch(DATABASES_WITH_DEPENDENCIES, name,
+                                  self.target.admin.database))]
         self.report("db.role.backends_terminated", {"role": name, "count": killed})
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:

@@ -1,6 +1,7 @@
 """The role teardown straight against a real PostgreSQL cluster: with a backend still live (it is
 terminated, and the databases to reassign in are read once it is gone) and with none (the
-usual case at a grant's end, when the proxy has closed the role's sessions already); and a
+usual case at a grant's end, when the proxy has closed the role's sessions already); with
+privileges on a shared object (a database) only; and a
 login window of a grant opening while another ALTER ROLE of its role is under way
 (RoleManager)."""
 
@@ -80,6 +81,29 @@ async def _wait_for(conn: asyncpg.Connection, sql: str, timeout: float) -> bool:
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+def test_teardown_revokes_privileges_on_shared_objects(pg_cluster):
+    """GRANT CONNECT ON DATABASE is recorded in no database (pg_shdepend dbid 0); DROP ROLE
+    refused the role for ever until DROP OWNED ran in some database."""
+    target = PostgresTarget(**_orders_target(pg_cluster, {"read": ["app_reader"]}))
+    steps: list[tuple[str, dict]] = []
+    prov = Provisioner("orders", target, "jit_p_", lambda step, f: steps.append((step, f)))
+    name = "jit_p_teardown_shared"
+
+    async def scenario():
+        try:
+            await prov.create_role(name, ["app_reader"], time.time() + 600, grant_id=8)
+            pg_cluster.sql("postgres", f'GRANT CONNECT, TEMPORARY ON DATABASE other TO "{name}"')
+            await prov.teardown(name)
+        finally:
+            await prov.close()
+
+    asyncio.run(scenario())
+    assert not pg_cluster.sql("postgres", f"SELECT 1 FROM pg_roles WHERE rolname = '{name}'",
+                              fetch=True)
+    reassigned = [f for s, f in steps if s == "db.role.objects_reassigned"]
+    assert reassigned and reassigned[0]["databases"] == ["postgres"]
 
 
 @pytest.mark.parametrize("first", ["nologin", "valid-until"])
