@@ -119,8 +119,11 @@ class AuditLog:
         except BaseException:
             self._file.close()
             raise
+        # the repair, if any, for the owner to pass on (observers are attached after this)
+        self.repaired: dict[str, Any] | None = None
         if repair is not None:
-            self.emit("audit.log.repaired", "system", why="torn last write removed", **repair)
+            self.repaired = self.emit("audit.log.repaired", "system",
+                                      why="torn last write removed", **repair)
 
     def emit(self, type: str, actor: str, **fields: Any) -> dict[str, Any]:
         """Append one event and return it (with ``prev`` and ``hash``).

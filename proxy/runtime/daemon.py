@@ -101,6 +101,8 @@ class Daemon:
         audit = AuditLog(cfg.audit_log_path, self.clock)
         self.service = AccessService(cfg, store, audit, self.clock, ca, host_key)
         audit.observers.append(_log_event)
+        if audit.repaired is not None:  # emitted while the log opened, before any observer
+            _log_event(audit.repaired)
         from proxy.runtime.webhook import Webhook
         self.service.webhook = Webhook(self.service)
         if cfg.postgres is not None:
@@ -369,7 +371,7 @@ def lock_state_dir(state: Path, name: str = "state_dir") -> int:
 _audit_log = logging.getLogger("jit_proxy.audit")
 # refusals, failures, errors, what was left behind, lockouts: the events an operator must see
 _WARNING_EVENT = re.compile(
-    r"[._](refused|failed|failure|orphaned|unusable)$|error|^auth\.lockout$")
+    r"[._](refused|failed|failure|orphaned|unusable|suppressed|repaired)$|error|^auth\.lockout$")
 
 
 def _log_event(event: dict) -> None:

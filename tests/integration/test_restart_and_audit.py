@@ -59,6 +59,20 @@ def test_sigterm_exits_0_and_audit_verify_passes_then_catches_one_changed_byte(f
     assert r.stderr.startswith(f"{log}:{target}: "), r.stderr
 
 
+def test_a_torn_last_audit_write_is_repaired_and_told_to_the_operator(fresh_env):
+    env = fresh_env
+    env.stop()
+    path = env.state / "audit.jsonl"
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"ts":"2026-')  # a crash in the middle of a write
+    env.start()
+    repaired = env.wait_event("audit.log.repaired")
+    assert repaired["removed_bytes"] == len(b'{"ts":"2026-')
+    assert any("level=warning" in line and "audit.log.repaired" in line
+               for line in env.log_path.read_text().splitlines())
+    assert env.run(["jit-proxy", "audit", "verify", str(path)]).returncode == 0
+
+
 def test_a_group_readable_ca_key_stops_the_daemon_naming_the_file(fresh_env):
     env = fresh_env
     env.stop()

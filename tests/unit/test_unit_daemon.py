@@ -66,6 +66,8 @@ def test_the_state_lock_is_exclusive_and_never_follows_a_symlink(tmp_path):
     ({"type": "auth.lockout", "actor": "system", "key": "user:alice"}, "WARNING"),
     ({"type": "ssh.protocol.error", "actor": "alice", "error": "bad"}, "WARNING"),
     ({"type": "db.role.dropped", "actor": "system", "role": "jit_a_g1"}, "INFO"),
+    ({"type": "auth.failure.suppressed", "actor": "system", "count": 40}, "WARNING"),
+    ({"type": "audit.log.repaired", "actor": "system", "removed_bytes": 12}, "WARNING"),
     ({"type": "db.query", "actor": "alice", "sql": "SELECT 1"}, "DEBUG"),
     ({"type": "db.query", "actor": "alice", "sql": "SET client_encoding TO 'SJIS'",
       "refused": "changes the client encoding"}, "WARNING"),
