@@ -464,8 +464,14 @@ class PgClient:
     async def _connect_upstream(self, startup: StartupMessage) -> bool:
         grant = self.grant
         assert grant is not None
-        target = self.service.config.targets[self.target_name]
-        assert isinstance(target, PostgresTarget)
+        target = self.service.config.targets.get(self.target_name)
+        if not isinstance(target, PostgresTarget):  # a reload removed it during the login
+            self.end_reason = "target removed"
+            self.service.audit.emit("db.session.refused", self.user, target=self.target_name,
+                                    grant=grant.id, why="the target is no longer configured")
+            await self._fatal(CONNECTION_FAILURE, f"jit-proxy: {self.target_name} is no longer "
+                                                  f"a configured PostgreSQL target")
+            return False
         try:
             async with self.door.roles.login_window(grant) as creds:
                 self.role = creds.name
