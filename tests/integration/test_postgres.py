@@ -436,6 +436,32 @@ def test_sigterm_while_a_removed_targets_teardown_retries_stops_cleanly(fresh_pg
         env.pg.sql("postgres", f'DROP ROLE IF EXISTS "{role}"')
 
 
+def test_a_role_is_dropped_on_its_own_cluster_after_a_reload_moved_its_target(fresh_pg_env):
+    import signal
+    import time
+    from tests.conftest import PgCluster
+    env = fresh_pg_env
+    grant = db_grant(env, duration="8s")
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    second = PgCluster()
+    try:
+        config = env.config()
+        config["targets"]["orders"].update(
+            port=second.port, tls={"mode": "verify-full", "ca_file": str(second.ca_file)},
+            admin={"user": "postgres", "password_file": str(second.admin_password_file)})
+        env.write_config(config)
+        env.proc.send_signal(signal.SIGHUP)
+        env.wait_event("proxy.reloaded")
+        end = _ends_at(grant)
+        while _role_exists(env, role):  # on the first cluster, where it was made
+            assert time.time() < end + 5.0, "the role outlived its grant by 5 s"
+            time.sleep(0.1)
+        dropped = env.wait_event("db.role.dropped", lambda e: e.get("role") == role)
+        assert not dropped.get("already_gone"), dropped
+    finally:
+        second.close()
+
+
 def test_a_reload_changing_the_role_prefix_keeps_live_grants_working(fresh_pg_env):
     import signal
     import time
