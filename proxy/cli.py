@@ -165,6 +165,12 @@ def cmd_lockouts_clear(args: argparse.Namespace) -> int:
                          subject=args.subject)
 
 
+def cmd_roles_forget(args: argparse.Namespace) -> int:
+    return _admin_action(args, "roles.forget", lambda a: f"{a['forgotten']}: no longer tracked "
+                                                         f"(nor reported at start)\n",
+                         role=args.role)
+
+
 def cmd_sessions_kill(args: argparse.Namespace) -> int:
     return _admin_action(args, "sessions.kill", lambda a: (
         f"session {a['killed']['id']} of {a['killed']['user']} ({a['killed']['login']}@"
@@ -261,12 +267,13 @@ def main(argv: list[str] | None = None) -> int:
                                "lockouts")
     c.set_defaults(func=cmd_status)
     def admin_action(group: str, help: str, action: str, action_help: str, func,
-                     arg: str = "id", arg_type: type = int) -> None:
+                     arg: str = "id", arg_type: type = int,
+                     listed: str = "listed by 'jit-proxy status'") -> None:
         c = admin_parser(group, help)
         actions = c.add_subparsers(dest=f"{group}_command", metavar=action, title="action")
         c.set_defaults(func=lambda _: c.error(
             f"say what to do: jit-proxy {group} {action} {arg.upper()} (the {group} are "
-            f"listed by 'jit-proxy status')"))
+            f"{listed})"))
         a = actions.add_parser(action, help=action_help)
         a.add_argument(arg, type=arg_type)
         admin_options(a, given_only=True)
@@ -279,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     admin_action("lockouts", "logins locked out after failures (listed by status)", "clear",
                  "end a lockout now: SUBJECT is user:NAME or address:IP", cmd_lockouts_clear,
                  arg="subject", arg_type=str)
+    admin_action("roles", "ephemeral PostgreSQL roles", "forget",
+                 "stop tracking a role of a target no longer configured (db.role.orphaned), "
+                 "once it is dropped by hand", cmd_roles_forget, arg="role", arg_type=str,
+                 listed="named by db.role.orphaned events in the audit log")
     c = admin_parser("recordings", "find, play and export session recordings")
     c.add_argument("action", choices=["list", "play", "export"])
     c.add_argument("id", nargs="?", type=int, help="session id (play, export)")

@@ -294,8 +294,8 @@ class RoleManager:
         """A role on a target no longer configured, which the proxy cannot reach: say so (the
         event is a warning in the operator's log too)."""
         why = (f"{target} is no longer a configured PostgreSQL target: drop the role on its "
-               f"cluster by hand; this repeats at every start until the target is configured "
-               f"again (the proxy then drops the role, or finds it gone)")
+               f"cluster by hand, then run 'jit-proxy roles forget {role}' (or configure the "
+               f"target again: the proxy then drops it); until then this repeats at every start")
         self.service.audit.emit("db.role.orphaned", "system", target=target, role=role,
                                 grant=grant_id, why=why)
 

@@ -145,6 +145,8 @@ class AdminServer:
                 raise AccessError("expected a subject: user:NAME or address:IP")
             service.unlock(actor, subject)
             return {"unlocked": subject}
+        if command == "roles.forget":
+            return {"forgotten": await _forget_role(service, actor, request.get("role"))}
         if command == "sessions.kill":
             record = await service.kill_session(actor, _id(request))
             return {"killed": _session(record)}
@@ -161,6 +163,25 @@ class AdminServer:
             from proxy.runtime.recordings import get_recording
             return await get_recording(service, actor, _id(request))
         raise AccessError(f"unknown command {command!r}")
+
+
+async def _forget_role(service: AccessService, actor: str, role: Any) -> str:
+    """Stop tracking ``role``, a role on a target that is no longer configured (reported as
+    ``db.role.orphaned`` at every start), once an operator has dropped it by hand."""
+    if not isinstance(role, str):
+        raise AccessError("expected a role name (from a db.role.orphaned event)")
+    from proxy.config import PostgresTarget
+    records = [r for r in await service.store.list_db_roles(live=True) if r.role == role]
+    if not records:
+        raise AccessError(f"the proxy tracks no role {role!r}")
+    target = records[0].target
+    if isinstance(service.config.targets.get(target), PostgresTarget):
+        raise AccessError(f"{role} is on {target}, a configured target: the proxy drops it "
+                          f"itself at its grant's end")
+    await service.store.mark_db_role_dropped(role, now=service.clock.now())
+    service.audit.emit("db.role.forgotten", actor, role=role, target=target,
+                       grant=records[0].grant_id)
+    return role
 
 
 def _pending():

@@ -409,6 +409,28 @@ def test_a_role_on_a_target_missing_at_start_is_reported(fresh_pg_env):
                    for line in env.log_path.read_text().splitlines())
     finally:
         env.pg.sql("postgres", f'DROP ROLE IF EXISTS "{role}"')
+    # dropped by hand: the operator says so, and it is no longer reported
+    from tests.integration.test_operations import jit
+    r = jit("roles", "forget", "no_such_role", "-c", str(env.config_path))
+    assert r.returncode != 0 and "tracks no role 'no_such_role'" in r.stderr, r.stderr
+    r = jit("roles", "forget", role, "-c", str(env.config_path))
+    assert r.returncode == 0 and f"{role}: no longer tracked" in r.stdout, r.stderr
+    forgotten = env.wait_event("db.role.forgotten", lambda e: e.get("role") == role)
+    assert forgotten["target"] == "orders" and forgotten["actor"] == "local:root"
+    count = len([e for e in env.audit_events("db.role.orphaned") if e.get("role") == role])
+    env.restart()
+    assert len([e for e in env.audit_events("db.role.orphaned") if e.get("role") == role]) \
+        == count
+
+
+def test_roles_forget_refuses_a_role_the_proxy_still_drops_itself(fresh_pg_env):
+    from tests.integration.test_operations import jit
+    env = fresh_pg_env
+    grant = db_grant(env, duration="30m")
+    role = f"{env.role_prefix}alice_g{grant['id']}"
+    r = jit("roles", "forget", role, "-c", str(env.config_path))
+    assert r.returncode != 0 and "a configured target" in r.stderr, r.stderr
+    assert _role_exists(env, role)
 
 
 def test_sigterm_while_a_removed_targets_teardown_retries_stops_cleanly(fresh_pg_env):
