@@ -26,6 +26,7 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import scramp
@@ -50,7 +51,8 @@ from proxy.auth.login import LOCKED_TEXT, password_login
 from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
 from proxy.postgres.scram import ScramError, ScramServer
-from proxy.postgres.statements import PreparedStatements
+from proxy.postgres.statements import (MAX_ALTERNATIVES, PORTAL, STATEMENT, PreparedStatements,
+                                       TooManyPending)
 from proxy.postgres.secrets import OneTimeSecrets, dummy_verifier
 from proxy.runtime.service import AccessService, LiveSession
 
@@ -66,8 +68,12 @@ PASSED_PARAMETERS = ("DateStyle", "TimeZone", "extra_float_digits", "search_path
 SAFE_CLIENT_ENCODINGS = {"UTF8", "UNICODE", "SQLASCII", "AUTO"}
 
 
-# the extended-query messages a Sync ends (PostgreSQL protocol, "Extended Query")
+# the extended-query messages a Sync ends (PostgreSQL protocol, "Extended Query"); COPY data
 EXTENDED_QUERY = frozenset((b"P", b"B", b"E", b"D", b"C", b"H"))
+COPY_DATA = frozenset((b"d", b"c", b"f"))
+# SQL that makes or drops statements or portals under names the protocol uses too
+SQL_LEVEL_NAMES = re.compile(r"\b(prepare|deallocate|discard|declare|close|fetch|move)\b",
+                             re.IGNORECASE)
 # statements that change the client encoding are refused before they reach the server (the
 # ParameterStatus watch ends the session if one gets there by another route, e.g. dynamic SQL)
 ENCODING_CHANGE = re.compile(r"client_encoding|\bset\s+names\b", re.I)
@@ -238,16 +244,21 @@ class PgClient:
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
         self.cancel_key: tuple[int, int] | None = None
+        # statements: SQL; portals: (statement, its SQL, its SQL if unanswered messages of
+        # earlier batches fail, parameters)
         self.statements = PreparedStatements()
-        # portal -> (statement, its SQL, its SQL if unanswered Parses/Closes fail, parameters)
-        self.portals: dict[str, tuple[str, str, list[str], list]] = {}
         self._extended_open = False  # extended-query messages sent since the last Sync
+        self._syncs_since_start = 0  # Syncs sent since the last Query or Execute
+        self._copy_announced = False  # the server sent CopyInResponse since then
+        self._copy_in = False         # the client is sending COPY data
+        self._sql_level_names = False  # SQL-level PREPARE, DEALLOCATE, DISCARD or cursors seen
         self.bytes_up = self.bytes_down = 0
         self.ending: str | None = None
         self.ending_reason = "grant ended"
         self.end_reason = "closed"
-        # ParameterStatus read; ParseComplete, CloseComplete, ErrorResponse, ReadyForQuery counted
-        self._boundaries = FrameBoundaries(watch=b"S", mark=b"13EZ")
+        # ParameterStatus and ReadyForQuery read; Parse/Bind/CloseComplete, ErrorResponse and
+        # CopyInResponse counted
+        self._boundaries = FrameBoundaries(watch=b"SZ", mark=b"123EG")
         self._pump: asyncio.Task | None = None
         self._reading_upstream = False
 
@@ -639,24 +650,42 @@ class PgClient:
 
     def _audit_frame(self, frame: Frame) -> None:
         """Audit what will run, as the server will see it: Execute reports the SQL its portal
-        was bound to (a later Parse cannot rewrite history; what each Parse did is learnt from
-        the server's replies, see PreparedStatements) and the Bind parameters."""
+        was bound to and the Bind parameters (what each Parse, Bind and Close did is learnt from
+        the server's replies, see PreparedStatements)."""
         kind = frame.type
+        if kind in COPY_DATA:  # CopyData, CopyDone, CopyFail
+            if not self._copy_in:
+                if not self._copy_announced:
+                    raise ProtocolError("jit-proxy relays COPY data only after the server's "
+                                        "CopyInResponse")
+                # the Syncs sent since the COPY began reached a server in COPY mode: ignored
+                self.statements.copy_started(self._syncs_since_start)
+                self._copy_in = True
+            if kind != b"d":
+                self._copy_in = self._copy_announced = False
+            return
+        if self._copy_in and kind in (b"S", b"H"):
+            # ignored by the server, unless a bad row ended the COPY already: unknowable here
+            raise ProtocolError("jit-proxy does not relay Sync or Flush inside COPY data")
         if kind == b"S":
             self.statements.sync()
             self._extended_open = False
+            self._syncs_since_start += 1
             return
         if kind in EXTENDED_QUERY:
             self._extended_open = True
             if kind in (b"D", b"H"):  # Describe, Flush
                 return
-        elif kind not in (b"Q", b"F"):  # COPY data, Terminate
+        elif kind not in (b"Q", b"F"):  # Terminate
             return
         elif kind == b"Q" and self._extended_open:
             # the server would skip it after an error in the batch, and answer it otherwise:
             # the proxy could not tell which, so it refuses the mix (libpq never sends it)
             raise ProtocolError("jit-proxy does not relay a simple Query inside an "
                                 "extended-query batch: send Sync first")
+        if kind in (b"Q", b"E"):  # either may start a COPY
+            self._syncs_since_start = 0
+            self._copy_announced = False
         msg = decode_frontend(frame)
         sql = msg.sql if isinstance(msg, Query) else msg.query if isinstance(msg, Parse) else None
         if sql is not None and ENCODING_CHANGE.search(sql):
@@ -665,6 +694,14 @@ class PgClient:
             raise ProtocolError("jit-proxy requires client_encoding UTF8 (the proxy audits "
                                 "statements as UTF-8): statements that change it are refused",
                                 sqlstate="0A000")
+        if sql is not None and not self._sql_level_names and SQL_LEVEL_NAMES.search(sql):
+            self._sql_level_names = True
+        try:
+            self._track(msg)
+        except TooManyPending as exc:
+            raise ProtocolError(f"jit-proxy: {exc}", sqlstate="54000") from None
+
+    def _track(self, msg: Any) -> None:
         if isinstance(msg, Query):
             self._audit_sql("simple", msg.sql, None)
             self.statements.sync(query=True)
@@ -672,15 +709,17 @@ class PgClient:
             self.statements.parse(msg.name, msg.query)
             self._audit_sql("parse", msg.query, msg.name)
         elif isinstance(msg, Bind):
-            self.portals[msg.portal] = (msg.statement, *self.statements.lookup(msg.statement),
-                                        _params(msg))
+            sql, instead = self.statements.lookup(STATEMENT, msg.statement)
+            self.statements.bind(msg.portal, (msg.statement, sql or "", instead, _params(msg)))
         elif isinstance(msg, Execute):
-            name, sql, instead, params = self.portals.get(msg.portal, ("", "", [], []))
-            self._audit_sql("execute", sql, name, params=params, instead=instead)
+            bound, other_bindings = self.statements.lookup(PORTAL, msg.portal)
+            name, sql, instead, params = bound or ("", "", [], [])
+            for other in other_bindings:  # an earlier batch's Bind of the portal may fail
+                instead = [*instead, other[1], *other[2]]
+            self._audit_sql("execute", sql, name, params=params,
+                            instead=[s for s in dict.fromkeys(instead) if s != sql])
         elif isinstance(msg, Close):
-            self.statements.close(msg.name, portal=msg.kind != "S")
-            if msg.kind != "S":
-                self.portals.pop(msg.name, None)
+            self.statements.close(STATEMENT if msg.kind == "S" else PORTAL, msg.name)
         elif isinstance(msg, FunctionCall):
             self._audit_sql("function_call", f"function oid {msg.function_oid}", None,
                             refused="the fast-path interface is not relayed")
@@ -699,8 +738,13 @@ class PgClient:
             fields["params"] = params
         if refused:
             fields["refused"] = refused
-        if instead:  # Parses or Closes of earlier batches are still unanswered
-            fields["sql_if_earlier_failed"] = [s[:AUDIT_SQL_LIMIT] for s in instead]
+        if instead:  # messages of earlier batches are still unanswered
+            fields["sql_if_earlier_failed"] = [s[:AUDIT_SQL_LIMIT] for s in
+                                               instead[:MAX_ALTERNATIVES]]
+        if kind == "execute" and self._sql_level_names:
+            fields["sql_may_differ"] = ("the session used SQL-level PREPARE, DEALLOCATE, "
+                                        "DISCARD or cursors, whose names the proxy does not "
+                                        "follow")
         if len(sql) > AUDIT_SQL_LIMIT:
             fields["sql_truncated"] = True
             fields["sql_sha256"] = hashlib.sha256(sql.encode()).hexdigest()
@@ -721,13 +765,16 @@ class PgClient:
             last = self._boundaries.feed(data)
             for frame in self._boundaries.watched:
                 if frame.type == b"Z":
-                    self.statements.ready()
+                    self.statements.ready(idle=frame.payload == b"I")
                     continue
-                if frame.type in (b"1", b"3"):
+                if frame.type in (b"1", b"2", b"3"):
                     self.statements.completed()
                     continue
                 if frame.type == b"E":
                     self.statements.error()
+                    continue
+                if frame.type == b"G":
+                    self._copy_announced = True
                     continue
                 status = decode_backend(frame)
                 if (isinstance(status, ParameterStatus) and status.name == "client_encoding"

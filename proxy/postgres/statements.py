@@ -1,120 +1,160 @@
-"""A client's prepared statements as the server has them, for auditing what an Execute runs.
+"""A client's prepared statements and portals as the server has them, for auditing what runs.
 
 What it is for: the listener audits each Execute with the SQL of the statement its portal was bound
-to. Which SQL that is depends on what the server did with each Parse and Close, which the proxy
-learns only from the server's replies (PostgreSQL protocol, "Extended Query"): ParseComplete or
-CloseComplete, or an ErrorResponse after which the server skips every message up to the next Sync,
-and one ReadyForQuery per Sync or simple Query. Audits happen before a message goes upstream, so a
-Parse or Close is applied at once (if it fails, the rest of its own Sync batch is skipped, Binds
-included), and undone when the replies say it failed: a Parse naming a statement that exists
-(42P05), a syntax error, a message after an error. (A failed unnamed Parse may have dropped the old
-unnamed statement, or been skipped and kept it: the old one is kept here, since a Bind that runs at
-all runs that one.) A Bind in a later batch than a Parse or Close whose reply has not come yet
-cannot know which statement it gets: ``lookup`` then also gives the SQL it gets if those fail.
+to. What each Parse, Bind and Close did is known only from the server's replies (PostgreSQL
+protocol, "Extended Query"): ParseComplete, BindComplete or CloseComplete, or an ErrorResponse
+after which the server skips every message up to the next Sync; then one ReadyForQuery per Sync
+or simple Query, except for Syncs sent while the server is in COPY FROM STDIN, which it ignores
+(the listener reports those: ``copy_started``). Audits happen before a message goes upstream, so
+each Parse, Bind or Close is applied at once (if it fails, the rest of its own Sync batch is
+skipped as well) and undone when the replies say it failed. A lookup while such a message of an
+earlier batch is unanswered also gives what holds if it fails (at most ``MAX_ALTERNATIVES``).
 
-What it must not do: any I/O, or guess an outcome the server has not reported.
+A failed unnamed Parse may have dropped the old unnamed statement, or been skipped and kept it:
+the old one is kept here, since a Bind that runs at all runs that one. Statements made by
+SQL-level PREPARE and portals made by SQL cursors (DECLARE, a function's refcursor) share these
+names and are not seen here.
+
+What it must not do: any I/O, or guess an outcome the server has not reported. The work per message
+is constant however many messages a client pipelines (at most ``MAX_PENDING`` unanswered).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import Any
 
-Entry = tuple["str | None", object]  # (SQL, or None once closed; token of the op that made it)
+STATEMENT, PORTAL = "S", "P"
+MAX_ALTERNATIVES = 3
+MAX_PENDING = 10_000  # unanswered Parse, Bind and Close messages a client may have in flight
+MAX_NAMES = 100_000   # statements and portals a client may have open at once
 
 
-@dataclass
+class TooManyPending(Exception):
+    """More than ``MAX_PENDING`` Parse, Bind and Close messages are unanswered, or more than
+    ``MAX_NAMES`` statements and portals are open."""
+
+
 class _Op:
-    """A Parse or Close sent, its reply not yet seen."""
-    batch: int              # the Sync batch it was sent in (0, 1, ...)
-    name: str | None        # the statement (None: a portal's Close, which only takes a reply)
-    token: object
-    previous: Entry | None  # what ``name`` was before it
+    """A Parse, Bind or Close sent: what it makes its name mean, and until its reply comes,
+    what the name meant before it."""
+
+    __slots__ = ("batch", "key", "value", "previous", "settled")
+
+    def __init__(self, batch: int, key: tuple[str, str], value: Any, previous: "_Op | None"):
+        self.batch, self.key, self.value, self.previous = batch, key, value, previous
+        self.settled = False
 
 
 class PreparedStatements:
     def __init__(self) -> None:
-        self._current: dict[str, Entry] = {}
-        self._pending: deque[_Op] = deque()  # oldest first: replies come in this order
-        self._made: dict[object, _Op] = {}   # token -> its pending op
+        self._current: dict[tuple[str, str], _Op] = {}
+        self._pending: deque[_Op] = deque()    # unanswered, oldest first: replies come so
+        self._successor: dict[_Op, _Op] = {}   # op -> the later op whose ``previous`` it is
         self._sent = 0   # Syncs and simple Queries sent: the batch being sent now
         self._ready = 0  # ReadyForQuery seen: the oldest batch without its reply
 
     # --- what the client sends -------------------------------------------------------------------
 
     def parse(self, name: str, sql: str) -> None:
-        """A Parse of ``sql`` into statement ``name`` ("" is the unnamed one) is sent."""
-        self._apply(name, sql)
+        """A Parse of ``sql`` into statement ``name`` ("" is the unnamed one) is sent.
 
-    def close(self, name: str, portal: bool = False) -> None:
-        """A Close of statement (or portal) ``name`` is sent; closing a missing one is no
-        error."""
-        if portal:
-            self._pending.append(_Op(self._sent, None, object(), None))
-        else:
-            self._apply(name, None)
+        Raises:
+            TooManyPending: more than ``MAX_PENDING`` messages would be unanswered.
+        """
+        self._apply((STATEMENT, name), sql)
 
-    def _apply(self, name: str, sql: str | None) -> None:
-        op = _Op(self._sent, name, object(), self._current.get(name))
-        self._current[name] = (sql, op.token)
+    def bind(self, portal: str, value: Any) -> None:
+        """A Bind making portal ``portal`` mean ``value`` is sent (raises as ``parse``)."""
+        self._apply((PORTAL, portal), value)
+
+    def close(self, kind: str, name: str) -> None:
+        """A Close of statement (``kind`` "S") or portal ("P") ``name`` is sent; closing a
+        missing one is no error (raises as ``parse``)."""
+        self._apply((kind, name), None)
+
+    def _apply(self, key: tuple[str, str], value: Any) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            raise TooManyPending(f"more than {MAX_PENDING} Parse, Bind and Close messages "
+                                 f"are unanswered")
+        previous = self._current.get(key)
+        if previous is None and len(self._current) >= MAX_NAMES:
+            raise TooManyPending(f"more than {MAX_NAMES} statements and portals are open")
+        op = _Op(self._sent, key, value, previous)
+        if previous is not None:
+            self._successor[previous] = op
+        self._current[key] = op
         self._pending.append(op)
-        self._made[op.token] = op
 
     def sync(self, query: bool = False) -> None:
-        """A Sync is sent, or a simple Query (which also drops the unnamed statement: it runs
-        after every earlier message, so that is settled)."""
+        """A Sync is sent, or a simple Query (which also drops the unnamed statement)."""
         if query:
-            self._current.pop("", None)
+            self._current.pop((STATEMENT, ""), None)
         self._sent += 1
 
-    def lookup(self, name: str) -> tuple[str, list[str]]:
-        """(the SQL a Bind of statement ``name`` sent now gets, "" if none; the SQL it gets
-        instead if Parses or Closes of earlier batches, replies not yet seen, fail)."""
-        entry = self._current.get(name)
-        sql = entry[0] if entry is not None and entry[0] is not None else ""
-        instead: list[str] = []
-        while entry is not None:
-            op = self._made.get(entry[1])
-            if op is None or op.batch >= self._sent:  # settled, or fails with the Bind
-                break
-            entry = op.previous
-            if entry is not None and entry[0] is not None and entry[0] not in instead:
-                instead.append(entry[0])
-        return sql, [s for s in instead if s != sql]
+    def copy_started(self, ignored_syncs: int) -> None:
+        """The server answered the last Execute or Query with CopyInResponse: it ignored the
+        ``ignored_syncs`` Syncs sent after that message (no ReadyForQuery comes for them)."""
+        self._sent = max(self._ready, self._sent - ignored_syncs)
+
+    def lookup(self, kind: str, name: str) -> tuple[Any, list[Any]]:
+        """(what statement (``kind`` "S") or portal ("P") ``name`` means for a message sent
+        now, None if nothing; up to ``MAX_ALTERNATIVES`` other meanings it has if unanswered
+        messages of earlier batches fail)."""
+        op = self._current.get((kind, name))
+        value = op.value if op is not None else None
+        instead: list[Any] = []
+        steps = 0
+        while (op is not None and not op.settled and op.batch < self._sent
+               and len(instead) < MAX_ALTERNATIVES and steps < 4 * MAX_ALTERNATIVES):
+            op, steps = op.previous, steps + 1
+            if op is not None and op.value is not None and op.value != value \
+                    and op.value not in instead:
+                instead.append(op.value)
+        return value, instead
 
     # --- what the server replies -----------------------------------------------------------------
 
     def completed(self) -> None:
-        """ParseComplete or CloseComplete: the oldest pending Parse or Close took effect."""
+        """ParseComplete, BindComplete or CloseComplete: the oldest unanswered message took
+        effect."""
         if self._pending:
-            self._made.pop(self._pending.popleft().token, None)
+            op = self._pending.popleft()
+            op.settled = True
+            if op.previous is not None:  # what it replaced no longer matters
+                self._successor.pop(op.previous, None)
+                op.previous = None
 
     def error(self) -> None:
-        """ErrorResponse: no pending Parse or Close of the oldest unfinished batch took effect."""
-        self._fail()
+        """ErrorResponse: no unanswered message of the oldest unfinished batch took effect."""
+        self._fail_oldest_batch()
 
-    def ready(self) -> None:
-        """ReadyForQuery: the oldest unfinished batch is over."""
-        self._fail()
+    def ready(self, idle: bool) -> None:
+        """ReadyForQuery: the oldest unfinished batch is over. ``idle`` (status I): no
+        transaction is open, so no portal made before is left."""
+        self._fail_oldest_batch()
         self._ready += 1
+        if idle:
+            for key in [k for k, op in self._current.items() if k[0] == PORTAL and op.settled]:
+                del self._current[key]
 
-    def _fail(self) -> None:
-        if not self._pending:  # the usual case: nothing unanswered
-            return
-        failed = [op for op in self._pending if op.batch <= self._ready]
-        if not failed:
-            return
-        self._pending = deque(op for op in self._pending if op.batch > self._ready)
-        for op in reversed(failed):  # newest first: each restores what the one before it made
-            self._made.pop(op.token, None)
-            if op.name is None:
-                continue
-            current = self._current.get(op.name)
-            if current is not None and current[1] is op.token:
-                if op.previous is None:
-                    del self._current[op.name]
-                else:
-                    self._current[op.name] = op.previous
-            for later in self._pending:  # a later op on the name must not restore this one
-                if later.previous is not None and later.previous[1] is op.token:
-                    later.previous = op.previous
+    def _fail_oldest_batch(self) -> None:
+        while self._pending and self._pending[0].batch <= self._ready:
+            self._undo(self._pending.popleft())
+
+    def _undo(self, op: _Op) -> None:
+        """``op`` failed: its name means what it meant before; a later op on the name restores,
+        if it fails too, what ``op`` replaced."""
+        previous = op.previous
+        if previous is not None:
+            self._successor.pop(previous, None)
+        successor = self._successor.pop(op, None)
+        if successor is not None:
+            successor.previous = previous
+            if previous is not None:
+                self._successor[previous] = successor
+        elif self._current.get(op.key) is op:
+            if previous is None:
+                del self._current[op.key]
+            else:
+                self._current[op.key] = previous

@@ -640,3 +640,73 @@ def test_a_simple_query_inside_an_unfinished_extended_batch_is_refused(pg_env):
     asyncio.run(scenario())
     refused = pg_env.wait_event("db.protocol.error", lambda e: "send Sync first" in e["error"])
     assert refused["sqlstate"] == "08P01" and refused["actor"] == "alice"
+
+
+def test_extended_copy_then_pipelined_batches_are_audited_as_they_ran(pg_env):
+    """libpq's COPY with PQexecParams sends a Sync the server ignores in COPY mode; the proxy's
+    count of batches must not drift, or later Parse replies land on the wrong messages. Also: a
+    failed re-Bind inside a savepoint leaves the old portal, and the audit says so."""
+    from proxy.pgwire.frontend import (Bind, CopyData, CopyDone, Describe, Execute, Parse,
+                                       Query, Sync)
+    from tests.integration.rawpg import RawClient
+    db_grant(pg_env, role="write")
+    login = db_login(pg_env)
+    marker = os.urandom(4).hex()
+
+    def bind(portal, statement):
+        return Bind(portal, statement, (), (), ())
+
+    async def scenario():
+        c = await RawClient.connect(pg_env.pg_port, "alice", login["password"], "orders",
+                                    ca_file(pg_env))
+        try:
+            c.send(Query("CREATE TEMP TABLE t (x text)"))
+            await c.until(b"Z")
+            c.send(Parse("", "COPY t FROM STDIN"), bind("", ""), Describe("P", ""),
+                   Execute(""), Sync())
+            await c.until(b"G")
+            c.send(CopyData(b"a\n"), CopyDone(), Sync())
+            await c.until(b"Z")  # one ReadyForQuery for the two Syncs
+            c.send(Parse("s", f"SELECT 'benign-{marker}'"), Sync(), Query("DEALLOCATE s"))
+            c.send(Parse("x", "SELEC broken"), Sync())
+            c.send(Parse("s", f"SELECT 'EVIL-{marker}'"), Sync(), Sync())
+            c.send(bind("", "s"), Execute(""), Sync())
+            replies = await c.until(b"Z", 6)
+            assert any(k == b"D" and f"EVIL-{marker}".encode() in b for k, b in replies)
+            c.send(Query("BEGIN"), Parse("e", f"SELECT 'first-{marker}'"), bind("p", "e"),
+                   Sync(), Query("SAVEPOINT sp"))
+            await c.until(b"Z", 3)
+            c.send(Parse("b", f"SELECT 'second-{marker}'"), bind("p", "b"), Sync())
+            await c.until(b"Z")  # the Bind failed: portal "p" exists (42P03)
+            c.send(Query("ROLLBACK TO sp"), Execute("p"), Sync(), Query("COMMIT"))
+            replies = await c.until(b"Z", 3)
+            assert any(k == b"D" and f"first-{marker}".encode() in b for k, b in replies)
+        finally:
+            c.close()
+    asyncio.run(scenario())
+    ran = [e["sql"] for e in pg_env.audit_events("db.query")
+           if e["kind"] == "execute" and marker in e["sql"]]
+    assert ran == [f"SELECT 'EVIL-{marker}'", f"SELECT 'first-{marker}'"]
+
+
+def test_sync_inside_copy_data_is_refused(pg_env):
+    from proxy.pgwire.frontend import CopyData, Query, Sync
+    from tests.integration.rawpg import RawClient
+    db_grant(pg_env, role="write")
+    login = db_login(pg_env)
+
+    async def scenario():
+        c = await RawClient.connect(pg_env.pg_port, "alice", login["password"], "orders",
+                                    ca_file(pg_env))
+        try:
+            c.send(Query("CREATE TEMP TABLE t (x text)"))
+            await c.until(b"Z")
+            c.send(Query("COPY t FROM STDIN"))
+            await c.until(b"G")
+            c.send(CopyData(b"a\n"), Sync())
+            replies = await c.until(b"E")
+            assert b"Sync or Flush inside COPY data" in replies[-1][1]
+        finally:
+            c.close()
+    asyncio.run(scenario())
+    assert pg_env.wait_event("db.protocol.error", lambda e: "inside COPY data" in e["error"])

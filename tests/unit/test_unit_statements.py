@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.postgres.statements import PreparedStatements
+from proxy.postgres.statements import PORTAL, STATEMENT, PreparedStatements
 
 
 class Server:
@@ -18,7 +18,25 @@ class Server:
 
     def __init__(self):
         self.statements: dict[str, str] = {}
-        self.skipping = False
+        self.portals: dict[str, str] = {}  # portal -> the SQL bound (dropped when a
+        self.skipping = False              # transaction ends: here at every Sync)
+
+    def bind(self, portal: str, name: str) -> list[str]:
+        if self.skipping:
+            return []
+        if name not in self.statements:
+            self.skipping = True
+            return ["E"]
+        self.portals[portal] = self.statements[name]
+        return ["2"]
+
+    def execute_portal(self, portal: str) -> tuple[list[str], str | None]:
+        if self.skipping:
+            return [], None
+        if portal not in self.portals:
+            self.skipping = True
+            return ["E"], None
+        return [], self.portals[portal]
 
     def parse(self, name: str, sql: str, valid: bool) -> list[str]:
         if self.skipping:
@@ -45,16 +63,21 @@ class Server:
         self.statements.pop(name, None)
         return ["3"]
 
-    def close_portal(self) -> list[str]:
-        return [] if self.skipping else ["3"]
+    def close_portal_named(self, portal: str) -> list[str]:
+        if self.skipping:
+            return []
+        self.portals.pop(portal, None)
+        return ["3"]
 
     def sync(self) -> list[str]:
         self.skipping = False
-        return ["Z"]
+        self.portals.clear()
+        return ["ZI"]
 
     def query(self) -> list[str]:
         self.statements.pop("", None)
-        return ["Z"]
+        self.portals.clear()
+        return ["ZI"]
 
 
 NAMES = st.sampled_from(["", "s1", "s2"])
@@ -64,14 +87,19 @@ ACTION = st.one_of(
     st.tuples(st.just("execute"), NAMES),
     st.tuples(st.just("close"), NAMES),
     st.tuples(st.just("close_portal")),
+    st.tuples(st.just("bind"), NAMES, NAMES),
+    st.tuples(st.just("execute_portal"), NAMES),
     st.tuples(st.just("sync")),
     st.tuples(st.just("query")),
 )
 
 
 def deliver(tracker: PreparedStatements, reply: str) -> None:
-    {"1": tracker.completed, "3": tracker.completed, "E": tracker.error,
-     "Z": tracker.ready}[reply]()
+    if reply.startswith("Z"):
+        tracker.ready(idle=reply == "ZI")
+    else:
+        {"1": tracker.completed, "2": tracker.completed, "3": tracker.completed,
+         "E": tracker.error}[reply]()
 
 
 @settings(max_examples=600, deadline=None)
@@ -89,31 +117,44 @@ def test_the_audited_sql_is_what_the_server_runs(steps):
             tracker.parse(name, sql)
             replies += server.parse(name, sql, valid)
         elif kind == "execute":
-            audited, instead = tracker.lookup(action[1])
+            audited, instead = tracker.lookup(STATEMENT, action[1])
+            audited = audited or ""
             out, ran = server.execute(action[1])
             replies += out
             if ran is not None:
                 assert ran == audited or ran in instead, (ran, audited, instead)
         elif kind == "close":
-            tracker.close(action[1])
+            tracker.close(STATEMENT, action[1])
             replies += server.close(action[1])
         elif kind == "close_portal":
-            tracker.close("", portal=True)
-            replies += server.close_portal()
+            tracker.close(PORTAL, "")
+            replies += server.close_portal_named("")
+        elif kind == "bind":
+            _, portal, name = action
+            sql, _ = tracker.lookup(STATEMENT, name)
+            tracker.bind(portal, sql)
+            replies += server.bind(portal, name)
+        elif kind == "execute_portal":
+            bound, others = tracker.lookup(PORTAL, action[1])
+            out, ran = server.execute_portal(action[1])
+            replies += out
+            if ran is not None:
+                assert ran == bound or ran in others, (ran, bound, others)
         elif kind == "sync":
             tracker.sync()
             replies += server.sync()
         else:
             tracker.sync(query=True)
             replies += server.query()
-        extended_open = kind in ("parse", "execute", "close", "close_portal")
+        extended_open = kind not in ("sync", "query")
         for _ in range(min(deliveries, len(replies))):  # replies arrive when they arrive
             deliver(tracker, replies.pop(0))
     tracker.sync()  # the batch a client leaves open ends with a Sync (or the connection)
     replies += server.sync()
     for reply in replies:
         deliver(tracker, reply)
-    known = {k: v[0] for k, v in tracker._current.items()}
+    known = {k[1]: op.value for k, op in tracker._current.items()
+             if k[0] == STATEMENT and op.value is not None}
     # every statement the server has, as the server has it (the tracker may still know one the
     # server dropped: a Bind of it fails, so nothing runs under a wrong name)
     assert {k: known.get(k) for k in server.statements} == server.statements
@@ -125,14 +166,14 @@ def test_a_refused_redefinition_keeps_the_old_statement():
     t.parse("s1", "SELECT 'harmless'")
     t.sync()
     t.completed()
-    t.ready()
+    t.ready(idle=True)
     t.parse("s1", "DROP TABLE t")  # 42P05: s1 exists
-    assert t.lookup("s1") == ("DROP TABLE t", [])  # a Bind in this batch is skipped if it fails
+    assert t.lookup(STATEMENT, "s1") == ("DROP TABLE t", [])  # a Bind in this batch is skipped if it fails
     t.sync()
-    assert t.lookup("s1") == ("DROP TABLE t", ["SELECT 'harmless'"])  # a later batch: unknown
+    assert t.lookup(STATEMENT, "s1") == ("DROP TABLE t", ["SELECT 'harmless'"])  # a later batch: unknown
     t.error()
-    t.ready()
-    assert t.lookup("s1") == ("SELECT 'harmless'", [])
+    t.ready(idle=True)
+    assert t.lookup(STATEMENT, "s1") == ("SELECT 'harmless'", [])
 
 
 def test_a_failed_parse_of_a_new_name_leaves_no_statement():
@@ -140,13 +181,13 @@ def test_a_failed_parse_of_a_new_name_leaves_no_statement():
     t.parse("s2", "SELEC broken")
     t.sync()
     t.error()
-    t.ready()
-    assert t.lookup("s2") == ("", [])
+    t.ready(idle=True)
+    assert t.lookup(STATEMENT, "s2") == (None, [])
     t.parse("s2", "SELECT count(*) FROM items")  # the name is free: this one is made
     t.sync()
     t.completed()
-    t.ready()
-    assert t.lookup("s2") == ("SELECT count(*) FROM items", [])
+    t.ready(idle=True)
+    assert t.lookup(STATEMENT, "s2") == ("SELECT count(*) FROM items", [])
 
 
 def test_after_a_failed_unnamed_parse_only_the_old_unnamed_statement_can_run():
@@ -154,13 +195,13 @@ def test_after_a_failed_unnamed_parse_only_the_old_unnamed_statement_can_run():
     t.parse("", "SELECT 1")
     t.sync()
     t.completed()
-    t.ready()
+    t.ready(idle=True)
     t.parse("", "SELEC broken")
     t.sync()
-    assert t.lookup("") == ("SELEC broken", ["SELECT 1"])
+    assert t.lookup(STATEMENT, "") == ("SELEC broken", ["SELECT 1"])
     t.error()
-    t.ready()
-    assert t.lookup("") == ("SELECT 1", [])  # dropped (a Bind fails) or kept by a skip
+    t.ready(idle=True)
+    assert t.lookup(STATEMENT, "") == ("SELECT 1", [])  # dropped (a Bind fails) or kept by a skip
 
 
 def test_a_failed_parse_is_not_offered_as_what_a_later_one_falls_back_to():
@@ -170,5 +211,37 @@ def test_a_failed_parse_is_not_offered_as_what_a_later_one_falls_back_to():
     t.parse("s1", "SELECT 2")      # batch 1: its reply comes later
     t.sync()
     t.error()
-    t.ready()                      # batch 0 over: s1 was never made by it
-    assert t.lookup("s1") == ("SELECT 2", [])  # if batch 1 fails, a Bind of s1 fails too
+    t.ready(idle=True)                      # batch 0 over: s1 was never made by it
+    assert t.lookup(STATEMENT, "s1") == ("SELECT 2", [])  # if batch 1 fails, a Bind of s1 fails too
+
+
+def test_unanswered_messages_and_alternatives_are_bounded():
+    import pytest
+
+    from proxy.postgres.statements import MAX_ALTERNATIVES, MAX_PENDING, TooManyPending
+    t = PreparedStatements()
+    for i in range(MAX_PENDING):
+        t.parse("s1", f"SELECT {i}")
+        t.sync()
+    with pytest.raises(TooManyPending):
+        t.parse("s2", "SELECT 'one too many'")
+    sql, instead = t.lookup(STATEMENT, "s1")
+    assert sql == f"SELECT {MAX_PENDING - 1}" and len(instead) == MAX_ALTERNATIVES
+    for _ in range(MAX_PENDING):  # every batch fails: back to nothing
+        t.error()
+        t.ready(idle=True)
+    assert t.lookup(STATEMENT, "s1") == (None, [])
+    t.parse("s2", "SELECT 'room again'")
+
+
+def test_syncs_the_server_ignored_in_copy_mode_do_not_count():
+    t = PreparedStatements()
+    t.sync()                     # Parse/Bind/Execute of COPY FROM STDIN, then Sync (libpq)
+    t.copy_started(1)            # CopyInResponse: that Sync was ignored
+    t.sync()                     # the Sync after CopyDone: the one ReadyForQuery
+    t.ready(idle=True)
+    t.parse("s", "SELEC broken")
+    t.sync()
+    t.error()                    # must fail this Parse, not wait for a batch that never ends
+    t.ready(idle=True)
+    assert t.lookup(STATEMENT, "s") == (None, [])
