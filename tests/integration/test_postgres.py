@@ -642,13 +642,22 @@ def test_a_simple_query_inside_an_unfinished_extended_batch_is_refused(pg_env):
     assert refused["sqlstate"] == "08P01" and refused["actor"] == "alice"
 
 
+async def raw_with_a_temp_table(env, login: dict):
+    """A RawClient through the proxy as alice, with an empty temporary table ``t (x text)``."""
+    from proxy.pgwire.frontend import Query
+    from tests.integration.rawpg import RawClient
+    c = await RawClient.connect(env.pg_port, "alice", login["password"], "orders", ca_file(env))
+    c.send(Query("CREATE TEMP TABLE t (x text)"))
+    await c.until(b"Z")
+    return c
+
+
 def test_extended_copy_then_pipelined_batches_are_audited_as_they_ran(pg_env):
     """libpq's COPY with PQexecParams sends a Sync the server ignores in COPY mode; the proxy's
     count of batches must not drift, or later Parse replies land on the wrong messages. Also: a
     failed re-Bind inside a savepoint leaves the old portal, and the audit says so."""
     from proxy.pgwire.frontend import (Bind, CopyData, CopyDone, Describe, Execute, Parse,
                                        Query, Sync)
-    from tests.integration.rawpg import RawClient
     db_grant(pg_env, role="write")
     login = db_login(pg_env)
     marker = os.urandom(4).hex()
@@ -657,11 +666,8 @@ def test_extended_copy_then_pipelined_batches_are_audited_as_they_ran(pg_env):
         return Bind(portal, statement, (), (), ())
 
     async def scenario():
-        c = await RawClient.connect(pg_env.pg_port, "alice", login["password"], "orders",
-                                    ca_file(pg_env))
+        c = await raw_with_a_temp_table(pg_env, login)
         try:
-            c.send(Query("CREATE TEMP TABLE t (x text)"))
-            await c.until(b"Z")
             c.send(Parse("", "COPY t FROM STDIN"), bind("", ""), Describe("P", ""),
                    Execute(""), Sync())
             await c.until(b"G")
@@ -691,16 +697,12 @@ def test_extended_copy_then_pipelined_batches_are_audited_as_they_ran(pg_env):
 
 def test_sync_inside_copy_data_is_refused(pg_env):
     from proxy.pgwire.frontend import CopyData, Query, Sync
-    from tests.integration.rawpg import RawClient
     db_grant(pg_env, role="write")
     login = db_login(pg_env)
 
     async def scenario():
-        c = await RawClient.connect(pg_env.pg_port, "alice", login["password"], "orders",
-                                    ca_file(pg_env))
+        c = await raw_with_a_temp_table(pg_env, login)
         try:
-            c.send(Query("CREATE TEMP TABLE t (x text)"))
-            await c.until(b"Z")
             c.send(Query("COPY t FROM STDIN"))
             await c.until(b"G")
             c.send(CopyData(b"a\n"), Sync())
