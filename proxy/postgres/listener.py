@@ -245,7 +245,7 @@ class PgClient:
         self.up_writer: asyncio.StreamWriter | None = None
         self.cancel_key: tuple[int, int] | None = None
         # statements: SQL; portals: (statement, its SQL, its SQL if unanswered messages of
-        # earlier batches fail, parameters)
+        # earlier batches fail, whether there are more such, parameters)
         self.statements = PreparedStatements()
         self._extended_open = False  # extended-query messages sent since the last Sync
         self._syncs_since_start = 0  # Syncs sent since the last Query or Execute
@@ -655,11 +655,13 @@ class PgClient:
         kind = frame.type
         if kind in COPY_DATA:  # CopyData, CopyDone, CopyFail
             if not self._copy_in:
-                if not self._copy_announced:
-                    raise ProtocolError("jit-proxy relays COPY data only after the server's "
-                                        "CopyInResponse")
-                # the Syncs sent since the COPY began reached a server in COPY mode: ignored
-                self.statements.copy_started(self._syncs_since_start)
+                if self._syncs_since_start and not self._copy_announced:
+                    # did the server ignore those Syncs (COPY mode) or answer them (the COPY
+                    # failed at once)? Unknowable until CopyInResponse (libpq waits for it)
+                    raise ProtocolError("jit-proxy relays COPY data sent after a Sync only "
+                                        "once the server's CopyInResponse came")
+                if self._syncs_since_start:  # they reached a server in COPY mode: ignored
+                    self.statements.copy_started(self._syncs_since_start)
                 self._copy_in = True
             if kind != b"d":
                 self._copy_in = self._copy_announced = False
@@ -678,11 +680,6 @@ class PgClient:
                 return
         elif kind not in (b"Q", b"F"):  # Terminate
             return
-        elif kind == b"Q" and self._extended_open:
-            # the server would skip it after an error in the batch, and answer it otherwise:
-            # the proxy could not tell which, so it refuses the mix (libpq never sends it)
-            raise ProtocolError("jit-proxy does not relay a simple Query inside an "
-                                "extended-query batch: send Sync first")
         if kind in (b"Q", b"E"):  # either may start a COPY
             self._syncs_since_start = 0
             self._copy_announced = False
@@ -704,20 +701,25 @@ class PgClient:
     def _track(self, msg: Any) -> None:
         if isinstance(msg, Query):
             self._audit_sql("simple", msg.sql, None)
-            self.statements.sync(query=True)
+            self.statements.sync(query=True, unsynced=self._extended_open)
+            self._extended_open = False
         elif isinstance(msg, Parse):
             self.statements.parse(msg.name, msg.query)
             self._audit_sql("parse", msg.query, msg.name)
         elif isinstance(msg, Bind):
-            sql, instead = self.statements.lookup(STATEMENT, msg.statement)
-            self.statements.bind(msg.portal, (msg.statement, sql or "", instead, _params(msg)))
+            sql, instead, more = self.statements.lookup(STATEMENT, msg.statement)
+            self.statements.bind(msg.portal, (msg.statement, sql or "", instead, more,
+                                              _params(msg)))
         elif isinstance(msg, Execute):
-            bound, other_bindings = self.statements.lookup(PORTAL, msg.portal)
-            name, sql, instead, params = bound or ("", "", [], [])
+            bound, other_bindings, more = self.statements.lookup(PORTAL, msg.portal)
+            name, sql, instead, more_sql, params = bound or ("", "", [], False, [])
+            more = more or more_sql
             for other in other_bindings:  # an earlier batch's Bind of the portal may fail
                 instead = [*instead, other[1], *other[2]]
-            self._audit_sql("execute", sql, name, params=params,
-                            instead=[s for s in dict.fromkeys(instead) if s != sql])
+                more = more or other[3]
+            instead = [s for s in dict.fromkeys(instead) if s != sql]
+            self._audit_sql("execute", sql, name, params=params, instead=instead,
+                            more=more or len(instead) > MAX_ALTERNATIVES)
         elif isinstance(msg, Close):
             self.statements.close(STATEMENT if msg.kind == "S" else PORTAL, msg.name)
         elif isinstance(msg, FunctionCall):
@@ -729,7 +731,7 @@ class PgClient:
 
     def _audit_sql(self, kind: str, sql: str, statement: str | None,
                    params: list | None = None, refused: str | None = None,
-                   instead: list[str] | None = None) -> None:
+                   instead: list[str] | None = None, more: bool = False) -> None:
         fields: dict = {"session": self.session_id, "target": self.target_name,
                         "role": self.role, "kind": kind, "sql": sql[:AUDIT_SQL_LIMIT]}
         if statement is not None:
@@ -741,10 +743,14 @@ class PgClient:
         if instead:  # messages of earlier batches are still unanswered
             fields["sql_if_earlier_failed"] = [s[:AUDIT_SQL_LIMIT] for s in
                                                instead[:MAX_ALTERNATIVES]]
-        if kind == "execute" and self._sql_level_names:
-            fields["sql_may_differ"] = ("the session used SQL-level PREPARE, DEALLOCATE, "
-                                        "DISCARD or cursors, whose names the proxy does not "
-                                        "follow")
+        if more:  # and yet more alternatives than those listed
+            fields["sql_if_earlier_failed_truncated"] = True
+        if kind == "execute" and (self._sql_level_names or self.statements.uncertain):
+            fields["sql_may_differ"] = (
+                "the session used SQL-level PREPARE, DEALLOCATE, DISCARD or cursors, whose "
+                "names the proxy does not follow" if self._sql_level_names else
+                "a simple Query after unsynced extended-query messages met an error, so "
+                "the server may have skipped it")
         if len(sql) > AUDIT_SQL_LIMIT:
             fields["sql_truncated"] = True
             fields["sql_sha256"] = hashlib.sha256(sql.encode()).hexdigest()

@@ -51,8 +51,13 @@ class PreparedStatements:
         self._current: dict[tuple[str, str], _Op] = {}
         self._pending: deque[_Op] = deque()    # unanswered, oldest first: replies come so
         self._successor: dict[_Op, _Op] = {}   # op -> the later op whose ``previous`` it is
+        self._portals: set[tuple[str, str]] = set()  # portals made, replies seen
         self._sent = 0   # Syncs and simple Queries sent: the batch being sent now
         self._ready = 0  # ReadyForQuery seen: the oldest batch without its reply
+        self._query_ends: set[int] = set()  # batches a simple Query ended without a Sync
+        # the count of batches may be off: a batch a simple Query ended without a Sync had an
+        # error, after which the server skipped that Query (no ReadyForQuery for it)
+        self.uncertain = False
 
     # --- what the client sends -------------------------------------------------------------------
 
@@ -86,10 +91,14 @@ class PreparedStatements:
         self._current[key] = op
         self._pending.append(op)
 
-    def sync(self, query: bool = False) -> None:
-        """A Sync is sent, or a simple Query (which also drops the unnamed statement)."""
+    def sync(self, query: bool = False, unsynced: bool = False) -> None:
+        """A Sync is sent, or a simple Query (which also drops the unnamed statement);
+        ``unsynced``: a Query after extended-query messages with no Sync (asyncpg's prepare
+        sends Parse, Describe, Flush), which the server skips if one of them failed."""
         if query:
             self._current.pop((STATEMENT, ""), None)
+            if unsynced:
+                self._query_ends.add(self._sent)
         self._sent += 1
 
     def copy_started(self, ignored_syncs: int) -> None:
@@ -97,10 +106,10 @@ class PreparedStatements:
         ``ignored_syncs`` Syncs sent after that message (no ReadyForQuery comes for them)."""
         self._sent = max(self._ready, self._sent - ignored_syncs)
 
-    def lookup(self, kind: str, name: str) -> tuple[Any, list[Any]]:
+    def lookup(self, kind: str, name: str) -> tuple[Any, list[Any], bool]:
         """(what statement (``kind`` "S") or portal ("P") ``name`` means for a message sent
         now, None if nothing; up to ``MAX_ALTERNATIVES`` other meanings it has if unanswered
-        messages of earlier batches fail)."""
+        messages of earlier batches fail; whether there may be more than those)."""
         op = self._current.get((kind, name))
         value = op.value if op is not None else None
         instead: list[Any] = []
@@ -111,7 +120,8 @@ class PreparedStatements:
             if op is not None and op.value is not None and op.value != value \
                     and op.value not in instead:
                 instead.append(op.value)
-        return value, instead
+        more = op is not None and not op.settled and op.batch < self._sent
+        return value, instead, more
 
     # --- what the server replies -----------------------------------------------------------------
 
@@ -124,19 +134,27 @@ class PreparedStatements:
             if op.previous is not None:  # what it replaced no longer matters
                 self._successor.pop(op.previous, None)
                 op.previous = None
+            if op.key[0] == PORTAL and self._current.get(op.key) is op:
+                self._portals.add(op.key)
 
     def error(self) -> None:
         """ErrorResponse: no unanswered message of the oldest unfinished batch took effect."""
+        if self._ready in self._query_ends:
+            self.uncertain = True
         self._fail_oldest_batch()
 
     def ready(self, idle: bool) -> None:
         """ReadyForQuery: the oldest unfinished batch is over. ``idle`` (status I): no
         transaction is open, so no portal made before is left."""
         self._fail_oldest_batch()
+        self._query_ends.discard(self._ready)
         self._ready += 1
         if idle:
-            for key in [k for k, op in self._current.items() if k[0] == PORTAL and op.settled]:
-                del self._current[key]
+            for key in self._portals:
+                op = self._current.get(key)
+                if op is not None and op.settled:
+                    del self._current[key]
+            self._portals.clear()
 
     def _fail_oldest_batch(self) -> None:
         while self._pending and self._pending[0].batch <= self._ready:
@@ -158,3 +176,5 @@ class PreparedStatements:
                 del self._current[op.key]
             else:
                 self._current[op.key] = previous
+                if previous.settled and op.key[0] == PORTAL:
+                    self._portals.add(op.key)

@@ -624,22 +624,28 @@ def test_execute_is_audited_with_what_each_parse_really_did(pg_env):
                    (f"s1_{marker}", f"SELECT 'd-{marker}'")]
 
 
-def test_a_simple_query_inside_an_unfinished_extended_batch_is_refused(pg_env):
-    """The server would skip it after an error in the batch and answer it otherwise: the proxy
-    could not tell which statement state follows, so it ends that connection (08P01)."""
-    from proxy.pgwire.frontend import Parse, Query
-    db_grant(pg_env)
+def test_asyncpg_prepare_then_a_simple_query_and_copy_work(pg_env):
+    """asyncpg prepares with Parse, Describe, Flush and no Sync, then may send a simple Query;
+    its COPY sends the data without waiting for CopyInResponse. Both are ordinary."""
+    db_grant(pg_env, role="write")
     login = db_login(pg_env)
+    marker = os.urandom(4).hex()
 
     async def scenario():
         conn = await connect_as_alice(pg_env, login)
-        conn._transport.write(Parse("", "SELECT 1").encode() + Query("SELECT 2").encode())
-        with pytest.raises((asyncpg.PostgresError, ConnectionError, asyncpg.InterfaceError)):
-            await conn.fetchval("SELECT 3", timeout=10)
-        conn.terminate()
+        try:
+            stmt = await conn.prepare(f"SELECT 'prepared-{marker}'")
+            await conn.execute(f"CREATE TEMP TABLE c_{marker} (x text)")
+            await conn.copy_records_to_table(f"c_{marker}", records=[("a",), ("b",)])
+            assert await stmt.fetchval() == f"prepared-{marker}"
+            assert await conn.fetchval(f"SELECT count(*) FROM c_{marker}") == 2
+        finally:
+            await conn.close()
     asyncio.run(scenario())
-    refused = pg_env.wait_event("db.protocol.error", lambda e: "send Sync first" in e["error"])
-    assert refused["sqlstate"] == "08P01" and refused["actor"] == "alice"
+    execs = [e for e in pg_env.audit_events("db.query") if e["kind"] == "execute"
+             and marker in e["sql"]]
+    assert [e["sql"] for e in execs if "prepared" in e["sql"]] == [f"SELECT 'prepared-{marker}'"]
+    assert not [e for e in execs if "sql_may_differ" in e]
 
 
 async def raw_with_a_temp_table(env, login: dict):
