@@ -51,9 +51,9 @@ from proxy.auth.login import LOCKED_TEXT, password_login
 from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
 from proxy.postgres.scram import ScramError, ScramServer
+from proxy.postgres.secrets import OneTimeSecrets, dummy_verifier
 from proxy.postgres.statements import (MAX_ALTERNATIVES, PORTAL, STATEMENT, PreparedStatements,
                                        TooManyPending)
-from proxy.postgres.secrets import OneTimeSecrets, dummy_verifier
 from proxy.runtime.service import AccessService, LiveSession
 
 log = logging.getLogger("jit_proxy.postgres")
