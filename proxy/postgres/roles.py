@@ -43,8 +43,8 @@ class _Window:
 class RoleManager:
     def __init__(self, service: AccessService):
         self.service = service
-        self.roles: dict[int, str] = {}  # grant id -> role name, for roles made in this process
         self._names: dict[int, str] = {}  # grant id -> the name its role has (store, or made)
+        self._made: set[int] = set()  # grants whose role this process made (or reset)
         self._windows: dict[int, _Window] = {}
         self._provisioners: dict[str, Provisioner] = {}  # configured target -> its provisioner
         # role name -> the provisioner of the cluster it lives on, until it is dropped: a reload
@@ -102,14 +102,14 @@ class RoleManager:
             await self.credentials(grant)
 
     async def window_started(self, grant: Grant) -> None:
-        if self._target(grant.target) is not None and grant.id in self.roles:
+        if self._target(grant.target) is not None and grant.id in self._made:
             async with self._window(grant).lock:  # a client of the grant may be logging in
                 await self._role_provisioner(grant).set_valid_until(self.role_name(grant),
                                                                     grant.ends_at)
 
     def ended(self, grant: Grant) -> None:
         name = self.role_name(grant)
-        self.roles.pop(grant.id, None)
+        self._made.discard(grant.id)
         self._names.pop(grant.id, None)
         self._windows.pop(grant.id, None)
         provisioner = self._placed.get(name)  # where the role is, whatever a reload did since
@@ -129,8 +129,8 @@ class RoleManager:
         """
         if grant.id not in self.service.active:
             raise LookupError(f"grant {grant.id} has ended")
-        if grant.id in self.roles:
-            return self.roles[grant.id]
+        if grant.id in self._made:
+            return self.role_name(grant)
         task = self._creating.get(grant.id)
         if task is None:  # one creation at a time per grant, shared by concurrent callers
             task = asyncio.get_running_loop().create_task(self._create(grant))
@@ -156,7 +156,8 @@ class RoleManager:
                 self._retire(provisioner)
             raise
         if grant.id in self.service.active:
-            self.roles[grant.id] = self._names[grant.id] = name
+            self._names[grant.id] = name
+            self._made.add(grant.id)
         else:  # the grant ended while we were creating: undo at once
             self.schedule_teardown(grant.target, name, grant.id, provisioner)
             raise LookupError(f"grant {grant.id} has ended")
