@@ -161,20 +161,30 @@ def test_the_audited_sql_is_what_the_server_runs(steps):
     assert not tracker._pending
 
 
-def test_a_refused_redefinition_keeps_the_old_statement():
-    t = PreparedStatements()
-    t.parse("s1", "SELECT 'harmless'")
+def made(t: PreparedStatements, name: str, sql: str) -> None:
+    """A Parse in a batch of its own, and the server's replies: it made the statement."""
+    t.parse(name, sql)
     t.sync()
     t.completed()
     t.ready(idle=True)
+
+
+def batch_failed(t: PreparedStatements) -> None:
+    """The server's replies to the oldest open batch: an error, then ReadyForQuery."""
+    t.error()
+    t.ready(idle=True)
+
+
+def test_a_refused_redefinition_keeps_the_old_statement():
+    t = PreparedStatements()
+    made(t, "s1", "SELECT 'harmless'")
     t.parse("s1", "DROP TABLE t")  # 42P05: s1 exists
     # a Bind in this batch is skipped if the Parse fails
     assert t.lookup(STATEMENT, "s1") == ("DROP TABLE t", [], False)
     t.sync()
     # a Bind in a later batch cannot know
     assert t.lookup(STATEMENT, "s1") == ("DROP TABLE t", ["SELECT 'harmless'"], False)
-    t.error()
-    t.ready(idle=True)
+    batch_failed(t)
     assert t.lookup(STATEMENT, "s1") == ("SELECT 'harmless'", [], False)
 
 
@@ -182,27 +192,19 @@ def test_a_failed_parse_of_a_new_name_leaves_no_statement():
     t = PreparedStatements()
     t.parse("s2", "SELEC broken")
     t.sync()
-    t.error()
-    t.ready(idle=True)
+    batch_failed(t)
     assert t.lookup(STATEMENT, "s2") == (None, [], False)
-    t.parse("s2", "SELECT count(*) FROM items")  # the name is free: this one is made
-    t.sync()
-    t.completed()
-    t.ready(idle=True)
+    made(t, "s2", "SELECT count(*) FROM items")  # the name is free: this one is made
     assert t.lookup(STATEMENT, "s2") == ("SELECT count(*) FROM items", [], False)
 
 
 def test_after_a_failed_unnamed_parse_only_the_old_unnamed_statement_can_run():
     t = PreparedStatements()
-    t.parse("", "SELECT 1")
-    t.sync()
-    t.completed()
-    t.ready(idle=True)
+    made(t, "", "SELECT 1")
     t.parse("", "SELEC broken")
     t.sync()
     assert t.lookup(STATEMENT, "") == ("SELEC broken", ["SELECT 1"], False)
-    t.error()
-    t.ready(idle=True)
+    batch_failed(t)
     # dropped (a Bind fails) or kept by a skip
     assert t.lookup(STATEMENT, "") == ("SELECT 1", [], False)
 
@@ -213,8 +215,7 @@ def test_a_failed_parse_is_not_offered_as_what_a_later_one_falls_back_to():
     t.sync()
     t.parse("s1", "SELECT 2")      # batch 1: its reply comes later
     t.sync()
-    t.error()
-    t.ready(idle=True)                      # batch 0 over: s1 was never made by it
+    batch_failed(t)                # batch 0 over: s1 was never made by it
     # if batch 1 fails, a Bind of s1 fails too
     assert t.lookup(STATEMENT, "s1") == ("SELECT 2", [], False)
 
@@ -232,8 +233,7 @@ def test_unanswered_messages_and_alternatives_are_bounded():
     sql, instead, more = t.lookup(STATEMENT, "s1")
     assert sql == f"SELECT {MAX_PENDING - 1}" and len(instead) == MAX_ALTERNATIVES and more
     for _ in range(MAX_PENDING):  # every batch fails: back to nothing
-        t.error()
-        t.ready(idle=True)
+        batch_failed(t)
     assert t.lookup(STATEMENT, "s1") == (None, [], False)
     t.parse("s2", "SELECT 'room again'")
 
@@ -246,8 +246,7 @@ def test_syncs_the_server_ignored_in_copy_mode_do_not_count():
     t.ready(idle=True)
     t.parse("s", "SELEC broken")
     t.sync()
-    t.error()                    # must fail this Parse, not wait for a batch that never ends
-    t.ready(idle=True)
+    batch_failed(t)              # must fail this Parse, not wait for a batch that never ends
     assert t.lookup(STATEMENT, "s") == (None, [], False)
 
 
