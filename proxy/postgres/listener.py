@@ -26,7 +26,7 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import scramp
@@ -223,6 +223,15 @@ class PostgresFrontDoor:
             writer.close()
 
 
+class _Binding(NamedTuple):
+    """What a Bind made a portal mean, as audited for its Executes."""
+    statement: str
+    sql: str
+    instead: list[str]  # its SQL if unanswered messages of earlier batches fail
+    more: bool          # and there are more such than ``instead`` lists
+    params: list
+
+
 class PgClient:
     """One client connection, from the first byte to the last."""
 
@@ -244,9 +253,7 @@ class PgClient:
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
         self.cancel_key: tuple[int, int] | None = None
-        # statements: SQL; portals: (statement, its SQL, its SQL if unanswered messages of
-        # earlier batches fail, whether there are more such, parameters)
-        self.statements = PreparedStatements()
+        self.statements = PreparedStatements()  # statements: their SQL; portals: _Binding
         self._extended_open = False  # extended-query messages sent since the last Sync
         self._syncs_since_start = 0  # Syncs sent since the last Query or Execute
         self._copy_announced = False  # the server sent CopyInResponse since then
@@ -708,15 +715,15 @@ class PgClient:
             self._audit_sql("parse", msg.query, msg.name)
         elif isinstance(msg, Bind):
             sql, instead, more = self.statements.lookup(STATEMENT, msg.statement)
-            self.statements.bind(msg.portal, (msg.statement, sql or "", instead, more,
-                                              _params(msg)))
+            self.statements.bind(msg.portal, _Binding(msg.statement, sql or "", instead, more,
+                                                      _params(msg)))
         elif isinstance(msg, Execute):
             bound, other_bindings, more = self.statements.lookup(PORTAL, msg.portal)
-            name, sql, instead, more_sql, params = bound or ("", "", [], False, [])
+            name, sql, instead, more_sql, params = bound or _Binding("", "", [], False, [])
             more = more or more_sql
             for other in other_bindings:  # an earlier batch's Bind of the portal may fail
-                instead = [*instead, other[1], *other[2]]
-                more = more or other[3]
+                instead = [*instead, other.sql, *other.instead]
+                more = more or other.more
             instead = [s for s in dict.fromkeys(instead) if s != sql]
             self._audit_sql("execute", sql, name, params=params, instead=instead,
                             more=more or len(instead) > MAX_ALTERNATIVES)
