@@ -42,15 +42,20 @@ def target(tmp_path_factory, test_login):
     sshd.stop()
 
 
+def connect_to(target, cipher: str, **options):
+    """An asyncssh client connection to the test sshd with its certificate, ``cipher`` only."""
+    return asyncssh.connect(
+        "127.0.0.1", target["sshd"].port, username=target["login"], config=None,
+        client_keys=[(target["key"], target["cert"])], agent_path=None,
+        known_hosts=([asyncssh.import_public_key(target["host_key"])], [], []),
+        encryption_algs=[cipher], **options)
+
+
 async def packets_for_writes(target, cipher: str, **connect) -> tuple[int, str]:
     """(packets the client sent for CHUNKS writes of CHUNK bytes, what ``wc -c`` counted).
     The first figure is from sequence numbers: meaningful only without a rekey (strict kex
     restarts them at each NEWKEYS)."""
-    async with asyncssh.connect(
-            "127.0.0.1", target["sshd"].port, username=target["login"], config=None,
-            client_keys=[(target["key"], target["cert"])], agent_path=None,
-            known_hosts=([asyncssh.import_public_key(target["host_key"])], [], []),
-            encryption_algs=[cipher], **connect) as conn:
+    async with connect_to(target, cipher, **connect) as conn:
         assert conn.get_extra_info("send_cipher") == cipher
         process = await conn.create_process("wc -c", encoding=None)
         before = conn._send_seq
@@ -125,11 +130,7 @@ class ChaffOnRekey(logging.Handler):
 
 
 async def send_own_ignores(target, chaff: ChaffOnRekey) -> None:
-    async with asyncssh.connect(
-            "127.0.0.1", target["sshd"].port, username=target["login"], config=None,
-            client_keys=[(target["key"], target["cert"])], agent_path=None,
-            known_hosts=([asyncssh.import_public_key(target["host_key"])], [], []),
-            encryption_algs=["aes128-gcm@openssh.com"], rekey_bytes=8192) as conn:
+    async with connect_to(target, "aes128-gcm@openssh.com", rekey_bytes=8192) as conn:
         chaff.conn = conn
         conn.send_packet(MSG_IGNORE, String(b"chaff"))
         conn.send_packet(MSG_IGNORE, String(b""))
