@@ -228,6 +228,13 @@ class Env:
         self.stop()
         self.start()
 
+    def reload(self, config: dict) -> None:
+        """Write ``config`` and SIGHUP the proxy; returns once it has applied it."""
+        seen = {e["hash"] for e in self.audit_events("proxy.reloaded")}
+        self.write_config(config)
+        self.proc.send_signal(signal.SIGHUP)
+        self.wait_event("proxy.reloaded", lambda e: e["hash"] not in seen)
+
     def close(self) -> None:
         self.stop()
         self.target.stop()

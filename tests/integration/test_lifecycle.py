@@ -23,9 +23,7 @@ def test_sighup_applies_a_new_policy_and_keeps_live_sessions(fresh_env):
     assert r.returncode == 1 and b"no policy lets bob" in r.stderr
     config = env.config()
     config["policies"][1]["requesters"].append("bob")
-    env.write_config(config)
-    env.proc.send_signal(signal.SIGHUP)
-    env.wait_event("proxy.reloaded")
+    env.reload(config)
     r = env.ssh("bob", "request web1 --login otherlogin --for 10m --reason bob asks")
     assert r.returncode == 0, r.stderr
     out, err = proc.communicate(timeout=20)

@@ -376,15 +376,12 @@ def _role_exists(env, role: str) -> bool:
 
 
 def test_a_role_is_dropped_at_its_grant_end_after_a_reload_removed_its_target(fresh_pg_env):
-    import signal
     import time
     env = fresh_pg_env
     grant = db_grant(env, duration="6s")
     role = f"{env.role_prefix}alice_g{grant['id']}"
     assert psql(env, db_login(env), "SELECT current_user").stdout.strip() == role
-    env.write_config(_without_orders(env))
-    env.proc.send_signal(signal.SIGHUP)
-    env.wait_event("proxy.reloaded")
+    env.reload(_without_orders(env))
     assert env.ssh("alice", "db-login orders").returncode != 0  # the target is gone for new work
     end = _ends_at(grant)
     while _role_exists(env, role):
@@ -434,7 +431,6 @@ def test_roles_forget_refuses_a_role_the_proxy_still_drops_itself(fresh_pg_env):
 
 
 def test_sigterm_while_a_removed_targets_teardown_retries_stops_cleanly(fresh_pg_env):
-    import signal
     import time
     env = fresh_pg_env
     grant = db_grant(env, duration="5s")
@@ -445,9 +441,7 @@ def test_sigterm_while_a_removed_targets_teardown_retries_stops_cleanly(fresh_pg
     env.pg.sql(db, f'CREATE TABLE t (id int); ALTER TABLE t OWNER TO "{role}"')
     env.pg.sql("postgres", f"ALTER DATABASE {db} ALLOW_CONNECTIONS false")
     try:
-        env.write_config(_without_orders(env))
-        env.proc.send_signal(signal.SIGHUP)
-        env.wait_event("proxy.reloaded")
+        env.reload(_without_orders(env))
         env.wait_event("db.role.teardown_failed", lambda e: e.get("role") == role,
                        timeout=_ends_at(grant) - time.time() + 10)
         assert env.stop() == 0
@@ -459,7 +453,6 @@ def test_sigterm_while_a_removed_targets_teardown_retries_stops_cleanly(fresh_pg
 
 
 def test_a_role_is_dropped_on_its_own_cluster_after_a_reload_moved_its_target(fresh_pg_env):
-    import signal
     import time
     from tests.conftest import PgCluster
     env = fresh_pg_env
@@ -471,9 +464,7 @@ def test_a_role_is_dropped_on_its_own_cluster_after_a_reload_moved_its_target(fr
         config["targets"]["orders"].update(
             port=second.port, tls={"mode": "verify-full", "ca_file": str(second.ca_file)},
             admin={"user": "postgres", "password_file": str(second.admin_password_file)})
-        env.write_config(config)
-        env.proc.send_signal(signal.SIGHUP)
-        env.wait_event("proxy.reloaded")
+        env.reload(config)
         end = _ends_at(grant)
         while _role_exists(env, role):  # on the first cluster, where it was made
             assert time.time() < end + 5.0, "the role outlived its grant by 5 s"
@@ -485,16 +476,13 @@ def test_a_role_is_dropped_on_its_own_cluster_after_a_reload_moved_its_target(fr
 
 
 def test_a_reload_changing_the_role_prefix_keeps_live_grants_working(fresh_pg_env):
-    import signal
     import time
     env = fresh_pg_env
     grant = db_grant(env, duration="8s")
     role = f"{env.role_prefix}alice_g{grant['id']}"
     config = env.config()
     config["postgres"]["role_prefix"] = "x" + env.role_prefix
-    env.write_config(config)
-    env.proc.send_signal(signal.SIGHUP)
-    env.wait_event("proxy.reloaded")
+    env.reload(config)
     r = psql(env, db_login(env), "SELECT current_user")
     assert r.stdout.strip() == role, r.stderr  # the role keeps the name it was made with
     end = _ends_at(grant)
