@@ -53,10 +53,13 @@ class BatchedWrites:
     """Stands in for a connection's transport: what asyncssh writes during one event-loop
     iteration (one SSH packet per write) goes to the socket (or the outer channel) as one
     write: one system call, or full-size outer packets, instead of one per packet. Order is
-    kept; ``close`` sends what is pending first; everything else is the wrapped transport's."""
+    kept; ``close`` sends what is pending first; everything else is the wrapped transport's.
+    ``join``: one joined write (for a channel, whose writes become packets), or else the pieces
+    as they are in one ``writelines`` (for a socket: one gathering system call, no copy)."""
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
-        self._transport, self._loop = transport, loop
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
+                 join: bool):
+        self._transport, self._loop, self._join = transport, loop, join
         self._pending: list[bytes] = []
 
     def write(self, data: bytes) -> None:
@@ -71,10 +74,15 @@ class BatchedWrites:
     def flush(self) -> None:
         if not self._pending:
             return
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        self._pending = []
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        pending, self._pending = self._pending, []
+        if self._transport.is_closing():
+            return
+        if len(pending) == 1:
+            self._transport.write(pending[0])
+        elif self._join:
+            self._transport.write(b"".join(pending))
+        else:
+            self._transport.writelines(pending)
 
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
@@ -91,12 +99,13 @@ class BatchedWrites:
         return getattr(self._transport, name)
 
 
-def batch_writes(conn: asyncssh.SSHConnection) -> None:
+def batch_writes(conn: asyncssh.SSHConnection, join: bool = False) -> None:
     """Put ``BatchedWrites`` between ``conn`` and its transport; call from the owner's
-    ``connection_made`` (asyncssh sets the transport before calling it)."""
+    ``connection_made`` (asyncssh sets the transport before calling it). ``join``: the
+    transport is a channel (see ``BatchedWrites``)."""
     transport = getattr(conn, "_transport", None)
     if transport is not None and hasattr(transport, "write"):  # (uvloop's is no subclass)
-        conn._transport = BatchedWrites(transport, asyncio.get_running_loop())
+        conn._transport = BatchedWrites(transport, asyncio.get_running_loop(), join)
 
 
 def upstream_known_hosts(target: SSHTarget) -> tuple[list, list, list]:

@@ -241,7 +241,7 @@ class ChannelTransportSession(asyncssh.SSHTCPSession):
         self._conn.connection_made(chan)
         # the inner connection's packets (up to the client's 32 KiB plus framing) go into the
         # outer channel once per loop turn, so it sends full 32 KiB packets, not one and a scrap
-        batch_writes(self._conn)
+        batch_writes(self._conn, join=True)
 
     def session_started(self) -> None:
         self._conn.session_started()

@@ -15,7 +15,7 @@ import asyncssh
 import pytest
 
 from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_IGNORE, MSG_KEX_LAST,
-                                MSG_KEXINIT)
+                                MSG_KEXINIT, MSG_UNIMPLEMENTED)
 from asyncssh.packet import SSHPacketLogger, String
 
 from ca.ssh import SSHCertificateAuthority, UserCertificateSpec
@@ -180,3 +180,180 @@ def test_packet_log_lines_at_level_3(target, caplog):
     received = [r.getMessage() for r in caplog.records if "] Received MSG_CHANNEL_DATA" in
                 r.getMessage()]
     assert received  # wc's answer
+
+
+# --- the AES-GCM packet paths (_recv_gcm_packet, _send_gcm_packet) --------------------------
+
+class ChoppingRelay:
+    """A TCP relay between an asyncssh client and the test sshd that passes the bytes on in
+    chunks of random size (1 byte to 70,000, seeded), so the client reads packets split anywhere
+    and several packets in one read. It parses the server's stream (version line, plaintext
+    packets up to the server's NEWKEYS, then aes-gcm packets whose length is in the clear) and can
+    spoil the server's ``spoil_at``-th encrypted packet: ``"tag"`` flips a ciphertext bit,
+    ``"length"`` claims a length over asyncssh's limit."""
+
+    def __init__(self, port: int, seed: int, spoil: str | None = None, spoil_at: int = 3):
+        import random
+        self.port, self.rng = port, random.Random(seed)
+        self.spoil, self.spoil_at = spoil, spoil_at
+        self.spoiled = False
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+    def _size(self) -> int:
+        return self.rng.choice([1, 3, 4, 15, 16, 17, 20, self.rng.randint(1, 70000)])
+
+    async def _pump(self, reader, writer, frame=None) -> None:
+        try:
+            while data := await reader.read(1 << 17):
+                if frame is not None:
+                    data = frame(data)
+                while data:
+                    n = self._size()
+                    writer.write(data[:n])
+                    data = data[n:]
+                    await writer.drain()
+                    if self.rng.random() < 0.05:
+                        await asyncio.sleep(0.001)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _serve(self, c_reader, c_writer) -> None:
+        s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        await asyncio.gather(self._pump(c_reader, s_writer),
+                             self._pump(s_reader, c_writer, self._framer()))
+
+    def _framer(self):
+        """Passes the server's bytes through, spoiling one encrypted packet if asked."""
+        buf, state = bytearray(), {"version": True, "encrypted": 0, "newkeys": False}
+
+        def frame(data: bytes) -> bytes:
+            buf.extend(data)
+            out = bytearray()
+            while True:
+                if state["version"]:
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        break
+                    out += buf[:nl + 1]
+                    del buf[:nl + 1]
+                    state["version"] = False
+                    continue
+                if len(buf) < 6:
+                    break
+                length = int.from_bytes(buf[:4], "big")
+                total = 4 + length + (16 if state["newkeys"] else 0)
+                if len(buf) < total:
+                    break
+                packet = bytearray(buf[:total])
+                del buf[:total]
+                if not state["newkeys"]:
+                    state["newkeys"] = packet[5] == 21  # MSG_NEWKEYS
+                else:
+                    state["encrypted"] += 1
+                    if self.spoil and state["encrypted"] == self.spoil_at:
+                        self.spoiled = True
+                        if self.spoil == "tag":
+                            packet[10] ^= 0x01
+                        else:
+                            packet[:4] = (0x7fffffff).to_bytes(4, "big")
+                out += packet
+            return bytes(out)
+        return frame
+
+
+def connect_through(target, port: int, cipher: str, **options):
+    return asyncssh.connect(
+        "127.0.0.1", port, username=target["login"], config=None,
+        client_keys=[(target["key"], target["cert"])], agent_path=None,
+        known_hosts=([asyncssh.import_public_key(target["host_key"])], [], []),
+        encryption_algs=[cipher], **options)
+
+
+async def round_trip(target, port: int, cipher: str, **options) -> tuple[str, bytes]:
+    """Uploads 3 MiB of random bytes to sha256sum and downloads ``seq 1 400000`` (2.6 MB):
+    (the digest the target computed, what came back)."""
+    import os as _os
+    async with connect_through(target, port, cipher, **options) as conn:
+        assert conn.get_extra_info("send_cipher") == cipher
+        assert conn.get_extra_info("recv_cipher") == cipher
+        up = _os.urandom(3 << 20)
+        process = await conn.create_process("sha256sum", encoding=None)
+        for i in range(0, len(up), 100_000):
+            process.stdin.write(up[i:i + 100_000])
+        process.stdin.write_eof()
+        digest = (await asyncio.wait_for(process.stdout.read(), 60)).split()[0].decode()
+        down = await asyncio.wait_for(conn.run("seq 1 400000", encoding=None), 60)
+    import hashlib
+    assert digest == hashlib.sha256(up).hexdigest()
+    return digest, down.stdout
+
+
+EXPECTED_DOWN = "".join(f"{i}\n" for i in range(1, 400001)).encode()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"])
+def test_gcm_packets_split_anywhere_arrive_whole(target, cipher, seed):
+    async def run():
+        async with ChoppingRelay(target["sshd"].port, seed) as port:
+            return await round_trip(target, port, cipher)
+    _, down = asyncio.run(run())
+    assert down == EXPECTED_DOWN
+
+
+def test_gcm_across_rekeys_both_ways(target, monkeypatch):
+    """Each rekey's new keys are taken up mid-stream in both directions, and the send sequence
+    number is the server's after them: strict kex restarts it at each NEWKEYS, which these paths
+    send under the old keys. (GCM's nonce is its own counter, so only the server's
+    SSH_MSG_UNIMPLEMENTED, which quotes the number it counted, shows a wrong one.)"""
+    async def run():
+        async with ChoppingRelay(target["sshd"].port, 7) as port:
+            async with connect_through(target, port, "aes128-gcm@openssh.com",
+                                       rekey_bytes=1 << 18) as conn:
+                kexinits = []
+                original = conn._send_kexinit
+                conn._send_kexinit = lambda: (kexinits.append(1), original())[1]
+                data = b"".join(bytes([i % 251]) * 4096 for i in range(512))  # 2 MiB
+                result = await asyncio.wait_for(conn.run("cat", input=data, encoding=None), 60)
+                assert result.stdout == data
+                quoted = asyncio.get_running_loop().create_future()
+                monkeypatch.setitem(type(conn)._packet_handlers, MSG_UNIMPLEMENTED,
+                                    lambda self, t, i, packet: quoted.set_result(
+                                        packet.get_uint32()))
+                seq = conn._send_seq
+                conn.send_packet(140)  # unassigned (OpenSSH drops the connection at 192+)
+                assert await asyncio.wait_for(quoted, 10) == seq
+                return len(kexinits)
+    assert asyncio.run(run()) >= 4  # the client asked for rekeys (2 MiB each way, 256 KiB each)
+
+
+@pytest.mark.parametrize("spoil, error", [("tag", asyncssh.MACError),
+                                          ("length", asyncssh.ProtocolError)])
+def test_gcm_spoiled_packet_ends_the_connection_as_asyncssh_does(target, spoil, error):
+    """A flipped ciphertext bit fails the tag (MACError); a length over the limit is refused
+    before anything is decrypted (ProtocolError); either ends the connection."""
+    async def run():
+        relay = ChoppingRelay(target["sshd"].port, 11, spoil=spoil, spoil_at=2)
+        async with relay as port:
+            with pytest.raises(error):
+                async with connect_through(target, port, "aes128-gcm@openssh.com") as conn:
+                    await asyncio.wait_for(conn.run("true"), 30)
+        return relay.spoiled
+    assert asyncio.run(run())
+
+
+def test_gcm_paths_only_on_the_asyncssh_release_they_follow(target):
+    """(On another release asyncssh's own code runs, and the tests above check it instead.)"""
+    from asyncssh.connection import SSHConnection
+    on = tuning.apply()
+    assert on == (asyncssh.__version__ == tuning.GCM_PATHS_FOR)
+    assert (SSHConnection._recv_pkthdr is tuning._recv_pkthdr) == on
+    assert (SSHConnection.data_received is tuning._data_received) == on
