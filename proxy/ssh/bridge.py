@@ -57,6 +57,8 @@ class BatchedWrites:
     ``join``: one joined write (for a channel, whose writes become packets), or else the pieces
     as they are in one ``writelines`` (for a socket: one gathering system call, no copy)."""
 
+    gathers = True  # proxy.ssh.tuning hands packets over as header and body, unjoined
+
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
                  join: bool):
         self._transport, self._loop, self._join = transport, loop, join

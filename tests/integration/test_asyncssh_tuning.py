@@ -190,7 +190,8 @@ class ChoppingRelay:
     and several packets in one read. It parses the server's stream (version line, plaintext
     packets up to the server's NEWKEYS, then aes-gcm packets whose length is in the clear) and can
     spoil the server's ``spoil_at``-th encrypted packet: ``"tag"`` flips a ciphertext bit,
-    ``"length"`` claims a length over asyncssh's limit."""
+    ``"length"`` claims a length over asyncssh's limit, ``"odd"`` one byte more than it is,
+    ``"short"`` a length of 8."""
 
     def __init__(self, port: int, seed: int, spoil: str | None = None, spoil_at: int = 3):
         import random
@@ -260,10 +261,11 @@ class ChoppingRelay:
                     state["encrypted"] += 1
                     if self.spoil and state["encrypted"] == self.spoil_at:
                         self.spoiled = True
+                        lengths = {"length": 0x7fffffff, "odd": length + 1, "short": 8}
                         if self.spoil == "tag":
                             packet[10] ^= 0x01
                         else:
-                            packet[:4] = (0x7fffffff).to_bytes(4, "big")
+                            packet[:4] = lengths[self.spoil].to_bytes(4, "big")
                 out += packet
             return bytes(out)
         return frame
@@ -336,10 +338,14 @@ def test_gcm_across_rekeys_both_ways(target, monkeypatch):
 
 
 @pytest.mark.parametrize("spoil, error", [("tag", asyncssh.MACError),
-                                          ("length", asyncssh.ProtocolError)])
-def test_gcm_spoiled_packet_ends_the_connection_as_asyncssh_does(target, spoil, error):
-    """A flipped ciphertext bit fails the tag (MACError); a length over the limit is refused
-    before anything is decrypted (ProtocolError); either ends the connection."""
+                                          ("length", asyncssh.ProtocolError),
+                                          ("odd", asyncssh.ProtocolError),
+                                          ("short", asyncssh.ProtocolError)])
+def test_gcm_spoiled_packet_ends_the_connection(target, spoil, error):
+    """A flipped ciphertext bit fails the tag (MACError, as in asyncssh); a length over the
+    limit, or one that is not a multiple of 16 (RFC 5647 §7.2; asyncssh fails the tag or, under
+    12, misreads the packet), is refused before anything is decrypted (ProtocolError); each ends
+    the connection."""
     async def run():
         relay = ChoppingRelay(target["sshd"].port, 11, spoil=spoil, spoil_at=2)
         async with relay as port:
@@ -357,3 +363,34 @@ def test_gcm_paths_only_on_the_asyncssh_release_they_follow(target):
     assert on == (asyncssh.__version__ == tuning.GCM_PATHS_FOR)
     assert (SSHConnection._recv_pkthdr is tuning._recv_pkthdr) == on
     assert (SSHConnection.data_received is tuning._data_received) == on
+
+
+def test_gcm_idle_connection_keeps_no_read_buffer(target):
+    """Once every packet read is handled, the receive buffer is let go (the offset mark would
+    otherwise keep the last read, up to 256 KiB, alive on each idle connection)."""
+    async def run():
+        async with connect_to(target, "aes128-gcm@openssh.com") as conn:
+            result = await asyncio.wait_for(conn.run("head -c 1000000 /dev/zero",
+                                                     encoding=None), 30)
+            assert len(result.stdout) == 1000000
+            await asyncio.sleep(0.2)
+            return conn._inpbuf, conn._jit_unread
+    assert asyncio.run(run()) == (b"", None)
+
+
+def test_gcm_over_a_transport_without_writelines(target):
+    """asyncssh's proxy_command tunnel has write but no writelines: packets still go out."""
+    import sys
+    relay = ("import socket, sys, threading\n"
+             f"s = socket.create_connection(('127.0.0.1', {target['sshd'].port}))\n"
+             "def up():\n"
+             "    while d := sys.stdin.buffer.raw.read(65536): s.sendall(d)\n"
+             "threading.Thread(target=up, daemon=True).start()\n"
+             "while d := s.recv(65536): sys.stdout.buffer.write(d); sys.stdout.flush()\n")
+
+    async def run():
+        async with connect_to(target, "aes128-gcm@openssh.com",
+                              proxy_command=[sys.executable, "-c", relay]) as conn:
+            assert not hasattr(conn._transport, "writelines")
+            return (await asyncio.wait_for(conn.run("echo through"), 30)).stdout
+    assert asyncio.run(run()) == "through\n"
