@@ -13,6 +13,8 @@ import time
 
 import asyncssh
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_IGNORE, MSG_KEX_LAST,
                                 MSG_KEXINIT, MSG_UNIMPLEMENTED)
@@ -193,11 +195,14 @@ class ChoppingRelay:
     ``"length"`` claims a length over asyncssh's limit, ``"odd"`` one byte more than it is,
     ``"short"`` a length of 8."""
 
-    def __init__(self, port: int, seed: int, spoil: str | None = None, spoil_at: int = 3):
+    def __init__(self, port: int, seed: int, spoil: str | None = None, spoil_at: int = 3,
+                 sizes: list[int] | None = None):
+        import itertools
         import random
         self.port, self.rng = port, random.Random(seed)
         self.spoil, self.spoil_at = spoil, spoil_at
         self.spoiled = False
+        self.sizes = itertools.cycle(sizes) if sizes else None  # (else random ones)
 
     async def __aenter__(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -207,6 +212,8 @@ class ChoppingRelay:
         self.server.close()
 
     def _size(self) -> int:
+        if self.sizes is not None:
+            return next(self.sizes)
         return self.rng.choice([1, 3, 4, 15, 16, 17, 20, self.rng.randint(1, 70000)])
 
     async def _pump(self, reader, writer, frame=None) -> None:
@@ -309,6 +316,29 @@ def test_gcm_packets_split_anywhere_arrive_whole(target, cipher, seed):
             return await round_trip(target, port, cipher)
     _, down = asyncio.run(run())
     assert down == EXPECTED_DOWN
+
+
+@settings(max_examples=20, deadline=None)
+@given(sizes=st.lists(st.one_of(st.integers(1, 40), st.integers(1000, 70000)), min_size=1,
+                      max_size=6).filter(lambda sizes: sum(sizes) >= 200 * len(sizes)),
+       up=st.binary(min_size=1, max_size=70000), down=st.integers(0, 70000))
+def test_gcm_stream_cut_anywhere(target, sizes, up, down):
+    """hypothesis picks how the relay cuts both streams (from the handshake on) and how much
+    goes each way; whatever the cuts, the bytes arrive whole. (At least one byte goes up:
+    asyncssh's ``run`` sends no EOF for an empty ``input``.)"""
+    import hashlib
+
+    async def run():
+        async with ChoppingRelay(target["sshd"].port, 0, sizes=sizes) as port:
+            async with connect_through(target, port, "aes128-gcm@openssh.com") as conn:
+                digest = await asyncio.wait_for(conn.run("sha256sum", input=up, encoding=None),
+                                                30)
+                got = await asyncio.wait_for(conn.run(f"head -c {down} /dev/zero",
+                                                      encoding=None), 30)
+                return digest.stdout.split()[0].decode(), got.stdout
+    digest, got = asyncio.run(run())
+    assert digest == hashlib.sha256(up).hexdigest()
+    assert got == bytes(down)
 
 
 def test_gcm_across_rekeys_both_ways(target, monkeypatch):
