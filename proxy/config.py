@@ -127,8 +127,10 @@ class AuthSettings(_Model):
     # where users and groups come from: this file only, or also the system (NSS: passwd/group),
     # so policies can name system users and groups such as group:sre
     identities: Literal["config", "system"] = "config"
-    # repeated failed logins (SSH or PostgreSQL) of one user or from one address within
-    # failure_window lock further attempts out for lockout, even with the right credentials
+    # repeated failed logins within failure_window lock further attempts out for lockout, even
+    # with the right credentials: a user's failed passwords (PAM) lock that user's password
+    # logins; failures of any kind from one address (keys and one-time secrets count only here,
+    # since nobody can guess them) lock every login from that address
     max_failures: int = Field(5, ge=1, le=1000)
     # an address is shared by many people behind NAT: it gets a larger allowance
     max_failures_per_address: int = Field(20, ge=1, le=100_000)

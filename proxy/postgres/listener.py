@@ -398,7 +398,9 @@ class PgClient:
             return await self._authenticate_pam(frames, grace)
         why = None
         verifier = None
-        if service.locked_out(self.user, self.peer):
+        # a one-time secret cannot be guessed: only the source address's lockout holds it back,
+        # and its failures count only against the address (see AccessService.auth_failure)
+        if service.locked_out(self.user, self.peer, guessable=False):
             why = "locked out"
             service.audit_unauthenticated("auth.locked", self.user, self.peer, method="scram")
         elif not isinstance(target, PostgresTarget):
@@ -433,9 +435,9 @@ class PgClient:
         if why is None and not self.door.secrets.consume(self.user, self.target_name, used):
             why = "secret already used"
         if why is not None:
-            self.service.auth_failure(self.user, self.peer, method="scram",
+            self.service.auth_failure(self.user, self.peer, method="scram", guessable=False,
                                       target=self.target_name[:256], why=why)
-            await self._fatal(INVALID_PASSWORD, self._refusal())
+            await self._fatal(INVALID_PASSWORD, self._refusal(guessable=False))
             self.grant = None
             return False
         await self._send(AuthenticationSASLFinal(server_final.encode()).encode())
@@ -447,11 +449,11 @@ class PgClient:
                                 target=self.target_name, grant=self.grant.id, peer=self.peer)
         return True
 
-    def _refusal(self) -> str:
+    def _refusal(self, guessable: bool = True) -> str:
         """The FATAL text of a refused login: the same whatever was wrong, but saying so when
-        the user or address is locked out (as the SSH side does)."""
+        the lockout that holds this kind of secret back is on (as the SSH side does)."""
         text = f'password authentication failed for user "{self.user[:63]}"'
-        if self.service.locked_out(self.user, self.peer):
+        if self.service.locked_out(self.user, self.peer, guessable):
             text += f" ({LOCKED_TEXT})"
         return text
 

@@ -543,19 +543,21 @@ class AccessService:
             self._preauth.pop(address, None)
 
     def auth_failure(self, claimed_user: str, peer: str, *, count: bool = True,
-                     **fields: Any) -> None:
+                     guessable: bool = True, **fields: Any) -> None:
         """Audit a failed login (``auth.failure``, rate-limited per source address) and, unless
         ``count`` is False (the system failed, not the user: e.g. a PAM module missing), count it
-        towards the lockout of that user and that address."""
+        towards the lockout of that address and, for a ``guessable`` secret (a password, PAM),
+        of that user. Keys and one-time secrets cannot be guessed: their failures count only
+        against the address, so nobody can lock a named user out by failing on purpose."""
         if not count:
             self.audit_unauthenticated("auth.failure", claimed_user, peer, counted=False,
                                        **fields)
             return
         self.audit_unauthenticated("auth.failure", claimed_user, peer, **fields)
-        if self.locked_out(claimed_user, peer):
+        if self.locked_out(claimed_user, peer, guessable=guessable):
             return  # refused while locked: the lockout runs its course, it is not extended
         now, cfg = self.clock.now(), self.config.auth
-        for key, limit in self._lockout_keys(claimed_user, peer):
+        for key, limit in self._lockout_keys(claimed_user, peer, guessable):
             recent = [t for t in self._failures.get(key, []) if now - t < cfg.failure_window]
             recent.append(now)
             self._failures[key] = recent[-limit:]
@@ -569,12 +571,14 @@ class AccessService:
         for key in [k for k, until in self._locked_until.items() if until <= now]:
             del self._locked_until[key]
 
-    def _lockout_keys(self, user: str, peer: str) -> list[tuple[str, int]]:
+    def _lockout_keys(self, user: str, peer: str, guessable: bool = True
+                      ) -> list[tuple[str, int]]:
         """The subjects failures of ``user`` from ``peer`` count against, each with its limit
-        (``auth.max_failures``, ``auth.max_failures_per_address``)."""
+        (``auth.max_failures``, ``auth.max_failures_per_address``): only the address's for a
+        secret that cannot be guessed (see ``auth_failure``)."""
         cfg = self.config.auth
-        return [(f"user:{user[:64]}", cfg.max_failures),
-                (f"address:{address_of(peer)}", cfg.max_failures_per_address)]
+        address = [(f"address:{address_of(peer)}", cfg.max_failures_per_address)]
+        return [(f"user:{user[:64]}", cfg.max_failures)] + address if guessable else address
 
     def begin_attempt(self, user: str, peer: str) -> str | None:
         """Reserve a slot for one password check (PAM) of ``user`` from ``peer``; None, or why
@@ -624,10 +628,13 @@ class AccessService:
         self._failures.pop(subject, None)
         self.audit.emit("auth.unlocked", actor, subject=subject)
 
-    def locked_out(self, user: str, peer: str) -> bool:
-        """Whether logins of ``user`` or from ``peer``'s address are locked out now."""
+    def locked_out(self, user: str, peer: str, guessable: bool = True) -> bool:
+        """Whether logins of ``user`` or from ``peer``'s address are locked out now; for a
+        secret that cannot be guessed (a key, a one-time secret), only the address's lockout
+        counts (see ``auth_failure``)."""
         now = self.clock.now()
-        return any(self._locked_until.get(k, 0) > now for k, _ in self._lockout_keys(user, peer))
+        return any(self._locked_until.get(k, 0) > now
+                   for k, _ in self._lockout_keys(user, peer, guessable))
 
     def audit_unauthenticated(self, type: str, claimed_user: str, peer: str,
                               **fields: Any) -> None:

@@ -302,9 +302,13 @@ class ProxyServer(asyncssh.SSHServer):
         if self.kbdint is not None:
             self.kbdint.close()
         self.kbdint = None
-        self.locked = self.door.service.locked_out(username, self.peer)
-        if self.locked:
-            self.door.service.audit_unauthenticated("auth.locked", username, self.peer)
+        service = self.door.service
+        # a user's lockout (failed passwords) holds back passwords and PAM; a key, which nobody
+        # can guess, is refused only while the source address is locked out
+        self.locked = service.locked_out(username, self.peer)
+        self.key_locked = service.locked_out(username, self.peer, guessable=False)
+        if self.key_locked or (self.locked and not self._offers("publickey")):
+            service.audit_unauthenticated("auth.locked", username, self.peer)
             if self.conn is not None:  # say why, whichever method the client tries first
                 self.conn.send_auth_banner(LOCKED_TEXT + "\n")
         return True
@@ -318,8 +322,8 @@ class ProxyServer(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         self._succeeding = None
-        if getattr(self, "locked", False):
-            return False  # locked out: even the right key is refused until the lockout ends
+        if getattr(self, "key_locked", False):
+            return False  # the address is locked out: even the right key waits for its end
         blob = key.public_data
         # compare against every key so timing does not tell which user has how many keys
         ok = any([hmac.compare_digest(blob, k) for k in self.door.user_key_blobs(username)])
@@ -450,10 +454,11 @@ class ProxyServer(asyncssh.SSHServer):
         if self.kbdint is not None:
             self.kbdint.close()
         if not self.authenticated and self.username is not None and not self.attempts:
-            self.door.service.auth_failure(
-                self.username, self.peer,
+            self.door.service.auth_failure(  # (no password tried: no guess at the user's)
+                self.username, self.peer, guessable=False,
                 method="publickey" if self._offers("publickey") else "none",
-                why="locked out" if getattr(self, "locked", False)
+                why="locked out" if getattr(self, "key_locked", False)
+                or (getattr(self, "locked", False) and not self._offers("publickey"))
                 else (str(exc)[:512] if exc else
                       f"left after {','.join(self.completed)} of a chain"
                       if getattr(self, "completed", None) else "no valid key"))

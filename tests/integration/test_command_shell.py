@@ -99,11 +99,16 @@ def test_unauthenticated_connections_are_capped_per_address(fresh_env):
                           lambda e: e["why"] == "too many unauthenticated connections")
 
 
-def test_repeated_failures_lock_the_user_out_even_with_the_right_key(fresh_env):
+def test_failed_keys_lock_out_the_address_not_the_user(fresh_env):
+    """Nobody can guess a key, so failing with wrong keys on purpose must not lock a named user
+    out (a denial of service anyone reaching the port could repeat): those failures count
+    against the source address only. Once the address's allowance is spent, every login from
+    it waits out the lockout, the right key included, and the client is told why."""
     import asyncssh
+    from tests.integration.test_operations import jit
     env = fresh_env
     config = env.config()
-    config["auth"] = {"max_failures": 3, "max_failures_per_address": 1000, "lockout": "10m"}
+    config["auth"] = {"max_failures": 3, "max_failures_per_address": 5, "lockout": "10m"}
     env.write_config(config)
     env.restart()
     wrong = env.root / "wrong_key"
@@ -112,13 +117,27 @@ def test_repeated_failures_lock_the_user_out_even_with_the_right_key(fresh_env):
     wrong_config = env.root / "wrong_ssh_config"
     wrong_config.write_text(env.ssh_config.read_text().replace(
         f"IdentityFile {env.keys / 'alice'}\n", f"IdentityFile {wrong}\n"))
-    for _ in range(3):
+
+    def wrong_key() -> None:
         r = env.run(["ssh", "-F", str(wrong_config), "alice@jit-proxy", "whoami"],
                     stdin=subprocess.DEVNULL)
         assert r.returncode == 255
-    lock = env.wait_event("auth.lockout", lambda e: e["subject"] == "user:alice")
-    assert lock["failures"] == 3
+    for _ in range(4):  # more than max_failures
+        wrong_key()
+    failures = env.wait_event("auth.failure", lambda e: e["actor"] == "alice")
+    assert failures["method"] == "publickey"
+    r = env.ssh("alice", "whoami")  # her own key: in
+    assert r.returncode == 0, r.stderr
+    assert not env.audit_events("auth.lockout")
+    wrong_key()  # the address's fifth
+    lock = env.wait_event("auth.lockout", lambda e: e["subject"] == "address:127.0.0.1")
+    assert lock["failures"] == 5
     r = env.ssh("alice", "whoami")  # the right key, refused for the lockout time
     assert r.returncode == 255 and b"Permission denied" in r.stderr
+    assert b"too many failed logins" in r.stderr
     assert env.wait_event("auth.locked", lambda e: e["actor"] == "alice")
-    assert env.ssh("bob", "whoami").returncode == 0  # others are not affected
+    assert env.ssh("bob", "whoami").returncode == 255  # from that address, nobody
+    assert [e["subject"] for e in env.audit_events("auth.lockout")] == ["address:127.0.0.1"]
+    r = jit("lockouts", "clear", "address:127.0.0.1", "-c", str(env.config_path))
+    assert r.returncode == 0, r.stderr
+    assert env.ssh("alice", "whoami").returncode == 0

@@ -266,6 +266,25 @@ def test_psql_with_a_pam_password_over_tls(pam_pg_env):
                               e["method"] == "pam" and e["why"].startswith(why))
 
 
+def test_a_users_lockout_holds_back_passwords_not_keys(pam_env):
+    """Failed passwords lock the user's password logins; the user's key, which nobody can
+    guess, still gets in (as with sshd and pam_faillock)."""
+    configure(pam_env, pam_env.stack, ["publickey", "password"], max_failures=3, lockout="1h",
+              max_failures_per_address=1000)
+    for _ in range(3):
+        status, out = type_password(pam_env, "bob", "password", "wrong", b"password: ")
+        assert status == 255, out
+    assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "user:bob")
+    status, out = type_password(pam_env, "bob", "password", PASSWORDS["bob"], b"password: ")
+    assert status == 255 and b"Permission denied" in out, out  # the right password: locked
+    assert pam_env.wait_event("auth.locked", lambda e: e["actor"] == "bob"
+                              and e.get("method") == "password")
+    r = pam_env.ssh("bob", "grants")  # his key
+    assert r.returncode == 0, r.stderr
+    assert b"too many failed logins" not in r.stderr
+    jit_clear(pam_env, "user:bob")
+
+
 def test_concurrent_guesses_cannot_outrun_the_lockout(pam_pg_env):
     env = pam_pg_env
     cfg = env.config()
@@ -545,12 +564,9 @@ def test_a_prompt_held_open_across_a_lockout_is_refused(pam_env):
             Client, "127.0.0.1", pam_env.port, username="bob", known_hosts=None,
             client_keys=None, agent_path=None, preferred_auth="keyboard-interactive"))
         await asyncio.wait_for(answer, 15)
-        for _ in range(3):  # bob's key is not alice's: three failed publickey logins
-            with pytest.raises(asyncssh.PermissionDenied):
-                await asyncssh.connect("127.0.0.1", pam_env.port, username="bob",
-                                       known_hosts=None, agent_path=None,
-                                       client_keys=[str(pam_env.keys / "alice")],
-                                       preferred_auth="publickey")
+        for _ in range(3):  # three wrong passwords in other connections lock bob out
+            ok, _ = await asyncssh_rounds(pam_env, "bob", ["wrong"])
+            assert not ok
         held.set()
         with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError,
                             ConnectionError)):  # refused (and maybe closed: max_auth_tries)

@@ -95,6 +95,25 @@ def test_failed_logins_look_the_same_and_are_audited(pg_env, case):
                              and e.get("method") == "scram")
 
 
+def test_wrong_secrets_do_not_lock_the_user_out(fresh_pg_env):
+    """A one-time secret cannot be guessed: wrong ones count against the source address only,
+    so they cannot lock a named user out of the port (or of SSH password logins)."""
+    env = fresh_pg_env
+    config = env.config()
+    config.setdefault("auth", {}).update({"max_failures": 2, "max_failures_per_address": 1000})
+    env.write_config(config)
+    env.restart()
+    db_grant(env)
+    login = db_login(env)
+    for _ in range(3):  # more than max_failures
+        r = psql(env, {**login, "password": login["password"][:-2] + "xx"}, "SELECT 1")
+        assert r.returncode == 2 and "password authentication failed" in r.stderr
+    assert env.wait_event("auth.failure", lambda e: e["actor"] == "alice"
+                          and e.get("method") == "scram")
+    assert psql(env, login, "SELECT 1").stdout.strip() == "1"
+    assert not env.audit_events("auth.lockout")
+
+
 def test_a_secret_is_single_use(pg_env):
     db_grant(pg_env)
     login = db_login(pg_env)
