@@ -29,6 +29,10 @@ from proxy.config import Config
 from proxy.store import SessionRecord, Store
 
 log = logging.getLogger("jit_proxy.service")
+# failed-login counts kept (users and addresses), and the most kept for users when addresses
+# alone would not bring them under FAILURE_SUBJECTS (see AccessService._forget_failures)
+FAILURE_SUBJECTS = 10_000
+FAILURE_SUBJECTS_HARD = 50_000
 
 
 def known_hosts_patterns(config: Config, ssh_port: int) -> list[str]:
@@ -554,10 +558,12 @@ class AccessService:
                                        **fields)
             return
         self.audit_unauthenticated("auth.failure", claimed_user, peer, **fields)
-        if self.locked_out(claimed_user, peer, guessable=guessable):
-            return  # refused while locked: the lockout runs its course, it is not extended
         now, cfg = self.clock.now(), self.config.auth
         for key, limit in self._lockout_keys(claimed_user, peer, guessable):
+            if self._locked_until.get(key, 0) > now:
+                continue  # this subject's lockout runs its course, it is not extended; the
+                # others still count (a guess that ends while only the address is locked out
+                # is still a guess at the user's password)
             recent = [t for t in self._failures.get(key, []) if now - t < cfg.failure_window]
             recent.append(now)
             self._failures[key] = recent[-limit:]
@@ -565,11 +571,26 @@ class AccessService:
                 self._locked_until[key] = now + cfg.lockout
                 self.audit.emit("auth.lockout", "system", subject=key, failures=len(recent),
                                 until=rfc3339(now + cfg.lockout))
-        if len(self._failures) > 10_000:  # bounded: forget the oldest
-            for key in sorted(self._failures, key=lambda k: self._failures[k][-1])[:5000]:
-                self._failures.pop(key, None)
+        if len(self._failures) > FAILURE_SUBJECTS:
+            self._forget_failures(now)
         for key in [k for k, until in self._locked_until.items() if until <= now]:
             del self._locked_until[key]
+
+    def _forget_failures(self, now: float) -> None:
+        """Keep the failure counts bounded without wiping a user's: failures outside
+        ``auth.failure_window`` go first, then the addresses with the oldest failures (a flood
+        from many addresses used to push a user's count out and reset it), and users' counts
+        only past ``FAILURE_SUBJECTS_HARD``."""
+        window = self.config.auth.failure_window
+        for key in [k for k, times in self._failures.items() if now - times[-1] >= window]:
+            del self._failures[key]
+        by_age = sorted(self._failures, key=lambda k: self._failures[k][-1])
+        addresses = [k for k in by_age if k.startswith("address:")]
+        for key in addresses[:max(0, len(self._failures) - FAILURE_SUBJECTS // 2)]:
+            del self._failures[key]
+        users = [k for k in by_age if k in self._failures]
+        for key in users[:max(0, len(self._failures) - FAILURE_SUBJECTS_HARD)]:
+            del self._failures[key]
 
     def _lockout_keys(self, user: str, peer: str, guessable: bool = True
                       ) -> list[tuple[str, int]]:

@@ -322,8 +322,8 @@ class ProxyServer(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         self._succeeding = None
-        if getattr(self, "key_locked", False):
-            return False  # the address is locked out: even the right key waits for its end
+        if self.door.service.locked_out(username, self.peer, guessable=False):
+            return False  # the address is locked out (now): even the right key waits for its end
         blob = key.public_data
         # compare against every key so timing does not tell which user has how many keys
         ok = any([hmac.compare_digest(blob, k) for k in self.door.user_key_blobs(username)])
@@ -363,6 +363,10 @@ class ProxyServer(asyncssh.SSHServer):
         ok = await password_login(self.door.service, username, password, self.peer, "password")
         self._succeeding = "password" if ok else None
         if not ok:
+            if self.door.service.locked_out(username, self.peer) and self.conn is not None \
+                    and not self._closing:
+                self.conn.send_auth_banner(LOCKED_TEXT + "\n")  # the password method has no
+                # other way to say why (the banner at begin_auth is held back when a key may do)
             self._failed()
         return ok
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests.integration.ptyrun import PtySession
 
 
@@ -141,3 +143,49 @@ def test_failed_keys_lock_out_the_address_not_the_user(fresh_env):
     r = jit("lockouts", "clear", "address:127.0.0.1", "-c", str(env.config_path))
     assert r.returncode == 0, r.stderr
     assert env.ssh("alice", "whoami").returncode == 0
+
+
+def test_a_key_offered_after_the_address_got_locked_is_refused(fresh_env):
+    """The address's lockout is read when the key is checked, not when the connection began:
+    a connection opened before the lockout cannot log in by key after it."""
+    import asyncio
+
+    import asyncssh
+    env = fresh_env
+    config = env.config()
+    config["auth"] = {"max_failures": 3, "max_failures_per_address": 3, "lockout": "10m"}
+    env.write_config(config)
+    env.restart()
+
+    async def run() -> bool:
+        go = asyncio.Event()
+
+        class Slow(asyncssh.SSHClient):
+            offered = False
+
+            async def public_key_auth_requested(self):
+                await go.wait()  # 'none' already went out: the login began before the lockout
+                if self.offered:
+                    return None
+                self.offered = True
+                return asyncssh.read_private_key(str(env.keys / "alice"))
+
+        login = asyncio.ensure_future(asyncssh.create_connection(
+            Slow, "127.0.0.1", env.port, username="alice", known_hosts=None, agent_path=None,
+            client_keys=None, preferred_auth="publickey"))
+        await asyncio.sleep(1)
+        for _ in range(3):  # wrong keys lock the address
+            with pytest.raises(asyncssh.PermissionDenied):
+                await asyncssh.connect("127.0.0.1", env.port, username="bob", known_hosts=None,
+                                       agent_path=None, client_keys=[str(env.keys / "alice")],
+                                       preferred_auth="publickey")
+        await asyncio.to_thread(env.wait_event, "auth.lockout",
+                                lambda e: e["subject"] == "address:127.0.0.1")
+        go.set()
+        try:
+            conn, _ = await asyncio.wait_for(login, 15)
+        except (asyncssh.PermissionDenied, asyncssh.DisconnectError):
+            return False
+        conn.close()
+        return True
+    assert asyncio.run(run()) is False

@@ -279,9 +279,56 @@ def test_a_users_lockout_holds_back_passwords_not_keys(pam_env):
     assert status == 255 and b"Permission denied" in out, out  # the right password: locked
     assert pam_env.wait_event("auth.locked", lambda e: e["actor"] == "bob"
                               and e.get("method") == "password")
+    assert b"too many failed logins" in out  # the password method is told why (a banner)
     r = pam_env.ssh("bob", "grants")  # his key
     assert r.returncode == 0, r.stderr
     assert b"too many failed logins" not in r.stderr
+    jit_clear(pam_env, "user:bob")
+
+
+def test_guesses_still_in_flight_count_once_the_address_is_locked(pam_env):
+    """A guess that ends while only the source address is locked out is still a guess at the
+    user's password. (An attacker used to start guesses, lock its own address with failed keys
+    during PAM's fail delay, and have the guesses end uncounted; then again from another
+    address.)"""
+    configure(pam_env, pam_env.stack, ["publickey", "password"], service="jit-delay",
+              max_failures=3, max_failures_per_address=5, lockout="1h", failure_window="1h")
+    before = len(pam_env.audit_events())
+    guesses = [f"guess-{i}" for i in range(6)] + [PASSWORDS["bob"]]
+
+    async def guess(address: str, password: str) -> bool:
+        try:
+            conn = await asyncssh.connect(
+                "127.0.0.1", pam_env.port, username="bob", password=password, known_hosts=None,
+                client_keys=None, agent_path=None, preferred_auth="password",
+                local_addr=(address, 0))
+        except (asyncssh.PermissionDenied, asyncssh.DisconnectError, ConnectionError):
+            return False
+        conn.close()
+        return True
+
+    async def wrong_key(address: str) -> None:
+        with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError,
+                            ConnectionError)):
+            await asyncssh.connect("127.0.0.1", pam_env.port, username="bob", known_hosts=None,
+                                   agent_path=None, client_keys=[str(pam_env.keys / "alice")],
+                                   preferred_auth="publickey", local_addr=(address, 0))
+
+    async def attack() -> list[bool]:
+        results = []
+        for address in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            batch, guesses[:] = guesses[:3], guesses[3:]
+            tasks = [asyncio.ensure_future(guess(address, p)) for p in batch]
+            await asyncio.sleep(0.3)  # the wrong ones wait out the fail delay (2 s)
+            for _ in range(5):  # meanwhile the address locks itself with failed keys
+                await wrong_key(address)
+            results += [await t for t in tasks]
+        return results
+
+    assert asyncio.run(attack()) == [False] * 7  # the right password came after the lockout
+    lockouts = [e["subject"] for e in pam_env.audit_events()[before:]
+                if e["type"] == "auth.lockout"]
+    assert "user:bob" in lockouts
     jit_clear(pam_env, "user:bob")
 
 

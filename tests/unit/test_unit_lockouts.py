@@ -1,0 +1,41 @@
+"""AccessService's failed-login counts against a real service (SQLite store, audit log,
+ManualClock): which subjects a failure counts against, and that keeping them bounded never wipes
+a user's count while its failures are inside the window."""
+
+from __future__ import annotations
+
+from test_unit_commands import host_key, run, service_in  # noqa: F401 - host_key is a fixture
+
+from proxy.runtime.service import FAILURE_SUBJECTS
+
+
+def test_a_flood_from_many_addresses_keeps_the_users_count(tmp_path, host_key):  # noqa: F811
+    """Failures from more addresses than are kept used to push the oldest counts out, a user's
+    among them: a guesser could reset it between guesses."""
+    async def go():
+        async with service_in(tmp_path, host_key) as svc:
+            peer = "192.0.2.7:40000"
+            for _ in range(4):  # max_failures is 5
+                svc.auth_failure("bob", peer, method="password", why="wrong password")
+            assert not svc.locked_out("bob", peer)
+            for i in range(FAILURE_SUBJECTS + 1):  # failed keys from many addresses
+                svc.auth_failure("nobody", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:22",
+                                 guessable=False, method="publickey", why="no valid key")
+            assert len(svc._failures) <= FAILURE_SUBJECTS
+            svc.auth_failure("bob", peer, method="password", why="wrong password")
+            return svc.locked_out("bob", "198.51.100.1:1"), svc.locked_out(
+                "bob", "198.51.100.1:1", guessable=False)
+    assert run(go()) == (True, False)  # bob's passwords are locked out; his key is not
+
+
+def test_failures_of_keys_and_one_time_secrets_count_only_against_the_address(
+        tmp_path, host_key):  # noqa: F811
+    async def go():
+        async with service_in(tmp_path, host_key) as svc:
+            for _ in range(20):  # max_failures_per_address; max_failures is 5
+                svc.auth_failure("bob", "192.0.2.7:1", guessable=False, method="publickey",
+                                 why="no valid key")
+            return (svc.locked_out("bob", "198.51.100.1:1"),
+                    svc.locked_out("bob", "192.0.2.7:1", guessable=False),
+                    [subject for subject, _ in svc.lockouts()])
+    assert run(go()) == (False, True, ["address:192.0.2.7"])
