@@ -151,8 +151,9 @@ def _recv_gcm_packet(self: SSHConnection) -> bool:
     """Read, authenticate and decrypt one aes*-gcm@openssh.com packet (RFC 5647 §7 as OpenSSH
     uses it: the 4-byte packet length is the associated data, then ciphertext and 16-byte tag)
     straight out of the receive buffer, and dispatch it as asyncssh's ``_recv_packet`` does.
-    Returns False until the whole packet is there. Raises ProtocolError (packet longer than
-    asyncssh's limit) and MACError (tag mismatch), which end the connection as in asyncssh."""
+    Returns False until the whole packet is there. Raises ProtocolError (a length over
+    asyncssh's limit, or not a multiple of 16) and MACError (tag mismatch), which end the
+    connection as in asyncssh."""
     buf = self._inpbuf
     pos = _unread_from(self)
     if len(buf) - pos < self._recv_blocksize:
