@@ -552,22 +552,25 @@ class AccessService:
         ``count`` is False (the system failed, not the user: e.g. a PAM module missing), count it
         towards the lockout of that address and, for a ``guessable`` secret (a password, PAM),
         of that user. Keys and one-time secrets cannot be guessed: their failures count only
-        against the address, so nobody can lock a named user out by failing on purpose."""
+        against the address, so nobody can lock a named user out by failing on purpose. The
+        event's ``counts_against`` lists the subjects it counted against."""
         if not count:
             self.audit_unauthenticated("auth.failure", claimed_user, peer, counted=False,
                                        **fields)
             return
-        self.audit_unauthenticated("auth.failure", claimed_user, peer, **fields)
         now, cfg = self.clock.now(), self.config.auth
-        for key, limit in self._lockout_keys(claimed_user, peer, guessable):
-            if self._locked_until.get(key, 0) > now:
-                continue  # this subject's lockout runs its course, it is not extended; the
-                # others still count (a guess that ends while only the address is locked out
-                # is still a guess at the user's password)
+        # a subject already locked out is not counted (its lockout runs its course, it is not
+        # extended); the others still are (a guess that ends while only the address is locked
+        # out is still a guess at the user's password)
+        keys = [(key, limit) for key, limit in self._lockout_keys(claimed_user, peer, guessable)
+                if self._locked_until.get(key, 0) <= now]
+        self.audit_unauthenticated("auth.failure", claimed_user, peer,
+                                   counts_against=[key for key, _ in keys], **fields)
+        for key, limit in keys:
             recent = [t for t in self._failures.get(key, []) if now - t < cfg.failure_window]
             recent.append(now)
             self._failures[key] = recent[-limit:]
-            if len(recent) >= limit and self._locked_until.get(key, 0) <= now:
+            if len(recent) >= limit:
                 self._locked_until[key] = now + cfg.lockout
                 self.audit.emit("auth.lockout", "system", subject=key, failures=len(recent),
                                 until=rfc3339(now + cfg.lockout))

@@ -128,6 +128,7 @@ def test_failed_keys_lock_out_the_address_not_the_user(fresh_env):
         wrong_key()
     failures = env.wait_event("auth.failure", lambda e: e["actor"] == "alice")
     assert failures["method"] == "publickey"
+    assert failures["counts_against"] == ["address:127.0.0.1"]
     r = env.ssh("alice", "whoami")  # her own key: in
     assert r.returncode == 0, r.stderr
     assert not env.audit_events("auth.lockout")

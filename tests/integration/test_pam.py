@@ -275,6 +275,8 @@ def test_a_users_lockout_holds_back_passwords_not_keys(pam_env):
         status, out = type_password(pam_env, "bob", "password", "wrong", b"password: ")
         assert status == 255, out
     assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "user:bob")
+    failure = pam_env.wait_event("auth.failure", lambda e: e["actor"] == "bob")
+    assert failure["counts_against"] == ["user:bob", "address:127.0.0.1"]
     status, out = type_password(pam_env, "bob", "password", PASSWORDS["bob"], b"password: ")
     assert status == 255 and b"Permission denied" in out, out  # the right password: locked
     assert pam_env.wait_event("auth.locked", lambda e: e["actor"] == "bob"
