@@ -591,8 +591,8 @@ class AccessService:
         addresses = [k for k in by_age if k.startswith("address:")]
         for key in addresses[:max(0, len(self._failures) - FAILURE_SUBJECTS // 2)]:
             del self._failures[key]
-        users = [k for k in by_age if k in self._failures]
-        for key in users[:max(0, len(self._failures) - FAILURE_SUBJECTS_HARD)]:
+        left = [k for k in by_age if k in self._failures]  # users (and addresses, if few)
+        for key in left[:max(0, len(self._failures) - FAILURE_SUBJECTS_HARD)]:
             del self._failures[key]
 
     def _lockout_keys(self, user: str, peer: str, guessable: bool = True

@@ -305,9 +305,9 @@ class ProxyServer(asyncssh.SSHServer):
         service = self.door.service
         # a user's lockout (failed passwords) holds back passwords and PAM; a key, which nobody
         # can guess, is refused only while the source address is locked out
-        self.locked = service.locked_out(username, self.peer)
-        self.key_locked = service.locked_out(username, self.peer, guessable=False)
-        if self.key_locked or (self.locked and not self._offers("publickey")):
+        self.locked = service.locked_out(username, self.peer, guessable=False) or (
+            service.locked_out(username, self.peer) and not self._offers("publickey"))
+        if self.locked:  # no method offered now can succeed
             service.audit_unauthenticated("auth.locked", username, self.peer)
             if self.conn is not None:  # say why, whichever method the client tries first
                 self.conn.send_auth_banner(LOCKED_TEXT + "\n")
@@ -461,8 +461,7 @@ class ProxyServer(asyncssh.SSHServer):
             self.door.service.auth_failure(  # (no password tried: no guess at the user's)
                 self.username, self.peer, guessable=False,
                 method="publickey" if self._offers("publickey") else "none",
-                why="locked out" if getattr(self, "key_locked", False)
-                or (getattr(self, "locked", False) and not self._offers("publickey"))
+                why="locked out" if getattr(self, "locked", False)
                 else (str(exc)[:512] if exc else
                       f"left after {','.join(self.completed)} of a chain"
                       if getattr(self, "completed", None) else "no valid key"))

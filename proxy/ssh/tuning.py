@@ -48,17 +48,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import time
-import logging
 from typing import Any
 
 import asyncssh
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_FIRST, MSG_CHANNEL_LAST, MSG_DEBUG, MSG_IGNORE,
-                                MSG_KEX_FIRST, MSG_KEX_LAST, MSG_NEWKEYS, MSG_SERVICE_ACCEPT,
-                                MSG_SERVICE_REQUEST, MSG_UNIMPLEMENTED, MSG_USERAUTH_BANNER,
-                                MSG_USERAUTH_FIRST, MSG_USERAUTH_LAST)
+from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_FIRST, MSG_CHANNEL_LAST, MSG_DEBUG,
+                                MSG_IGNORE, MSG_KEX_FIRST, MSG_KEX_LAST, MSG_NEWKEYS,
+                                MSG_SERVICE_ACCEPT, MSG_SERVICE_REQUEST, MSG_UNIMPLEMENTED,
+                                MSG_USERAUTH_BANNER, MSG_USERAUTH_FIRST, MSG_USERAUTH_LAST)
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.misc import MACError, ProtocolError
@@ -133,8 +133,7 @@ def _drop_read(self: SSHConnection) -> None:
 
 def _data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
     """asyncssh's ``data_received``: drops the packets already read while appending (one copy)."""
-    pos = _unread_from(self)
-    self._inpbuf = self._inpbuf[pos:] + data if pos else self._inpbuf + data
+    self._inpbuf = self._inpbuf[_unread_from(self):] + data
     self._jit_unread = None
     self._recv_data()
 
