@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     admin_action("grants", "grants (listed by status)", "revoke",
                  "end a grant and its sessions now", cmd_grants_revoke)
     admin_action("lockouts", "logins locked out after failures (listed by status)", "clear",
-                 "end a lockout now: SUBJECT is user:NAME or address:IP", cmd_lockouts_clear,
-                 arg="subject", arg_type=str)
+                 "end a lockout now: SUBJECT is user:NAME, keyholder:NAME or address:IP",
+                 cmd_lockouts_clear, arg="subject", arg_type=str)
     admin_action("roles", "ephemeral PostgreSQL roles", "forget",
                  "stop tracking a role of a target no longer configured (db.role.orphaned), "
                  "once it is dropped by hand", cmd_roles_forget, arg="role", arg_type=str,

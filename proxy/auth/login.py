@@ -45,18 +45,20 @@ def _texts(texts: tuple[Text, ...]) -> str:
     return "\n".join(t.text for t in texts)
 
 
-async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outcome,
-                  **fields: Any) -> bool:
+async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outcome, *,
+                  after_key: bool = False, **fields: Any) -> bool:
     """Record the end of a PAM transaction; True when the login may go on. Failures of the
     system (a PAM module or service missing, a conversation cut short before an answer) are
     audited and logged but not held against the user's lockout count. A success is refused when
-    the user or address got locked out meanwhile, or PAM ended with another user name."""
+    the user or address got locked out meanwhile, or PAM ended with another user name.
+    ``after_key``: the PAM step of a chain, after the user's key (see
+    ``AccessService._lockout_keys``)."""
     why, count = None, True
     if not outcome.ok:
         why, count = f"PAM {outcome.stage}: {outcome.reason}"[:300], outcome.users_fault
         if not count and outcome.code != PAM_CONV_ERR:
             log.error("PAM failed for %s (%s), not the user's fault: %s", user[:64], method, why)
-    elif service.locked_out(user, peer):
+    elif service.locked_out(user, peer, after_key=after_key):
         service.audit_unauthenticated("auth.locked", user, peer, method=method, **fields)
         return False
     elif outcome.user is not None and outcome.user != user:
@@ -64,7 +66,8 @@ async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outc
     elif not await known_user(service, user):
         why = "unknown user"
     if why is not None:
-        service.auth_failure(user, peer, method=method, why=why, count=count, **fields)
+        service.auth_failure(user, peer, method=method, why=why, count=count,
+                             after_key=after_key, **fields)
         return False
     return True
 
@@ -73,11 +76,12 @@ TIMED_OUT = "PAM did not answer in time"
 
 
 def _unusable(service: Any, user: str, peer: str, method: str, why: str, count: bool = False,
-              **fields: Any) -> bool:
+              after_key: bool = False, **fields: Any) -> bool:
     """PAM could not give a verdict (library or thread unusable, ``auth.pam.timeout``): logged
     for the operator and audited as a failure, counted only when ``count``. Returns False."""
     log.error("PAM unusable for %s (%s): %s", user[:64], method, why)
-    service.auth_failure(user, peer, method=method, why=why[:300], count=count, **fields)
+    service.auth_failure(user, peer, method=method, why=why[:300], count=count,
+                         after_key=after_key, **fields)
     return False
 
 
@@ -88,9 +92,10 @@ def _pam_time_limit(service: Any) -> float:
     return float(service.config.auth.pam.timeout)
 
 
-def _refused(service: Any, user: str, peer: str, method: str, **fields: Any) -> bool:
+def _refused(service: Any, user: str, peer: str, method: str, after_key: bool = False,
+             **fields: Any) -> bool:
     """Reserve a PAM check (``begin_attempt``); True, audited, when it may not run now."""
-    why = service.begin_attempt(user, peer)
+    why = service.begin_attempt(user, peer, after_key)
     if why is None:
         return False
     event = "auth.locked" if why == "locked out" else "auth.throttled"
@@ -126,13 +131,16 @@ def pam_problems(config: Any) -> list[tuple[str, str]]:
 
 
 async def password_login(service: Any, user: str, password: str, peer: str, method: str,
-                         pam_service: str | None = None, **fields: Any) -> bool:
+                         pam_service: str | None = None, after_key: bool = False,
+                         **fields: Any) -> bool:
     """Check ``password`` for ``user`` through PAM (authentication and account phases), with
     ``pam_service`` or else ``auth.pam.service``. ``method`` names the method in the audit
     (``password``, ``pam`` on the PostgreSQL port). Refused while locked out; every refusal is
     audited. The check runs to its verdict (audit, lockout count) even if the caller is
-    cancelled, e.g. by a client that sends its next request without waiting."""
-    if _refused(service, user, peer, method, **fields):
+    cancelled, e.g. by a client that sends its next request without waiting. ``after_key``:
+    the password step of a chain, after the user's key; it has a lockout count of its own
+    (``keyholder:NAME``, see ``AccessService._lockout_keys``)."""
+    if _refused(service, user, peer, method, after_key, **fields):
         return False
     pam = service.config.auth.pam
 
@@ -141,13 +149,16 @@ async def password_login(service: Any, user: str, password: str, peer: str, meth
             outcome = await asyncio.wait_for(
                 authenticate_password(pam.library, pam_service or pam.service, user, password,
                                       address_of(peer)), _pam_time_limit(service))
-            return await _finish(service, user, peer, method, outcome, **fields)
+            return await _finish(service, user, peer, method, outcome, after_key=after_key,
+                                 **fields)
         except PamError as exc:
-            return _unusable(service, user, peer, method, str(exc), **fields)
+            return _unusable(service, user, peer, method, str(exc), after_key=after_key,
+                             **fields)
         except asyncio.TimeoutError:  # counted: a fail delay may be holding up a wrong one
-            return _unusable(service, user, peer, method, TIMED_OUT, count=True, **fields)
+            return _unusable(service, user, peer, method, TIMED_OUT, count=True,
+                             after_key=after_key, **fields)
         finally:
-            service.end_attempt(user, peer)
+            service.end_attempt(user, peer, after_key)
 
     return await asyncio.shield(service.spawn(check(), drain=False))
 
@@ -157,12 +168,16 @@ class KbdIntLogin:
     ``validate_kbdint_response`` of an asyncssh server. A conversation that is only open holds
     nothing; the first answer reserves a check (``begin_attempt``), and from then on the
     verdict (audit, lockout count) is reached in a task of its own, so a client that walks away
-    or starts over mid-conversation cannot skip it. ``close()`` ends a transaction in progress."""
+    or starts over mid-conversation cannot skip it. ``close()`` ends a transaction in progress.
+    ``after_key``: the conversation is the PAM step of a chain, after the user's key (its own
+    lockout count, see ``AccessService._lockout_keys``)."""
 
     METHOD = "keyboard-interactive"
 
-    def __init__(self, service: Any, user: str, peer: str, answer_timeout: float):
+    def __init__(self, service: Any, user: str, peer: str, answer_timeout: float,
+                 after_key: bool = False):
         self.service, self.user, self.peer = service, user, peer
+        self.after_key = after_key
         self.answer_timeout = answer_timeout
         self.tx: PamTransaction | None = None
         self.verdict: asyncio.Task | None = None
@@ -173,7 +188,7 @@ class KbdIntLogin:
         """The first round (or False when the login cannot start)."""
         self.close()
         self._result = None
-        if self.service.locked_out(self.user, self.peer):
+        if self.service.locked_out(self.user, self.peer, after_key=self.after_key):
             self.service.audit_unauthenticated("auth.locked", self.user, self.peer,
                                                method=self.METHOD)
             self._result = False
@@ -184,7 +199,8 @@ class KbdIntLogin:
         try:
             await tx.start()
         except PamError as exc:
-            return _unusable(self.service, self.user, self.peer, self.METHOD, str(exc))
+            return _unusable(self.service, self.user, self.peer, self.METHOD, str(exc),
+                             after_key=self.after_key)
         self.tx, self.answered = tx, False
         self.verdict = self.service.spawn(self._decide(tx), drain=False)
         return await self._next()
@@ -201,11 +217,12 @@ class KbdIntLogin:
             except asyncio.TimeoutError:
                 tx.abort()
                 return _unusable(self.service, self.user, self.peer, self.METHOD, TIMED_OUT,
-                                 count=self.answered)
-            return await _finish(self.service, self.user, self.peer, self.METHOD, outcome)
+                                 count=self.answered, after_key=self.after_key)
+            return await _finish(self.service, self.user, self.peer, self.METHOD, outcome,
+                                 after_key=self.after_key)
         finally:
             if self.answered:
-                self.service.end_attempt(self.user, self.peer)
+                self.service.end_attempt(self.user, self.peer, self.after_key)
 
     async def respond(self, responses: list[str]) -> KbdIntChallenge:
         """The next round after the client's answers to the last one, or True/False at the end."""
@@ -214,9 +231,10 @@ class KbdIntLogin:
             return result
         if len(responses) != 1:  # each round asks one question
             self.tx.abort()
-        elif not self.answered and _refused(self.service, self.user, self.peer, self.METHOD):
+        elif not self.answered and _refused(self.service, self.user, self.peer, self.METHOD,
+                                            self.after_key):
             self.tx.abort()  # locked out, or as many checks running as failures remain
-        elif self.service.locked_out(self.user, self.peer):
+        elif self.service.locked_out(self.user, self.peer, after_key=self.after_key):
             self.tx.abort()  # locked out since the last round
         else:
             self.answered = True

@@ -142,7 +142,7 @@ class AdminServer:
         if command == "lockouts.clear":
             subject = request.get("subject")
             if not isinstance(subject, str):
-                raise AccessError("expected a subject: user:NAME or address:IP")
+                raise AccessError("expected a subject: user:NAME, keyholder:NAME or address:IP")
             service.unlock(actor, subject)
             return {"unlocked": subject}
         if command == "roles.forget":

@@ -547,12 +547,14 @@ class AccessService:
             self._preauth.pop(address, None)
 
     def auth_failure(self, claimed_user: str, peer: str, *, count: bool = True,
-                     guessable: bool = True, **fields: Any) -> None:
+                     guessable: bool = True, after_key: bool = False, **fields: Any) -> None:
         """Audit a failed login (``auth.failure``, rate-limited per source address) and, unless
         ``count`` is False (the system failed, not the user: e.g. a PAM module missing), count it
         towards the lockout of that address and, for a ``guessable`` secret (a password, PAM),
         of that user. Keys and one-time secrets cannot be guessed: their failures count only
-        against the address, so nobody can lock a named user out by failing on purpose. The
+        against the address, so nobody can lock a named user out by failing on purpose. A
+        password given ``after_key`` (the PAM step of a chain, after the user's key) counts
+        against ``keyholder:NAME`` instead of ``user:NAME`` (see ``_lockout_keys``). The
         event's ``counts_against`` lists the subjects it counted against."""
         if not count:
             self.audit_unauthenticated("auth.failure", claimed_user, peer, counted=False,
@@ -562,7 +564,8 @@ class AccessService:
         # a subject already locked out is not counted (its lockout runs its course, it is not
         # extended); the others still are (a guess that ends while only the address is locked
         # out is still a guess at the user's password)
-        keys = [(key, limit) for key, limit in self._lockout_keys(claimed_user, peer, guessable)
+        keys = [(key, limit) for key, limit in self._lockout_keys(claimed_user, peer, guessable,
+                                                          after_key)
                 if self._locked_until.get(key, 0) <= now]
         self.audit_unauthenticated("auth.failure", claimed_user, peer,
                                    counts_against=[key for key, _ in keys], **fields)
@@ -595,23 +598,30 @@ class AccessService:
         for key in left[:max(0, len(self._failures) - FAILURE_SUBJECTS_HARD)]:
             del self._failures[key]
 
-    def _lockout_keys(self, user: str, peer: str, guessable: bool = True
-                      ) -> list[tuple[str, int]]:
+    def _lockout_keys(self, user: str, peer: str, guessable: bool = True,
+                      after_key: bool = False) -> list[tuple[str, int]]:
         """The subjects failures of ``user`` from ``peer`` count against, each with its limit
         (``auth.max_failures``, ``auth.max_failures_per_address``): only the address's for a
-        secret that cannot be guessed (see ``auth_failure``)."""
+        secret that cannot be guessed (see ``auth_failure``). A password ``after_key`` counts
+        against ``keyholder:NAME``, which only whoever holds the user's key can run up: others
+        failing passwords (``user:NAME``, e.g. on a ``client_auth: pam`` PostgreSQL port) do not
+        hold back the password step of the user's own chain."""
         cfg = self.config.auth
         address = [(f"address:{address_of(peer)}", cfg.max_failures_per_address)]
-        return [(f"user:{user[:64]}", cfg.max_failures)] + address if guessable else address
+        if not guessable:
+            return address
+        return [(f"{'keyholder' if after_key else 'user'}:{user[:64]}", cfg.max_failures),
+                *address]
 
-    def begin_attempt(self, user: str, peer: str) -> str | None:
-        """Reserve a slot for one password check (PAM) of ``user`` from ``peer``; None, or why
-        not: locked out, or as many checks in progress as failures still allowed (so checks in
-        flight cannot outrun the lockout). Pair with ``end_attempt`` once the check has ended."""
-        if self.locked_out(user, peer):
+    def begin_attempt(self, user: str, peer: str, after_key: bool = False) -> str | None:
+        """Reserve a slot for one password check (PAM) of ``user`` from ``peer`` (``after_key``:
+        the PAM step of a chain, see ``_lockout_keys``); None, or why not: locked out, or as many
+        checks in progress as failures still allowed (so checks in flight cannot outrun the
+        lockout). Pair with ``end_attempt`` (same arguments) once the check has ended."""
+        if self.locked_out(user, peer, after_key=after_key):
             return "locked out"
         now, window = self.clock.now(), self.config.auth.failure_window
-        keys = self._lockout_keys(user, peer)
+        keys = self._lockout_keys(user, peer, after_key=after_key)
         for key, limit in keys:
             recent = sum(1 for t in self._failures.get(key, []) if now - t < window)
             if recent + self._in_flight.get(key, 0) >= limit:
@@ -620,8 +630,8 @@ class AccessService:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
         return None
 
-    def end_attempt(self, user: str, peer: str) -> None:
-        for key, _ in self._lockout_keys(user, peer):
+    def end_attempt(self, user: str, peer: str, after_key: bool = False) -> None:
+        for key, _ in self._lockout_keys(user, peer, after_key=after_key):
             left = self._in_flight.get(key, 0) - 1
             if left > 0:
                 self._in_flight[key] = left
@@ -632,33 +642,39 @@ class AccessService:
         """A completed login: the user's earlier failures no longer count (as pam_faillock);
         the source address's do, and a running lockout is not lifted."""
         self._failures.pop(f"user:{user[:64]}", None)
+        self._failures.pop(f"keyholder:{user[:64]}", None)
 
     def lockouts(self) -> list[tuple[str, float]]:
-        """Running lockouts: ``(subject, until)`` with subject ``user:NAME`` or ``address:IP``
-        and ``until`` in POSIX seconds, soonest end first."""
+        """Running lockouts: ``(subject, until)`` with subject ``user:NAME``, ``keyholder:NAME``
+        (see ``_lockout_keys``) or ``address:IP`` and ``until`` in POSIX seconds, soonest end
+        first."""
         now = self.clock.now()
         return sorted(((k, t) for k, t in self._locked_until.items() if t > now),
                       key=lambda kt: kt[1])
 
     def unlock(self, actor: str, subject: str) -> None:
-        """End the lockout of ``subject`` (``user:NAME`` or ``address:IP``) now and forget its
-        failures; audited as ``auth.unlocked``. Raises AccessError when it is not locked."""
+        """End the lockout of ``subject`` (``user:NAME``, ``keyholder:NAME`` or ``address:IP``)
+        now and forget its failures; audited as ``auth.unlocked``. Raises AccessError when it is
+        not locked."""
         locked = ", ".join(k for k, _ in self.lockouts()) or "none"
-        if not subject.startswith(("user:", "address:")):
-            raise AccessError(f"{subject!r}: give user:NAME or address:IP (locked: {locked})")
+        if not subject.startswith(("user:", "keyholder:", "address:")):
+            raise AccessError(f"{subject!r}: give user:NAME, keyholder:NAME or address:IP "
+                              f"(locked: {locked})")
         if self._locked_until.get(subject, 0) <= self.clock.now():
             raise AccessError(f"{subject!r} is not locked out (locked: {locked})")
         del self._locked_until[subject]
         self._failures.pop(subject, None)
         self.audit.emit("auth.unlocked", actor, subject=subject)
 
-    def locked_out(self, user: str, peer: str, guessable: bool = True) -> bool:
+    def locked_out(self, user: str, peer: str, guessable: bool = True,
+                   after_key: bool = False) -> bool:
         """Whether logins of ``user`` or from ``peer``'s address are locked out now; for a
         secret that cannot be guessed (a key, a one-time secret), only the address's lockout
-        counts (see ``auth_failure``)."""
+        counts, for a password ``after_key`` the ``keyholder:NAME`` one instead of the user's
+        (see ``_lockout_keys``)."""
         now = self.clock.now()
         return any(self._locked_until.get(k, 0) > now
-                   for k, _ in self._lockout_keys(user, peer, guessable))
+                   for k, _ in self._lockout_keys(user, peer, guessable, after_key))
 
     def audit_unauthenticated(self, type: str, claimed_user: str, peer: str,
                               **fields: Any) -> None:

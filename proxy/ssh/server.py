@@ -360,11 +360,13 @@ class ProxyServer(asyncssh.SSHServer):
         if self._too_many():
             return False
         self.attempts += 1
-        ok = await password_login(self.door.service, username, password, self.peer, "password")
+        after_key = "publickey" in self.completed  # a chain's password step: its own count
+        ok = await password_login(self.door.service, username, password, self.peer, "password",
+                                  after_key=after_key)
         self._succeeding = "password" if ok else None
         if not ok:
-            if self.door.service.locked_out(username, self.peer) and self.conn is not None \
-                    and not self._closing:
+            if self.door.service.locked_out(username, self.peer, after_key=after_key) \
+                    and self.conn is not None and not self._closing:
                 self.conn.send_auth_banner(LOCKED_TEXT + "\n")  # the password method has no
                 # other way to say why (the banner at begin_auth is held back when a key may do)
             self._failed()
@@ -382,7 +384,8 @@ class ProxyServer(asyncssh.SSHServer):
             return False
         self.attempts += 1
         grace = float(self.door.service.config.ssh.login_grace_time)
-        self.kbdint = KbdIntLogin(self.door.service, username, self.peer, answer_timeout=grace)
+        self.kbdint = KbdIntLogin(self.door.service, username, self.peer, answer_timeout=grace,
+                                  after_key="publickey" in self.completed)
         return self._kbdint_result(await self.kbdint.challenge())
 
     async def validate_kbdint_response(self, username: str, responses: list[str]) -> Any:

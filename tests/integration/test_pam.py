@@ -204,7 +204,8 @@ def test_lockout_refuses_even_the_right_password(pam_env):
     r = jit("lockouts", "clear", "user:carol", "-c", str(pam_env.config_path))
     assert r.returncode == 1 and "'user:carol' is not locked out (locked: user:bob)" in r.stderr
     r = jit("lockouts", "clear", "bob", "-c", str(pam_env.config_path))  # without its kind
-    assert r.returncode == 1 and "'bob': give user:NAME or address:IP (locked: user:bob)" in r.stderr
+    assert r.returncode == 1
+    assert "'bob': give user:NAME, keyholder:NAME or address:IP (locked: user:bob)" in r.stderr
     r = jit("lockouts", "-c", str(pam_env.config_path))  # no action: says what to type
     assert r.returncode == 2 and "say what to do: jit-proxy lockouts clear SUBJECT" in r.stderr
     r = jit("lockouts", "-c", str(pam_env.config_path), "clear", "user:bob")  # -c first
@@ -285,6 +286,42 @@ def test_a_users_lockout_holds_back_passwords_not_keys(pam_env):
     r = pam_env.ssh("bob", "grants")  # his key
     assert r.returncode == 0, r.stderr
     assert b"too many failed logins" not in r.stderr
+    jit_clear(pam_env, "user:bob")
+
+
+def test_the_password_step_after_the_key_is_not_held_back_by_others_failures(pam_env):
+    """In a chain that asks for a password after the key, that step counts against
+    ``keyholder:NAME``: others failing the user's password (here the password method alone; a
+    ``client_auth: pam`` PostgreSQL port alike) lock ``user:bob`` but not bob's own chain."""
+    configure(pam_env, pam_env.stack, ["password", "publickey,keyboard-interactive"],
+              max_failures=3, lockout="1h", max_failures_per_address=1000)
+    for _ in range(3):  # someone without bob's key
+        status, out = type_password(pam_env, "bob", "password", "wrong", b"password: ")
+        assert status == 255, out
+    assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "user:bob")
+    status, out = type_password(pam_env, "bob", "keyboard-interactive", PASSWORDS["bob"],
+                                b"Password: ", key=True)
+    assert status == 0, out
+    assert pam_env.wait_event("auth.success", lambda e: e["actor"] == "bob" and
+                              e["method"] == "publickey,keyboard-interactive")
+    # wrong answers after the key count against keyholder:bob, and lock that step only
+    before = len(pam_env.audit_events())
+    for _ in range(3):
+        status, out = type_password(pam_env, "bob", "keyboard-interactive", "wrong",
+                                    b"Password: ", key=True)
+        assert status == 255, out
+    failures = [e for e in pam_env.audit_events()[before:] if e["type"] == "auth.failure"
+                and e.get("method") == "keyboard-interactive"]
+    assert failures and all(e["counts_against"] == ["keyholder:bob", "address:127.0.0.1"]
+                            for e in failures), failures
+    assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "keyholder:bob")
+    with PtySession(ssh_on_tty(pam_env, "bob", "keyboard-interactive", key=True)) as s:
+        assert s.wait(20) == 255
+        assert b"too many failed logins" in s.read_rest()
+    jit_clear(pam_env, "keyholder:bob")
+    status, out = type_password(pam_env, "bob", "keyboard-interactive", PASSWORDS["bob"],
+                                b"Password: ", key=True)
+    assert status == 0, out
     jit_clear(pam_env, "user:bob")
 
 

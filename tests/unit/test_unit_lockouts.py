@@ -39,3 +39,34 @@ def test_failures_of_keys_and_one_time_secrets_count_only_against_the_address(
                     svc.locked_out("bob", "192.0.2.7:1", guessable=False),
                     [subject for subject, _ in svc.lockouts()])
     assert run(go()) == (False, True, ["address:192.0.2.7"])
+
+
+def test_a_password_after_the_key_has_a_count_of_its_own(tmp_path, host_key):  # noqa: F811
+    """Others failing bob's password (anywhere: SSH, a PAM PostgreSQL port) lock ``user:bob``
+    but not the password step of bob's own chain, which counts against ``keyholder:bob``;
+    failures there do not lock ``user:bob`` either, and a login clears both counts."""
+    async def go():
+        async with service_in(tmp_path, host_key) as svc:
+            for i in range(5):  # max_failures, each from another address
+                svc.auth_failure("bob", f"192.0.2.{i}:1", method="pam", why="PAM auth")
+            seen = [svc.locked_out("bob", "198.51.100.1:1"),
+                    svc.locked_out("bob", "198.51.100.1:1", after_key=True),
+                    svc.begin_attempt("bob", "198.51.100.1:1"),
+                    svc.begin_attempt("bob", "198.51.100.1:1", after_key=True)]
+            svc.end_attempt("bob", "198.51.100.1:1", after_key=True)
+            for i in range(4):
+                svc.auth_failure("carol", f"192.0.2.{i}:1", after_key=True,
+                                 method="keyboard-interactive", why="PAM auth")
+            svc.auth_succeeded("carol")
+            svc.auth_failure("carol", "192.0.2.9:1", after_key=True,
+                             method="keyboard-interactive", why="PAM auth")
+            seen.append(svc.locked_out("carol", "198.51.100.1:1", after_key=True))
+            for i in range(4):  # with the one above, five since the login
+                svc.auth_failure("carol", f"192.0.2.{i}:1", after_key=True,
+                                 method="keyboard-interactive", why="PAM auth")
+            seen += [svc.locked_out("carol", "198.51.100.1:1", after_key=True),
+                     svc.locked_out("carol", "198.51.100.1:1"), svc._in_flight]
+            return seen, [subject for subject, _ in svc.lockouts()]
+    seen, lockouts = run(go())
+    assert seen == [True, False, "locked out", None, False, True, False, {}]
+    assert sorted(lockouts) == ["keyholder:carol", "user:bob"]
