@@ -461,13 +461,15 @@ class ProxyServer(asyncssh.SSHServer):
         if self.kbdint is not None:
             self.kbdint.close()
         if not self.authenticated and self.username is not None and not self.attempts:
-            self.door.service.auth_failure(  # (no password tried: no guess at the user's)
+            # (no password tried: no guess at the user's.) ``why`` is how far the login got;
+            # ``ended`` how the connection ended (OpenSSH just closes it after a refusal)
+            why = ("locked out" if self.locked else
+                   f"left after {','.join(self.completed)} of a chain" if self.completed else
+                   "no valid key" if self.tries else "no key offered")
+            self.door.service.auth_failure(
                 self.username, self.peer, guessable=False,
-                method="publickey" if self._offers("publickey") else "none",
-                why="locked out" if getattr(self, "locked", False)
-                else (str(exc)[:512] if exc else
-                      f"left after {','.join(self.completed)} of a chain"
-                      if getattr(self, "completed", None) else "no valid key"))
+                method="publickey" if self._offers("publickey") else "none", why=why,
+                ended=str(exc)[:512] if exc else "the client disconnected")
         elif isinstance(exc, asyncssh.ProtocolError):  # malformed input ends this connection only
             audit.emit("ssh.protocol.error", self.username or "", peer=self.peer,
                        error=str(exc)[:512])

@@ -36,7 +36,10 @@ def test_unknown_user_key_and_unknown_command(env, tmp_path):
     assert r.returncode == 2 and b"invalid choice" in r.stderr
     r = env.ssh("mallory", "whoami")  # no key configured for mallory: refused
     assert r.returncode == 255 and b"Permission denied" in r.stderr
-    assert env.wait_event("auth.failure", lambda e: e["actor"] == "mallory")
+    failure = env.wait_event("auth.failure", lambda e: e["actor"] == "mallory")
+    # mallory has no key file: her client offered none (and then just closed the connection)
+    assert failure["why"] == "no key offered", failure
+    assert failure["ended"] == "Connection lost", failure
 
 
 def test_requester_rules(env):
@@ -127,7 +130,7 @@ def test_failed_keys_lock_out_the_address_not_the_user(fresh_env):
     for _ in range(4):  # more than max_failures
         wrong_key()
     failures = env.wait_event("auth.failure", lambda e: e["actor"] == "alice")
-    assert failures["method"] == "publickey"
+    assert failures["method"] == "publickey" and failures["why"] == "no valid key"
     assert failures["counts_against"] == ["address:127.0.0.1"]
     r = env.ssh("alice", "whoami")  # her own key: in
     assert r.returncode == 0, r.stderr
