@@ -58,8 +58,9 @@ async def _finish(service: Any, user: str, peer: str, method: str, outcome: Outc
         why, count = f"PAM {outcome.stage}: {outcome.reason}"[:300], outcome.users_fault
         if not count and outcome.code != PAM_CONV_ERR:
             log.error("PAM failed for %s (%s), not the user's fault: %s", user[:64], method, why)
-    elif service.locked_out(user, peer, after_key=after_key):
-        service.audit_unauthenticated("auth.locked", user, peer, method=method, **fields)
+    elif locked := service.locked_subjects(user, peer, after_key=after_key):
+        service.audit_unauthenticated("auth.locked", user, peer, method=method, subjects=locked,
+                                      **fields)
         return False
     elif outcome.user is not None and outcome.user != user:
         why = f"PAM ended as user {outcome.user[:64]!r}"
@@ -95,11 +96,13 @@ def _pam_time_limit(service: Any) -> float:
 def _refused(service: Any, user: str, peer: str, method: str, after_key: bool = False,
              **fields: Any) -> bool:
     """Reserve a PAM check (``begin_attempt``); True, audited, when it may not run now."""
-    why = service.begin_attempt(user, peer, after_key)
-    if why is None:
+    refused = service.begin_attempt(user, peer, after_key)
+    if refused is None:
         return False
+    why, subjects = refused
     event = "auth.locked" if why == "locked out" else "auth.throttled"
-    service.audit_unauthenticated(event, user, peer, method=method, why=why, **fields)
+    service.audit_unauthenticated(event, user, peer, method=method, why=why, subjects=subjects,
+                                  **fields)
     return True
 
 
@@ -188,9 +191,10 @@ class KbdIntLogin:
         """The first round (or False when the login cannot start)."""
         self.close()
         self._result = None
-        if self.service.locked_out(self.user, self.peer, after_key=self.after_key):
+        if locked := self.service.locked_subjects(self.user, self.peer,
+                                                  after_key=self.after_key):
             self.service.audit_unauthenticated("auth.locked", self.user, self.peer,
-                                               method=self.METHOD)
+                                               method=self.METHOD, subjects=locked)
             self._result = False
             return ("", LOCKED_TEXT, "", [])
         pam = self.service.config.auth.pam
@@ -229,6 +233,9 @@ class KbdIntLogin:
         if self.tx is None:  # after a round that only showed text: PAM had already ended
             result, self._result = bool(self._result), None
             return result
+        if self.verdict is not None and self.verdict.done():  # given up (auth.pam.timeout)
+            self.close()  # before this answer came: it reserves no check (nothing would end it)
+            return await asyncio.shield(self.verdict)
         if len(responses) != 1:  # each round asks one question
             self.tx.abort()
         elif not self.answered and _refused(self.service, self.user, self.peer, self.METHOD,

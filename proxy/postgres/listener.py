@@ -400,9 +400,10 @@ class PgClient:
         verifier = None
         # a one-time secret cannot be guessed: only the source address's lockout holds it back,
         # and its failures count only against the address (see AccessService.auth_failure)
-        if service.locked_out(self.user, self.peer, guessable=False):
+        if locked := service.locked_subjects(self.user, self.peer, guessable=False):
             why = "locked out"
-            service.audit_unauthenticated("auth.locked", self.user, self.peer, method="scram")
+            service.audit_unauthenticated("auth.locked", self.user, self.peer, method="scram",
+                                          subjects=locked)
         elif not isinstance(target, PostgresTarget):
             why = "not a PostgreSQL target"
         else:

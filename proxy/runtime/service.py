@@ -553,9 +553,11 @@ class AccessService:
         towards the lockout of that address and, for a ``guessable`` secret (a password, PAM),
         of that user. Keys and one-time secrets cannot be guessed: their failures count only
         against the address, so nobody can lock a named user out by failing on purpose. A
-        password given ``after_key`` (the PAM step of a chain, after the user's key) counts
-        against ``keyholder:NAME`` instead of ``user:NAME`` (see ``_lockout_keys``). The
-        event's ``counts_against`` lists the subjects it counted against."""
+        password given ``after_key`` (the PAM step of a chain, after the user's key) is held back
+        by ``keyholder:NAME`` only (see ``_lockout_keys``) and counts against it and against
+        ``user:NAME`` too: a stolen key buys no second round of guesses at the user's password
+        through the user's other password logins. The event's ``counts_against`` lists the
+        subjects it counted against."""
         if not count:
             self.audit_unauthenticated("auth.failure", claimed_user, peer, counted=False,
                                        **fields)
@@ -564,9 +566,10 @@ class AccessService:
         # a subject already locked out is not counted (its lockout runs its course, it is not
         # extended); the others still are (a guess that ends while only the address is locked
         # out is still a guess at the user's password)
-        keys = [(key, limit) for key, limit in self._lockout_keys(claimed_user, peer, guessable,
-                                                          after_key)
-                if self._locked_until.get(key, 0) <= now]
+        keys = self._lockout_keys(claimed_user, peer, guessable, after_key)
+        if guessable and after_key:
+            keys.insert(1, (f"user:{claimed_user[:64]}", cfg.max_failures))
+        keys = [(key, limit) for key, limit in keys if self._locked_until.get(key, 0) <= now]
         self.audit_unauthenticated("auth.failure", claimed_user, peer,
                                    counts_against=[key for key, _ in keys], **fields)
         for key, limit in keys:
@@ -613,19 +616,23 @@ class AccessService:
         return [(f"{'keyholder' if after_key else 'user'}:{user[:64]}", cfg.max_failures),
                 *address]
 
-    def begin_attempt(self, user: str, peer: str, after_key: bool = False) -> str | None:
+    def begin_attempt(self, user: str, peer: str, after_key: bool = False
+                      ) -> tuple[str, list[str]] | None:
         """Reserve a slot for one password check (PAM) of ``user`` from ``peer`` (``after_key``:
-        the PAM step of a chain, see ``_lockout_keys``); None, or why not: locked out, or as many
-        checks in progress as failures still allowed (so checks in flight cannot outrun the
-        lockout). Pair with ``end_attempt`` (same arguments) once the check has ended."""
-        if self.locked_out(user, peer, after_key=after_key):
-            return "locked out"
+        the PAM step of a chain, see ``_lockout_keys``); None, or why not and the subjects that
+        hold it back: ``"locked out"``, or ``"too many logins in progress"`` (as many checks
+        running as failures still allowed, so checks in flight cannot outrun the lockout). Pair
+        with ``end_attempt`` (same arguments) once the check has ended."""
+        locked = self.locked_subjects(user, peer, after_key=after_key)
+        if locked:
+            return "locked out", locked
         now, window = self.clock.now(), self.config.auth.failure_window
         keys = self._lockout_keys(user, peer, after_key=after_key)
-        for key, limit in keys:
-            recent = sum(1 for t in self._failures.get(key, []) if now - t < window)
-            if recent + self._in_flight.get(key, 0) >= limit:
-                return "too many logins in progress"
+        busy = [key for key, limit in keys
+                if sum(1 for t in self._failures.get(key, []) if now - t < window)
+                + self._in_flight.get(key, 0) >= limit]
+        if busy:
+            return "too many logins in progress", busy
         for key, _ in keys:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
         return None
@@ -672,9 +679,15 @@ class AccessService:
         secret that cannot be guessed (a key, a one-time secret), only the address's lockout
         counts, for a password ``after_key`` the ``keyholder:NAME`` one instead of the user's
         (see ``_lockout_keys``)."""
+        return bool(self.locked_subjects(user, peer, guessable, after_key))
+
+    def locked_subjects(self, user: str, peer: str, guessable: bool = True,
+                        after_key: bool = False) -> list[str]:
+        """The subjects (``user:NAME``, ``keyholder:NAME``, ``address:IP``) whose lockout holds
+        back that login now (``locked_out``), for the audit events that refuse it."""
         now = self.clock.now()
-        return any(self._locked_until.get(k, 0) > now
-                   for k, _ in self._lockout_keys(user, peer, guessable, after_key))
+        return [k for k, _ in self._lockout_keys(user, peer, guessable, after_key)
+                if self._locked_until.get(k, 0) > now]
 
     def audit_unauthenticated(self, type: str, claimed_user: str, peer: str,
                               **fields: Any) -> None:

@@ -305,10 +305,11 @@ class ProxyServer(asyncssh.SSHServer):
         service = self.door.service
         # a user's lockout (failed passwords) holds back passwords and PAM; a key, which nobody
         # can guess, is refused only while the source address is locked out
-        self.locked = service.locked_out(username, self.peer, guessable=False) or (
-            service.locked_out(username, self.peer) and not self._offers("publickey"))
-        if self.locked:  # no method offered now can succeed
-            service.audit_unauthenticated("auth.locked", username, self.peer)
+        locked = service.locked_subjects(username, self.peer, guessable=False) or (
+            [] if self._offers("publickey") else service.locked_subjects(username, self.peer))
+        self.locked = bool(locked)
+        if locked:  # no method offered now can succeed
+            service.audit_unauthenticated("auth.locked", username, self.peer, subjects=locked)
             if self.conn is not None:  # say why, whichever method the client tries first
                 self.conn.send_auth_banner(LOCKED_TEXT + "\n")
         return True

@@ -290,9 +290,10 @@ def test_a_users_lockout_holds_back_passwords_not_keys(pam_env):
 
 
 def test_the_password_step_after_the_key_is_not_held_back_by_others_failures(pam_env):
-    """In a chain that asks for a password after the key, that step counts against
-    ``keyholder:NAME``: others failing the user's password (here the password method alone; a
-    ``client_auth: pam`` PostgreSQL port alike) lock ``user:bob`` but not bob's own chain."""
+    """In a chain that asks for a password after the key, only ``keyholder:NAME`` holds that
+    step back: others failing the user's password (here the password method alone; a
+    ``client_auth: pam`` PostgreSQL port alike) lock ``user:bob`` but not bob's own chain. The
+    step's failures count against both, so a stolen key buys no second round of guesses."""
     configure(pam_env, pam_env.stack, ["password", "publickey,keyboard-interactive"],
               max_failures=3, lockout="1h", max_failures_per_address=1000)
     for _ in range(3):  # someone without bob's key
@@ -304,25 +305,75 @@ def test_the_password_step_after_the_key_is_not_held_back_by_others_failures(pam
     assert status == 0, out
     assert pam_env.wait_event("auth.success", lambda e: e["actor"] == "bob" and
                               e["method"] == "publickey,keyboard-interactive")
-    # wrong answers after the key count against keyholder:bob, and lock that step only
+    jit_clear(pam_env, "user:bob")
+    # wrong answers after the key count against keyholder:bob and user:bob, and lock both
     before = len(pam_env.audit_events())
     for _ in range(3):
         status, out = type_password(pam_env, "bob", "keyboard-interactive", "wrong",
                                     b"Password: ", key=True)
         assert status == 255, out
-    failures = [e for e in pam_env.audit_events()[before:] if e["type"] == "auth.failure"
+    events = pam_env.audit_events()[before:]
+    failures = [e["counts_against"] for e in events if e["type"] == "auth.failure"
                 and e.get("method") == "keyboard-interactive"]
-    assert failures and all(e["counts_against"] == ["keyholder:bob", "address:127.0.0.1"]
-                            for e in failures), failures
-    assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "keyholder:bob")
+    assert failures == [["keyholder:bob", "user:bob", "address:127.0.0.1"]] * 3, failures
+    assert {e["subject"] for e in events if e["type"] == "auth.lockout"} == {"keyholder:bob",
+                                                                            "user:bob"}
     with PtySession(ssh_on_tty(pam_env, "bob", "keyboard-interactive", key=True)) as s:
         assert s.wait(20) == 255
         assert b"too many failed logins" in s.read_rest()
+    locked = pam_env.wait_event("auth.locked", lambda e: e["actor"] == "bob")
+    assert locked["subjects"] == ["keyholder:bob"], locked  # which lockout to clear
+    status, out = type_password(pam_env, "bob", "password", PASSWORDS["bob"], b"password: ")
+    assert status == 255 and b"too many failed logins" in out, out
     jit_clear(pam_env, "keyholder:bob")
     status, out = type_password(pam_env, "bob", "keyboard-interactive", PASSWORDS["bob"],
                                 b"Password: ", key=True)
     assert status == 0, out
     jit_clear(pam_env, "user:bob")
+
+
+async def answer_late(env: Env, user: str, answer: str, delay: float) -> bool:
+    """A keyboard-interactive login that answers the first prompt after ``delay`` seconds."""
+    class Client(asyncssh.SSHClient):
+        def kbdint_auth_requested(self):
+            return ""
+
+        async def kbdint_challenge_received(self, name, instructions, lang, prompts):
+            if prompts:
+                await asyncio.sleep(delay)
+            return [answer] * len(prompts)
+
+    try:
+        conn, _ = await asyncssh.create_connection(
+            Client, "127.0.0.1", env.port, username=user, known_hosts=None, client_keys=None,
+            agent_path=None, preferred_auth="keyboard-interactive")
+    except (asyncssh.PermissionDenied, asyncssh.DisconnectError, ConnectionError):
+        return False
+    conn.close()
+    return True
+
+
+def test_an_answer_after_the_pam_time_limit_reserves_no_check(pam_env):
+    """An answer that comes after ``auth.pam.timeout`` gave the conversation up used to reserve
+    a check that nothing released: ``max_failures`` of them and the user's PAM logins were
+    refused as "too many logins in progress" until a restart, with no failure counted and no
+    lockout to clear (attack review)."""
+    cfg = pam_env.config()
+    cfg["auth"].update({"methods": ["keyboard-interactive"], "max_failures": 3,
+                        "lockout": "1h", "max_failures_per_address": 1000,
+                        "pam": {**pam_env.stack.config("jit-proxy"), "timeout": "2s"}})
+    cfg["ssh"]["login_grace_time"] = 60
+    pam_env.write_config(cfg)
+    pam_env.restart()
+    before = len(pam_env.audit_events())
+
+    async def late_ones() -> list[bool]:
+        return list(await asyncio.gather(*[answer_late(pam_env, "bob", "late", 3.5)
+                                           for _ in range(3)]))
+    assert asyncio.run(late_ones()) == [False] * 3
+    assert asyncio.run(answer_late(pam_env, "bob", PASSWORDS["bob"], 0))
+    events = pam_env.audit_events()[before:]
+    assert not [e for e in events if e["type"] in ("auth.throttled", "auth.lockout")], events
 
 
 def test_guesses_still_in_flight_count_once_the_address_is_locked(pam_env):
@@ -628,6 +679,7 @@ def test_one_connection_cannot_start_conversations_without_end(pam_env):
 def test_a_prompt_held_open_across_a_lockout_is_refused(pam_env):
     configure(pam_env, pam_env.stack, ["publickey", "keyboard-interactive"], max_failures=3,
               lockout="1h", max_failures_per_address=1000)
+    before = len(pam_env.audit_events())
 
     async def run():
         answer = asyncio.get_running_loop().create_future()
@@ -660,8 +712,8 @@ def test_a_prompt_held_open_across_a_lockout_is_refused(pam_env):
 
     asyncio.run(run())
     assert pam_env.wait_event("auth.lockout", lambda e: e["subject"] == "user:bob")
-    assert not [e for e in pam_env.audit_events("auth.success") if e["actor"] == "bob"
-                and e["method"] == "keyboard-interactive"]
+    assert not [e for e in pam_env.audit_events()[before:] if e["type"] == "auth.success"
+                and e["actor"] == "bob" and e["method"] == "keyboard-interactive"]
     jit_clear(pam_env, "user:bob")
 
 

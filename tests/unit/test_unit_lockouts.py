@@ -43,8 +43,9 @@ def test_failures_of_keys_and_one_time_secrets_count_only_against_the_address(
 
 def test_a_password_after_the_key_has_a_count_of_its_own(tmp_path, host_key):  # noqa: F811
     """Others failing bob's password (anywhere: SSH, a PAM PostgreSQL port) lock ``user:bob``
-    but not the password step of bob's own chain, which counts against ``keyholder:bob``;
-    failures there do not lock ``user:bob`` either, and a login clears both counts."""
+    but not the password step of bob's own chain, which only ``keyholder:bob`` holds back.
+    Failures there count against both (a stolen key buys no second round of guesses at the
+    user's password), and a login clears both counts."""
     async def go():
         async with service_in(tmp_path, host_key) as svc:
             for i in range(5):  # max_failures, each from another address
@@ -64,9 +65,10 @@ def test_a_password_after_the_key_has_a_count_of_its_own(tmp_path, host_key):  #
             for i in range(4):  # with the one above, five since the login
                 svc.auth_failure("carol", f"192.0.2.{i}:1", after_key=True,
                                  method="keyboard-interactive", why="PAM auth")
-            seen += [svc.locked_out("carol", "198.51.100.1:1", after_key=True),
-                     svc.locked_out("carol", "198.51.100.1:1"), svc._in_flight]
+            seen += [svc.locked_subjects("carol", "198.51.100.1:1", after_key=True),
+                     svc.locked_subjects("carol", "198.51.100.1:1"), svc._in_flight]
             return seen, [subject for subject, _ in svc.lockouts()]
     seen, lockouts = run(go())
-    assert seen == [True, False, "locked out", None, False, True, False, {}]
-    assert sorted(lockouts) == ["keyholder:carol", "user:bob"]
+    assert seen == [True, False, ("locked out", ["user:bob"]), None, False,
+                    ["keyholder:carol"], ["user:carol"], {}]
+    assert sorted(lockouts) == ["keyholder:carol", "user:bob", "user:carol"]
