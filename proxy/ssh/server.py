@@ -138,10 +138,13 @@ class FrontDoor:
                 await asyncio.sleep(delay)
             process.stdout.write(text)
         if result.follow is not None:  # requests --watch: until the client goes away
-            async def until_gone() -> None:  # EOF or close ends the watch; input is discarded
-                with contextlib.suppress(Exception):
+            async def until_gone() -> None:  # input is discarded
+                with contextlib.suppress(Exception):  # (Ctrl-C at a terminal: BreakReceived)
                     while await process.stdin.read(4096):
                         pass
+                    if process.get_terminal_type() is None:  # EOF without a terminal (ssh -n,
+                        await process.channel.wait_closed()  # cron, a pipe) is no goodbye
+                # at a terminal, EOF is Ctrl-D: the watch ends
             gone = asyncio.ensure_future(until_gone())
             try:
                 while True:

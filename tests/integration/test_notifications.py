@@ -56,8 +56,10 @@ def test_webhook_receives_requests_and_retries_while_down(fresh_env):
 
 
 def test_requests_watch_streams_new_pending_requests(env):
-    watch = subprocess.Popen(["ssh", "-F", str(env.ssh_config), "bob@jit-proxy",
-                              "requests --pending --watch"], stdin=subprocess.PIPE,
+    """Also with stdin at its end (``ssh -n``, cron, a background job): only the client going
+    away ends the watch."""
+    watch = subprocess.Popen(["ssh", "-n", "-F", str(env.ssh_config), "bob@jit-proxy",
+                              "requests --pending --watch"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)  # bob is watching
@@ -67,8 +69,18 @@ def test_requests_watch_streams_new_pending_requests(env):
         while f"new request {req['id']}" not in line:
             assert time.monotonic() < deadline, "no line for the new request"
             line = watch.stdout.readline()
+            assert line or watch.poll() is None, f"the watch ended: {watch.stderr.read()}"
         assert "alice asks for" in line and "watched" in line
+        assert watch.poll() is None
     finally:
-        watch.stdin.close()  # EOF ends the watch
+        watch.terminate()  # Ctrl-C: the client goes away
         watch.wait(timeout=10)
-    assert watch.returncode == 0
+    sessions = env.json("bob", "requests --pending")  # the proxy carries on
+    assert any(r["id"] == req["id"] for r in sessions)
+    # at a terminal, Ctrl-D ends it
+    from tests.integration.ptyrun import PtySession
+    with PtySession(["ssh", "-tt", "-F", str(env.ssh_config), "bob@jit-proxy",
+                     "requests --pending --watch"]) as s:
+        s.expect(b"watched")
+        s.send(b"\x04")
+        assert s.wait(10) == 0
