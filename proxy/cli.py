@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,10 +47,18 @@ def _load(path: str):
     except ConfigError as exc:
         for message in exc.messages:
             print(message, file=sys.stderr)
+        if path == DEFAULT_CONFIG and not os.path.exists(path):
+            print("jit-proxy: give the configuration with -c FILE (a sandbox's is "
+                  "DIR/jit-proxy.yaml; 'jit-proxy sandbox' prints it)", file=sys.stderr)
         return None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        if args.config != DEFAULT_CONFIG and args.config != args.file:
+            print("jit-proxy: check-config takes one file: FILE or -c FILE", file=sys.stderr)
+            return 2
+        args.config = args.file
     config = _load(args.config)
     if config is None:
         return 1
@@ -238,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a configuration file")
+    c.add_argument("file", nargs="?", help="the file (the same as -c FILE)")
     c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     c.set_defaults(func=cmd_check_config)
 

@@ -10,10 +10,11 @@ hold secrets (passphrases and passwords are referenced by file path, never inlin
 
 from __future__ import annotations
 
+import difflib
 import os
 import stat
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import asyncssh
 import yaml
@@ -561,7 +562,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
                 msg = (f"invalid name {err['input']!r}: use lowercase letters, digits, '_', '.' "
                        f"and '-', starting with a letter or '_' (at most 64)")
             elif err["type"] == "extra_forbidden":
-                msg = "unknown key"
+                msg = "unknown key" + _did_you_mean(loc)
             elif err["type"] == "union_tag_invalid":
                 loc = loc + ("kind",)
                 msg = (f"unknown kind {err['ctx']['tag']!r} (known: "
@@ -573,6 +574,26 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     if messages:
         raise ConfigError(messages)
     return config
+
+
+def _models_in(annotation: Any) -> set[type[BaseModel]]:
+    """The models an annotation holds (``Model``, ``list[Model]``, ``dict[str, A | B]``...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {annotation}
+    return set().union(*map(_models_in, get_args(annotation)))
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """`` (did you mean 'KEY'?)`` for an unknown key at ``loc`` that is a near miss of a key
+    valid at that place (``max_duraton``), else ``""``."""
+    models: set[type[BaseModel]] = {Config}
+    for part in loc[:-1]:  # a name or an index (a mapping key, a list item) keeps the models
+        inner = set().union(*(_models_in(m.model_fields[part].annotation) for m in models
+                              if isinstance(part, str) and part in m.model_fields))
+        models = inner or models
+    known = {name for m in models for name in m.model_fields}
+    near = difflib.get_close_matches(str(loc[-1]), sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 BROAD_ROLES = {"pg_read_all_data", "pg_write_all_data", "pg_read_server_files",

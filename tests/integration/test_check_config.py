@@ -50,6 +50,21 @@ def test_each_kind_of_mistake_names_key_path_and_line(tmp_path, old, new, path, 
     assert re.search(rf"^{re.escape(str(f))}:{line}: {re.escape(path)}: ", r.stderr, re.M), r.stderr
 
 
+def test_the_file_may_be_given_without_c_and_a_missing_default_says_to_give_one(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(EXAMPLE)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"{EXAMPLE}: ok" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(EXAMPLE), "-c",
+                        str(tmp_path / "other.yaml")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "takes one file" in r.stderr
+    if not os.path.exists("/etc/jit-proxy/jit-proxy.yaml"):
+        for argv in (["check-config"], ["status"], ["audit", "verify"]):
+            r = subprocess.run([sys.executable, "-m", "proxy.cli", *argv], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 1, argv
+            assert "give the configuration with -c FILE" in r.stderr, (argv, r.stderr)
+
+
 def test_unreadable_and_non_yaml_files(tmp_path):
     r = check(tmp_path / "missing.yaml")
     assert r.returncode == 1 and "cannot read" in r.stderr

@@ -120,10 +120,14 @@ def test_sandbox_walkthrough_as_written_then_sigterm_leaves_nothing(sandbox):
     assert f"--dir {d} is in use by another jit-proxy (pid {proc.pid})" in r.stderr, r.stderr
     assert {str(p): p.stat().st_mtime_ns for p in d.rglob("*") if str(p) in before} == before
 
+    r = subprocess.run(["jit-proxy", "status", "-c", str(d / "jit-proxy.yaml")],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and "alice" in r.stdout, r.stderr  # the operator line works
     sshd_pid = int((d / "target" / "sshd.pid").read_text())
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, out
+    assert f"Operator:   jit-proxy status -c {d / 'jit-proxy.yaml'}" in out, out
     assert "sandbox stopped" in out
     time.sleep(0.2)
     assert not Path(f"/proc/{sshd_pid}").exists()

@@ -98,6 +98,17 @@ def test_unknown_key_deep_in_a_list():
         f"{FILENAME}:{line_of(text, 'maximum')}: policies[1].maximum: unknown key"
 
 
+def test_a_near_miss_of_a_key_says_which_key_was_meant():
+    text = replace_once(config_text(), "    max_duration: 30m\n", "    max_duraton: 30m\n")
+    assert single_error(text) == (f"{FILENAME}:{line_of(text, 'max_duraton')}: "
+                                  f"policies[1].max_duraton: unknown key (did you mean "
+                                  f"'max_duration'?)")
+    text = replace_once(config_text(), "  listen_port: 0\n", "  listen_port: 0\n  ciphrs: []\n")
+    assert single_error(text).endswith("ssh.ciphrs: unknown key (did you mean 'ciphers'?)")
+    text = config_text() + "polices: []\n"  # top level; and no guess for what is far off
+    assert single_error(text).endswith("polices: unknown key (did you mean 'policies'?)")
+
+
 def test_unknown_top_level_key():
     text = config_text() + "extra_section: {}\n"
     assert single_error(text) == \
