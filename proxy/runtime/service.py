@@ -793,11 +793,19 @@ class AccessService:
         self._host_certs[name] = _HostCert(cert, now + validity / 2)
         return cert
 
-    def describe_denial(self, user: str, target: str, login: str | None) -> str:
-        """The sentence telling a user which grant is missing and how to ask for it: the request
-        command when a policy lets them ask for it, else which logins they may ask for."""
+    async def describe_denial(self, user: str, target: str, login: str | None) -> str:
+        """The sentence telling a user which grant is missing and how to get it: that their
+        request for it waits for an approver, else the request command when a policy lets them
+        ask for it, else which logins they may ask for."""
         who = f"{login}@{target}" if login else target
         head = f"jit-proxy: {user} has no active grant for {who}."
+        waiting = [r for r in await self.store.list_requests(
+                       status=RequestStatus.PENDING, requester=user, limit=1000)
+                   if r.target == target and login in (None, r.login)]
+        if waiting:
+            r = max(waiting, key=lambda r: r.id)
+            return (f"{head} Your request {r.id} ({r.login}@{target}) is waiting for approval: "
+                    f"an approver decides it (ssh jit-proxy approve {r.id}).")
         allowed = sorted({name for p in self.config.policies
                           if target in p.targets and self.config.matches(user, p.requesters)
                           for name in policy.access_names(self.config, p, target)})

@@ -154,7 +154,8 @@ class JumpConnection(asyncssh.SSHServer):
                                     login=username, peer=self.peer, why="no active grant")
             assert self.conn is not None
             self.conn.send_auth_banner(
-                self.service.describe_denial(self.user, self.target_name, username) + "\n")
+                await self.service.describe_denial(self.user, self.target_name, username)
+                + "\n")
             return True  # every method then fails: "Permission denied"
         grant = await self.service.use_grant(grant)  # a first-use window starts here
         self.login, self.grant = username, grant

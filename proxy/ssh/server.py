@@ -201,8 +201,6 @@ class FrontDoor:
         service = self.service
         target = service.config.targets.get(dest_host)
         if target is None or target.kind != "ssh" or dest_port not in (22, target.port):
-            service.audit.emit("ssh.forward.refused", user, dest_host=dest_host[:255],
-                               dest_port=dest_port, peer=peer, why="not a configured target")
             if target is not None and target.kind == "ssh":
                 why = f"{dest_host} is reached on port 22 through the proxy, not {dest_port}"
             elif target is not None:
@@ -210,15 +208,21 @@ class FrontDoor:
             else:
                 why = (f"{dest_host}:{dest_port} is not a target of this proxy; "
                        f"'ssh jit-proxy targets' lists yours")
+            service.audit.emit("ssh.forward.refused", user, dest_host=dest_host[:255],
+                               dest_port=dest_port, peer=peer, why=why[:300])
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             f"jit-proxy: {why}")
         if not service.live_grants_on(user, dest_host):
             service.audit.emit("ssh.session.refused", user, target=dest_host, peer=peer,
                                why="no active grant")
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                " ".join(service.describe_denial(user, dest_host, None).split()))
+            return self._no_grant(user, dest_host)
         return self._inner(user, dest_host, peer)
+
+    async def _no_grant(self, user: str, target: str) -> Any:
+        """Refuse the channel, saying which grant is missing and how to get it."""
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+            " ".join((await self.service.describe_denial(user, target, None)).split()))
 
     async def _inner(self, user: str, target: str, peer: str) -> "ChannelTransportSession":
         cert = await self.service.host_certificate(f"target:{target}", [target])

@@ -73,6 +73,19 @@ def test_without_a_grant_the_message_names_the_grant_and_the_request_command(env
     assert refused and refused[-1]["target"] == "web1"
 
 
+def test_a_request_still_waiting_is_named_instead_of_the_request_command(env):
+    req = env.json("carol", f"request web1 --login {env.login} --for 10m --reason waiting")
+    r = env.jump("carol", "true")  # the channel refusal
+    assert r.returncode == 255
+    assert f"Your request {req['id']} ({env.login}@web1) is waiting for approval" in \
+        r.stderr.decode(), r.stderr
+    other = env.json("carol", f"request web1 --login otherlogin --for 10m --reason other")
+    r = env.jump("carol", "true", login="otherlogin")
+    assert f"Your request {other['id']} (otherlogin@web1) is waiting" in r.stderr.decode()
+    for r in (req, other):
+        assert env.ssh("bob", f"deny {r['id']} --reason done").returncode == 0
+
+
 def test_a_grant_for_another_login_or_target_does_not_open(env, granted):
     carol = env.grant("carol", login="otherlogin")
     assert carol["login"] == "otherlogin"
@@ -185,6 +198,9 @@ def test_forwarding_to_anything_but_a_target_is_refused(env, granted):
         assert why in r.stderr, r.stderr
     refused = [e for e in env.audit_events("ssh.forward.refused") if "dest_host" in e]
     assert {e["dest_host"] for e in refused} >= {"127.0.0.1", "web1", "example.com"}
+    # the audit says what the user was told
+    assert any(e["dest_host"] == "web1" and e["why"].startswith("web1 is reached on port 22")
+               for e in refused), refused
     # -R on the proxy itself is refused
     r = env.run(["ssh", "-F", str(env.ssh_config), "-o", "ExitOnForwardFailure=yes",
                  "-R", "0:127.0.0.1:9", "alice@jit-proxy", "help"], stdin=subprocess.DEVNULL)
