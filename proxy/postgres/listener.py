@@ -33,8 +33,9 @@ import scramp
 
 from ca.keys import write_secret_file
 from ca.x509 import X509CertificateAuthority
+from proxy.access.duration import format_duration
 from proxy.access.model import Grant
-from proxy.config import PostgresTarget
+from proxy.config import NAME_PATTERN, PostgresTarget
 from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE,
                           INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD,
                           AuthenticationCleartextPassword, AuthenticationMD5Password,
@@ -280,9 +281,9 @@ class PgClient:
         self.writer.write(data)
         await self.writer.drain()
 
-    async def _fatal(self, sqlstate: str, message: str) -> None:
+    async def _fatal(self, sqlstate: str, message: str, hint: str | None = None) -> None:
         try:
-            self.writer.write(error_response("FATAL", sqlstate, message))
+            self.writer.write(error_response("FATAL", sqlstate, message, hint=hint))
             await asyncio.wait_for(self.writer.drain(), 5)  # a client that does not read
         except (ConnectionError, RuntimeError, OSError, asyncio.TimeoutError):
             pass
@@ -438,7 +439,14 @@ class PgClient:
         if why is not None:
             self.service.auth_failure(self.user, self.peer, method="scram", guessable=False,
                                       target=self.target_name[:256], why=why)
-            await self._fatal(INVALID_PASSWORD, self._refusal(guessable=False))
+            # the same hint whatever was wrong (the database name is the client's own)
+            named = re.fullmatch(NAME_PATTERN, self.target_name) and self.target_name
+            ttl = format_duration(int(service.config.postgres.secret_ttl)) \
+                if service.config.postgres else "minutes"
+            await self._fatal(INVALID_PASSWORD, self._refusal(guessable=False), hint=(
+                f"jit-proxy takes a one-time secret from db-login: it works once, within "
+                f"{ttl}, while its grant is live. Get a new one with: ssh jit-proxy db-login "
+                f"{named or 'TARGET'}"))
             self.grant = None
             return False
         await self._send(AuthenticationSASLFinal(server_final.encode()).encode())
