@@ -312,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", help="export: directory for the .cast and its audit events")
     c.set_defaults(func=cmd_recordings)
 
-    c = sub.add_parser("sandbox", help="a complete local playground (proxy, sshd, two users)")
-    c.add_argument("--dir", default="./jit-sandbox")
+    c = sub.add_parser("sandbox", help="a complete local playground (proxy, an sshd target, a "
+                                       "PostgreSQL target when installed, two users)")
+    c.add_argument("--dir", default="./jit-sandbox",
+                   help="where it keeps its state between runs (default: ./jit-sandbox)")
     c.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"])
     c.set_defaults(func=cmd_sandbox)
