@@ -72,7 +72,16 @@ def decide_request(config: Config, user: str, target: str, login: str, duration:
                 if target in p.targets and login in access_names(config, p, target)
                 and config.matches(user, p.requesters)]
     if not matching:
-        return Decision(False, f"no policy lets {user} request {login}@{target}")
+        ssh = config.targets[target].kind != "postgres"
+        allowed = sorted({name for p in config.policies
+                          if target in p.targets and config.matches(user, p.requesters)
+                          for name in access_names(config, p, target)})
+        kind, flag = ("an SSH target", "logins (--login)") if ssh else \
+            ("a PostgreSQL target", "roles (--role)")
+        may = f"{flag} {user} may request there: {', '.join(allowed)}" if allowed else \
+            f"no policy lets {user} request anything there"
+        return Decision(False, f"no policy lets {user} request {login}@{target} ({target} is "
+                               f"{kind}; {may})")
     for policy in matching:
         if duration <= policy.max_duration:
             problem = reason_problem(reason, policy)

@@ -118,6 +118,13 @@ def test_wrong_secrets_do_not_lock_the_user_out(fresh_pg_env):
     assert not env.audit_events("auth.lockout")
 
 
+def test_a_role_not_requestable_is_refused_with_the_roles_that_are(pg_env):
+    r = pg_env.ssh("alice", "request orders --role admin --for 10m --reason x")
+    assert r.returncode == 1
+    assert (b"no policy lets alice request admin@orders (orders is a PostgreSQL target; roles "
+            b"(--role) alice may request there: read, write)") in r.stderr, r.stderr
+
+
 def test_a_secret_is_single_use(pg_env):
     db_grant(pg_env)
     login = db_login(pg_env)
