@@ -388,6 +388,28 @@ class AccessService:
                         requester=req.requester)
         return decided
 
+    async def cancel(self, actor: str, request_id: int) -> AccessRequest:
+        """Withdraw ``actor``'s own pending request (``access.request.cancelled``). Raises
+        AccessError (audited as ``access.cancel.refused``): no such request of ``actor``'s
+        (another's is not told apart from none), or no longer pending (decided, expired, or
+        approved meanwhile: the store's conditional update lets only one decision win)."""
+        req = await self.store.get_request(request_id)
+        why = ("no such request" if req is None or req.requester != actor else
+               None if req.status is RequestStatus.PENDING else f"it is {req.status.value}")
+        if req is not None and why is None:
+            decided = req.decided("cancel", actor, self.clock.now(), None)
+            try:
+                await self.store.decide_request(decided, grant_ends_at=None, now=self.clock.now())
+            except LookupError:
+                why = "it is no longer pending"
+            else:
+                self.audit.emit("access.request.cancelled", actor, request=req.id,
+                                target=req.target, login=req.login)
+                return decided
+        self.audit.emit("access.cancel.refused", actor, request=request_id, why=why)
+        raise AccessError(f"no request {request_id} of yours" if why == "no such request"
+                          else f"request {request_id} cannot be cancelled: {why}")
+
     async def list_requests(self, actor: str, pending_only: bool) -> list[AccessRequest]:
         return await self.store.list_requests(
             status=RequestStatus.PENDING if pending_only else None,

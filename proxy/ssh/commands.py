@@ -31,6 +31,7 @@ jit-proxy: just-in-time access. Commands (each takes --json):
   requests [--pending] [--watch]     requests you made or may decide (--watch: then new ones)
   approve ID [--comment TEXT]        approve a request (approvers)
   deny ID --reason TEXT              deny a request (approvers)
+  cancel ID                          withdraw your own pending request
   grants [--all]                     active grants (--all: ended ones too)
   revoke GRANT_ID                    end a grant now (its user or an approver)
   extend GRANT_ID --for DURATION [--reason TEXT]
@@ -131,6 +132,7 @@ def _parser() -> _Parser:
     c = cmd("deny")
     c.add_argument("id", type=_id)
     c.add_argument("--reason", required=True)
+    cmd("cancel").add_argument("id", type=_id)
     cmd("grants").add_argument("--all", action="store_true")
     cmd("revoke").add_argument("grant_id", type=_id)
     c = cmd("extend")
@@ -306,6 +308,9 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
     if args.command == "deny":
         r = await service.deny(actor, args.id, args.reason)
         return _request_dict(r), f"request {r.id} denied\n"
+    if args.command == "cancel":
+        r = await service.cancel(actor, args.id)
+        return _request_dict(r), f"request {r.id} cancelled\n"
     if args.command == "grants":
         grants = await service.list_grants(actor, not args.all)
         rows = [[str(g.id), g.status.value, g.user, f"{g.login}@{g.target}",

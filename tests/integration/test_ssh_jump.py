@@ -82,8 +82,11 @@ def test_a_request_still_waiting_is_named_instead_of_the_request_command(env):
     other = env.json("carol", f"request web1 --login otherlogin --for 10m --reason other")
     r = env.jump("carol", "true", login="otherlogin")
     assert f"Your request {other['id']} (otherlogin@web1) is waiting" in r.stderr.decode()
-    for r in (req, other):
-        assert env.ssh("bob", f"deny {r['id']} --reason done").returncode == 0
+    for r in (req, other):  # withdrawn by carol herself
+        done = env.ssh("carol", f"cancel {r['id']}")
+        assert done.stdout == f"request {r['id']} cancelled\n".encode(), done.stderr
+    r = env.jump("carol", "true")
+    assert b"is waiting" not in r.stderr and b"ssh jit-proxy request web1 --login" in r.stderr
 
 
 def test_a_grant_for_another_login_or_target_does_not_open(env, granted):

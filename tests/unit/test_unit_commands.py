@@ -186,6 +186,35 @@ def test_self_approval_refused_for_an_approver(tmp_path, host_key):
     assert_audit_ok(tmp_path)
 
 
+def test_a_requester_cancels_their_own_pending_request_only(tmp_path, host_key):
+    async def scenario():
+        async with service_in(tmp_path, host_key) as svc:
+            await run_command(svc, "alice", REQUEST_WEB1)
+            await run_command(svc, "alice", REQUEST_WEB1)
+            r = await run_command(svc, "carol", "cancel 1")  # not hers: told apart from none
+            assert (r.status, r.err) == (1, "jit-proxy: no request 1 of yours\n")
+            assert (await run_command(svc, "alice", "cancel 42")).err == \
+                "jit-proxy: no request 42 of yours\n"
+            r = await run_command(svc, "alice", "cancel 1")
+            assert (r.status, r.out) == (0, "request 1 cancelled\n")
+            assert (await svc.store.get_request(1)).status is RequestStatus.CANCELLED
+            r = await run_command(svc, "bob", "approve 1")  # a cancelled request stays so
+            assert r.status == 1 and "cancelled, not pending" in r.err
+            r = await run_command(svc, "alice", "cancel 1")
+            assert r.err == "jit-proxy: request 1 cannot be cancelled: it is cancelled\n"
+            assert (await run_command(svc, "bob", "approve 2")).status == 0
+            r = await run_command(svc, "alice", "cancel 2")
+            assert r.err == "jit-proxy: request 2 cannot be cancelled: it is approved\n"
+            assert [g.request_id for g in await svc.store.list_grants()] == [2]
+    run(scenario())
+    events = audit_events(tmp_path)
+    assert [e["request"] for e in events if e["type"] == "access.request.cancelled"] == [1]
+    refused = [(e["actor"], e["why"]) for e in events if e["type"] == "access.cancel.refused"]
+    assert refused == [("carol", "no such request"), ("alice", "no such request"),
+                       ("alice", "it is cancelled"), ("alice", "it is approved")]
+    assert_audit_ok(tmp_path)
+
+
 def test_deny(tmp_path, host_key):
     async def scenario():
         async with service_in(tmp_path, host_key) as svc:
