@@ -28,7 +28,6 @@ log = logging.getLogger("jit_proxy.auth")
 
 KbdIntChallenge = Any  # asyncssh's: (name, instruction, lang, [(prompt, echo)]) or a bool
 
-LOCKED_TEXT = "jit-proxy: too many failed logins; try again later."
 PAM_METHODS = frozenset({"keyboard-interactive", "password"})  # SSH methods that go through PAM
 
 
@@ -196,7 +195,7 @@ class KbdIntLogin:
             self.service.audit_unauthenticated("auth.locked", self.user, self.peer,
                                                method=self.METHOD, subjects=locked)
             self._result = False
-            return ("", LOCKED_TEXT, "", [])
+            return ("", self.service.lockout_text(locked), "", [])
         pam = self.service.config.auth.pam
         tx = PamTransaction(pam.library, pam.service, self.user, address_of(self.peer),
                             answer_timeout=self.answer_timeout)

@@ -48,7 +48,7 @@ from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE
                           StartupDecoder, StartupMessage, Terminate, decode_backend,
                           decode_frontend, decode_password_message, decode_sasl_initial_response,
                           decode_sasl_response, error_response, gssenc_response, ssl_response)
-from proxy.auth.login import LOCKED_TEXT, password_login
+from proxy.auth.login import password_login
 from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
 from proxy.postgres.scram import ScramError, ScramServer
@@ -462,8 +462,8 @@ class PgClient:
         """The FATAL text of a refused login: the same whatever was wrong, but saying so when
         the lockout that holds this kind of secret back is on (as the SSH side does)."""
         text = f'password authentication failed for user "{self.user[:63]}"'
-        if self.service.locked_out(self.user, self.peer, guessable):
-            text += f" ({LOCKED_TEXT})"
+        if locked := self.service.locked_subjects(self.user, self.peer, guessable):
+            text += f" ({self.service.lockout_text(locked)})"
         return text
 
     async def _authenticate_pam(self, frames: MessageDecoder, grace: float) -> bool:

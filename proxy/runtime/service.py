@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -702,6 +703,14 @@ class AccessService:
         counts, for a password ``after_key`` the ``keyholder:NAME`` one instead of the user's
         (see ``_lockout_keys``)."""
         return bool(self.locked_subjects(user, peer, guessable, after_key))
+
+    def lockout_text(self, subjects: list[str]) -> str:
+        """What a client refused for the lockouts of ``subjects`` is told: that, and how long is
+        left (rounded up to minutes, as pam_faillock says it), or "later" when none runs."""
+        now = self.clock.now()
+        left = max((self._locked_until.get(s, 0) - now for s in subjects), default=0)
+        when = (f"in {format_duration(60 * math.ceil(left / 60))}" if left > 0 else "later")
+        return f"jit-proxy: too many failed logins; try again {when}."
 
     def locked_subjects(self, user: str, peer: str, guessable: bool = True,
                         after_key: bool = False) -> list[str]:

@@ -23,8 +23,7 @@ import asyncssh
 from asyncssh.connection import SSHServerConnection
 
 from proxy.auth import address_of
-from proxy.auth.login import (LOCKED_TEXT, PAM_METHODS, KbdIntLogin, known_user,
-                              password_login)
+from proxy.auth.login import PAM_METHODS, KbdIntLogin, known_user, password_login
 from proxy.auth.methods import is_complete, next_methods
 from proxy.runtime.service import AccessService
 from proxy.ssh import tuning
@@ -318,7 +317,7 @@ class ProxyServer(asyncssh.SSHServer):
         if locked:  # no method offered now can succeed
             service.audit_unauthenticated("auth.locked", username, self.peer, subjects=locked)
             if self.conn is not None:  # say why, whichever method the client tries first
-                self.conn.send_auth_banner(LOCKED_TEXT + "\n")
+                self.conn.send_auth_banner(service.lockout_text(locked) + "\n")
         return True
 
     def _offers(self, method: str) -> bool:
@@ -373,10 +372,12 @@ class ProxyServer(asyncssh.SSHServer):
                                   after_key=after_key)
         self._succeeding = "password" if ok else None
         if not ok:
-            if self.door.service.locked_out(username, self.peer, after_key=after_key) \
-                    and self.conn is not None and not self._closing:
-                self.conn.send_auth_banner(LOCKED_TEXT + "\n")  # the password method has no
-                # other way to say why (the banner at begin_auth is held back when a key may do)
+            service = self.door.service
+            locked = service.locked_subjects(username, self.peer, after_key=after_key)
+            if locked and self.conn is not None and not self._closing:
+                self.conn.send_auth_banner(service.lockout_text(locked) + "\n")  # the password
+                # method has no other way to say why (the banner at begin_auth is held back
+                # when a key may do)
             self._failed()
         return ok
 

@@ -188,6 +188,7 @@ def test_lockout_refuses_even_the_right_password(pam_env):
     r = pam_env.run(ssh_on_tty(pam_env, "bob", "password")[:-1] + ["-o", "BatchMode=yes",
                                                                     "grants"])
     assert r.returncode == 255 and b"too many failed logins" in r.stderr  # the banner says why
+    assert b"try again in 1h." in r.stderr  # and how long is left (lockout: 1h)
     status, out = type_password(pam_env, "bob", "password", PASSWORDS["bob"], b"password: ")
     assert status == 255 and b"Permission denied" in out, out
     with PtySession(ssh_on_tty(pam_env, "bob", "keyboard-interactive")) as s:

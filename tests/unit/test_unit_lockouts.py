@@ -72,3 +72,24 @@ def test_a_password_after_the_key_has_a_count_of_its_own(tmp_path, host_key):  #
     assert seen == [True, False, ("locked out", ["user:bob"]), None, False,
                     ["keyholder:carol"], ["user:carol"], {}]
     assert sorted(lockouts) == ["keyholder:carol", "user:bob", "user:carol"]
+
+
+def test_the_refusal_says_how_long_the_lockout_has_left(tmp_path, host_key):  # noqa: F811
+    async def go():
+        async with service_in(tmp_path, host_key) as svc:  # lockout: 15m
+            seen = [svc.lockout_text(["user:bob"])]
+            for _ in range(5):
+                svc.auth_failure("bob", "192.0.2.7:1", method="password", why="PAM auth")
+            locked = svc.locked_subjects("bob", "192.0.2.7:1")
+            seen.append(svc.lockout_text(locked))
+            svc.clock.advance(14 * 60 + 1)
+            seen.append(svc.lockout_text(locked))
+            svc.clock.advance(60)
+            seen.append(svc.lockout_text(locked))
+            return locked, seen
+    locked, seen = run(go())
+    assert locked == ["user:bob"]
+    assert seen == ["jit-proxy: too many failed logins; try again later.",
+                    "jit-proxy: too many failed logins; try again in 15m.",
+                    "jit-proxy: too many failed logins; try again in 1m.",
+                    "jit-proxy: too many failed logins; try again later."]
