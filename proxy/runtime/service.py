@@ -504,7 +504,8 @@ class AccessService:
         teardown: refuse new sessions at once, close live connections with a line saying which
         access ended and when, then record the end (retried by the sweep if the store fails)."""
         now = self.clock.now()
-        ended = grant.ended(event, actor, now)
+        # it ended at its own end (the sweep that finds it runs up to a tick later), or now
+        ended = grant.ended(event, actor, min(grant.ends_at, now))
         if self.active.pop(grant.id, None) is None:
             raise AccessError(f"grant {grant.id} has already ended")
         how = "was revoked by " + actor if event == "revoke" else "expired"
@@ -514,9 +515,8 @@ class AccessService:
                             login=grant.login, ends_at=rfc3339(grant.ends_at))
         except Exception:  # e.g. a full disk: the sessions are closed all the same
             log.exception("auditing the end of grant %s failed", grant.id)
-        # the grant's own end (the sweep that finds it runs up to a tick later), or the revocation
         line = (f"jit-proxy: access to {grant.login}@{grant.target} ended at "
-                f"{rfc3339(min(grant.ends_at, now))} (grant {grant.id} {how})")
+                f"{rfc3339(ended.ended_at)} (grant {grant.id} {how})")
         conns = list(self.connections.pop(grant.id, ()))
         if conns:
             results = await asyncio.gather(*(c.terminate(line) for c in conns),
