@@ -40,14 +40,17 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
-def _load(path: str):
+def _load(given: str | None):
+    """The configuration at ``given`` (-c), or else at DEFAULT_CONFIG; None, said why, when
+    it does not load."""
     from proxy.config import ConfigError, load_config
+    path = given or DEFAULT_CONFIG
     try:
         return load_config(path)
     except ConfigError as exc:
         for message in exc.messages:
             print(message, file=sys.stderr)
-        if path == DEFAULT_CONFIG and not os.path.exists(path):
+        if given is None and not os.path.exists(path):
             print("jit-proxy: give the configuration with -c FILE (a sandbox's is "
                   "DIR/jit-proxy.yaml; 'jit-proxy sandbox' prints it)", file=sys.stderr)
         return None
@@ -55,11 +58,13 @@ def _load(path: str):
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     if args.file is not None:
-        if args.config != DEFAULT_CONFIG and args.config != args.file:
+        if args.config is not None and os.path.realpath(args.config) != \
+                os.path.realpath(args.file):
             print("jit-proxy: check-config takes one file: FILE or -c FILE", file=sys.stderr)
             return 2
         args.config = args.file
     config = _load(args.config)
+    args.config = args.config or DEFAULT_CONFIG  # (named in what follows)
     if config is None:
         return 1
     from proxy.auth.login import pam_problems
@@ -86,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     try:
-        return run(serve(config, Path(args.config)))
+        return run(serve(config, Path(args.config or DEFAULT_CONFIG)))
     except CAKeyError as exc:
         print(f"jit-proxy: refusing to start: {exc}", file=sys.stderr)
         return 1
@@ -242,20 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("serve", help="run the proxy daemon")
-    c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    c.add_argument("-c", "--config", help=f"the configuration (default: {DEFAULT_CONFIG})")
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     c.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a configuration file")
     c.add_argument("file", nargs="?", help="the file (the same as -c FILE)")
-    c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    c.add_argument("-c", "--config", help=f"the configuration (default: {DEFAULT_CONFIG})")
     c.set_defaults(func=cmd_check_config)
 
     c = sub.add_parser("audit", help="audit log tools")
     asub = c.add_subparsers(dest="audit_command", required=True)
     v = asub.add_parser("verify", help="verify the audit log's hash chain")
     v.add_argument("file", nargs="?", help="the log (default: the configured one)")
-    v.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    v.add_argument("-c", "--config", help=f"the configuration naming the log (default: "
+                                          f"{DEFAULT_CONFIG})")
     v.set_defaults(func=cmd_audit_verify)
 
     def admin_options(c: argparse.ArgumentParser, given_only: bool = False) -> None:
@@ -263,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         too, so ``lockouts -c FILE clear X`` and ``lockouts clear X -c FILE`` both work (an
         action's own default would overwrite what was given before it)."""
         default = (lambda value: argparse.SUPPRESS) if given_only else (lambda value: value)
-        c.add_argument("-c", "--config", default=default(DEFAULT_CONFIG))
+        c.add_argument("-c", "--config", default=default(None),
+                       help=f"the configuration (default: {DEFAULT_CONFIG})")
         c.add_argument("--socket", default=default(None),
                        help="the admin socket (default: from the configuration)")
         c.add_argument("--json", action="store_true", default=default(False))

@@ -14,7 +14,7 @@ import difflib
 import os
 import stat
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import asyncssh
 import yaml
@@ -551,7 +551,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
-            loc = tuple(err["loc"])
+            loc = given = tuple(err["loc"])
             if loc[:1] == ("targets",) and len(loc) > 2 and loc[2] in TARGET_KINDS:
                 loc = loc[:2] + loc[3:]  # pydantic puts the union's tag in the path
             msg = err["msg"].removeprefix("Value error, ")
@@ -562,7 +562,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
                 msg = (f"invalid name {err['input']!r}: use lowercase letters, digits, '_', '.' "
                        f"and '-', starting with a letter or '_' (at most 64)")
             elif err["type"] == "extra_forbidden":
-                msg = "unknown key" + _did_you_mean(loc)
+                msg = "unknown key" + _did_you_mean(given)
             elif err["type"] == "union_tag_invalid":
                 loc = loc + ("kind",)
                 msg = (f"unknown kind {err['ctx']['tag']!r} (known: "
@@ -576,24 +576,55 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     return config
 
 
+def _step(annotation: Any, part: Any) -> list[Any]:
+    """The types one step of a pydantic error location leads to from ``annotation``: a field of
+    a model, the value of a mapping (``part`` is its key), an item of a list (an index), or the
+    arm of a tagged union (``part`` is the tag, as pydantic puts it in the location)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _step(args[0], part)
+    if origin is Union:
+        tagged = [a for a in args if get_origin(a) is Annotated
+                  and any(isinstance(m, Tag) and m.tag == part for m in get_args(a)[1:])]
+        if tagged:
+            return [get_args(tagged[0])[0]]
+        return [t for a in args for t in _step(a, part)]
+    if origin is dict:
+        return [args[1]]
+    if origin in (list, tuple, set, frozenset):
+        return [args[0]]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
+            and isinstance(part, str) and part in annotation.model_fields:
+        return [annotation.model_fields[part].annotation]
+    return []
+
+
 def _models_in(annotation: Any) -> set[type[BaseModel]]:
-    """The models an annotation holds (``Model``, ``list[Model]``, ``dict[str, A | B]``...)."""
+    """The models an annotation holds (``Model``, ``A | None``, ``Annotated[...]``), one level."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {annotation}
-    return set().union(*map(_models_in, get_args(annotation)))
+    if get_origin(annotation) in (Annotated, Union):
+        return set().union(*map(_models_in, get_args(annotation)))
+    return set()
 
 
 def _did_you_mean(loc: tuple) -> str:
-    """`` (did you mean 'KEY'?)`` for an unknown key at ``loc`` that is a near miss of a key
-    valid at that place (``max_duraton``), else ``""``."""
-    models: set[type[BaseModel]] = {Config}
-    for part in loc[:-1]:  # a name or an index (a mapping key, a list item) keeps the models
-        inner = set().union(*(_models_in(m.model_fields[part].annotation) for m in models
-                              if isinstance(part, str) and part in m.model_fields))
-        models = inner or models
-    known = {name for m in models for name in m.model_fields}
-    near = difflib.get_close_matches(str(loc[-1]), sorted(known), n=1, cutoff=0.75)
-    return f" (did you mean {near[0]!r}?)" if near else ""
+    """`` (did you mean 'KEY'?)`` for an unknown key at pydantic's error location ``loc`` that
+    is a near miss of a key valid at that place (``max_duraton``); for a target, a key of the
+    other kind says so (``kind: postgres`` forgotten); else ``""``."""
+    types: list[Any] = [Config]
+    for part in loc[:-1]:
+        types = [t for a in types for t in _step(a, part)]
+    key = str(loc[-1])
+    known = {name for t in types for m in _models_in(t) for name in m.model_fields} - {key}
+    near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    if near:
+        return f" (did you mean {near[0]!r}?)"
+    if loc[:1] == ("targets",) and len(loc) == 4 and loc[2] in TARGET_KINDS:
+        other = [k for k in TARGET_KINDS if k != loc[2] and key in _step(Target, k)[0].model_fields]
+        if other:
+            return f" (a key of {other[0]} targets: is 'kind: {other[0]}' missing?)"
+    return ""
 
 
 BROAD_ROLES = {"pg_read_all_data", "pg_write_all_data", "pg_read_server_files",

@@ -830,9 +830,14 @@ class AccessService:
         ask for it, else which logins they may ask for."""
         who = f"{login}@{target}" if login else target
         head = f"jit-proxy: {user} has no active grant for {who}."
-        waiting = [r for r in await self.store.list_requests(
-                       status=RequestStatus.PENDING, requester=user, limit=1000)
-                   if r.target == target and login in (None, r.login)]
+        try:  # (an extension of a grant that has ended can never be approved: not named)
+            waiting = [r for r in await self.store.list_requests(
+                           status=RequestStatus.PENDING, requester=user, limit=1000)
+                       if r.target == target and login in (None, r.login)
+                       and r.extends_grant is None]
+        except Exception:  # the refusal goes out all the same, without the request
+            log.exception("looking up %s's pending requests failed", user)
+            waiting = []
         if waiting:
             r = max(waiting, key=lambda r: r.id)
             return (f"{head} Your request {r.id} ({r.login}@{target}) is waiting for approval: "

@@ -33,6 +33,9 @@ from proxy.ssh.commands import HELP, run_command
 log = logging.getLogger("jit_proxy.ssh")
 
 PROXY_CERT_NAME = "proxy"
+# seconds: stdin that ends this soon after a requests --watch starts had nothing to say (ssh -n,
+# cron, </dev/null); a later end is the user's Ctrl-D
+NO_INPUT_EOF = 1.0
 
 
 def _peer(conn: SSHServerConnection) -> str:
@@ -137,13 +140,23 @@ class FrontDoor:
                 await asyncio.sleep(delay)
             process.stdout.write(text)
         if result.follow is not None:  # requests --watch: until the client goes away
-            async def until_gone() -> None:  # input is discarded
-                with contextlib.suppress(Exception):  # (Ctrl-C at a terminal: BreakReceived)
-                    while await process.stdin.read(4096):
-                        pass
-                    if process.get_terminal_type() is None:  # EOF without a terminal (ssh -n,
-                        await process.channel.wait_closed()  # cron, a pipe) is no goodbye
-                # at a terminal, EOF is Ctrl-D: the watch ends
+            async def until_gone() -> None:
+                """Returns when the watch should end: the client left, Ctrl-C at a terminal
+                (BreakReceived), or Ctrl-D. Input is discarded; a resize or signal is no end.
+                Stdin that ends at once (ssh -n, cron, </dev/null) is no goodbye: then only
+                the client leaving ends the watch."""
+                started = asyncio.get_running_loop().time()
+                while True:
+                    try:
+                        if not await process.stdin.read(4096):
+                            break
+                    except (asyncssh.TerminalSizeChanged, asyncssh.SignalReceived):
+                        continue
+                    except Exception:  # Ctrl-C at a terminal, the channel gone
+                        return
+                if asyncio.get_running_loop().time() - started < NO_INPUT_EOF:
+                    with contextlib.suppress(Exception):
+                        await process.channel.wait_closed()
             gone = asyncio.ensure_future(until_gone())
             try:
                 while True:

@@ -54,15 +54,24 @@ def test_the_file_may_be_given_without_c_and_a_missing_default_says_to_give_one(
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(EXAMPLE)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and f"{EXAMPLE}: ok" in r.stdout, r.stderr
-    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(EXAMPLE), "-c",
-                        str(tmp_path / "other.yaml")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "takes one file" in r.stderr
+    for other in (tmp_path / "other.yaml", "/etc/jit-proxy/jit-proxy.yaml"):  # two files
+        r = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(EXAMPLE),
+                            "-c", str(other)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "takes one file" in r.stderr, other
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config",  # one file, twice
+                        "./jit-proxy.example.yaml", "-c", "jit-proxy.example.yaml"],
+                       capture_output=True, text=True, timeout=60, cwd=EXAMPLE.parent)
+    assert r.returncode == 0, r.stderr
     if not os.path.exists("/etc/jit-proxy/jit-proxy.yaml"):
         for argv in (["check-config"], ["status"], ["audit", "verify"]):
             r = subprocess.run([sys.executable, "-m", "proxy.cli", *argv], capture_output=True,
                                text=True, timeout=60)
             assert r.returncode == 1, argv
             assert "give the configuration with -c FILE" in r.stderr, (argv, r.stderr)
+        r = subprocess.run([sys.executable, "-m", "proxy.cli", "status", "-c",  # named: no hint
+                            "/etc/jit-proxy/jit-proxy.yaml"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 1 and "give the configuration" not in r.stderr, r.stderr
 
 
 def test_unreadable_and_non_yaml_files(tmp_path):

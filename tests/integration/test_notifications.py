@@ -77,10 +77,17 @@ def test_requests_watch_streams_new_pending_requests(env):
         watch.wait(timeout=10)
     sessions = env.json("bob", "requests --pending")  # the proxy carries on
     assert any(r["id"] == req["id"] for r in sessions)
-    # at a terminal, Ctrl-D ends it
+    # typed at a terminal, Ctrl-D ends it: with a pty (-tt) and without (ssh's default for a
+    # command, where it is an EOF like ssh -n's, but not at once)
     from tests.integration.ptyrun import PtySession
-    with PtySession(["ssh", "-tt", "-F", str(env.ssh_config), "bob@jit-proxy",
-                     "requests --pending --watch"]) as s:
-        s.expect(b"watched")
-        s.send(b"\x04")
-        assert s.wait(10) == 0
+    for tty in (["-tt"], []):
+        with PtySession(["ssh", *tty, "-F", str(env.ssh_config), "bob@jit-proxy",
+                         "requests --pending --watch"]) as s:
+            s.expect(b"watched")
+            time.sleep(1.2)  # (NO_INPUT_EOF)
+            if tty:  # a resize is no end
+                s.resize(30, 100)
+                time.sleep(0.5)
+                assert not s._exited(), "a resize ended the watch"
+            s.send(b"\x04")
+            assert s.wait(10) == 0, tty

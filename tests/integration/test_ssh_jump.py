@@ -87,6 +87,14 @@ def test_a_request_still_waiting_is_named_instead_of_the_request_command(env):
         assert done.stdout == f"request {r['id']} cancelled\n".encode(), done.stderr
     r = env.jump("carol", "true")
     assert b"is waiting" not in r.stderr and b"ssh jit-proxy request web1 --login" in r.stderr
+    # an extension waiting for a grant that has ended can never be approved: not named
+    grant = env.grant("carol")
+    ext = env.json("carol", f"extend {grant['id']} --for 10m --reason more")
+    assert ext["status"] == "pending", ext
+    assert env.ssh("carol", f"revoke {grant['id']}").returncode == 0
+    r = env.jump("carol", "true")
+    assert b"is waiting" not in r.stderr and b"ssh jit-proxy request web1 --login" in r.stderr
+    assert env.ssh("carol", f"cancel {ext['id']}").returncode == 0
 
 
 def test_a_grant_for_another_login_or_target_does_not_open(env, granted):

@@ -215,6 +215,21 @@ def test_a_requester_cancels_their_own_pending_request_only(tmp_path, host_key):
     assert_audit_ok(tmp_path)
 
 
+def test_a_refusal_still_goes_out_when_pending_requests_cannot_be_read(tmp_path, host_key):
+    async def scenario():
+        async with service_in(tmp_path, host_key) as svc:
+            await run_command(svc, "alice", REQUEST_WEB1)
+            waiting = await svc.describe_denial("alice", "web1", None)
+
+            async def broken(**kw):
+                raise OSError("disk I/O error")
+            svc.store.list_requests = broken
+            return waiting, await svc.describe_denial("alice", "web1", None)
+    waiting, fallback = run(scenario())
+    assert "Your request 1 (deploy@web1) is waiting for approval" in waiting
+    assert fallback.startswith("jit-proxy: alice has no active grant for web1. Request one with")
+
+
 def test_deny(tmp_path, host_key):
     async def scenario():
         async with service_in(tmp_path, host_key) as svc:

@@ -109,6 +109,23 @@ def test_a_near_miss_of_a_key_says_which_key_was_meant():
     assert single_error(text).endswith("polices: unknown key (did you mean 'policies'?)")
 
 
+def test_near_misses_in_targets_follow_the_targets_kind_not_its_name():
+    # a target named like a PostgreSQL setting (admin, tls) is still a name, not that setting
+    text = replace_once(config_text(), "  web1:\n    address: 127.0.0.1\n",
+                        "  tls:\n    adress: 127.0.0.1\n    address: 127.0.0.1\n")
+    text = text.replace("targets: [web1]", "targets: [tls]")
+    assert single_error(text).endswith("targets.tls.adress: unknown key (did you mean "
+                                       "'address'?)")
+    # an SSH target is not offered a PostgreSQL key; a forgotten kind: postgres is named
+    text = replace_once(config_text(), "    description: the web server\n",
+                        "    description: the web server\n    databse: x\n")
+    assert single_error(text).endswith("targets.web1.databse: unknown key")
+    text = replace_once(config_text(), "    description: the web server\n",
+                        "    description: the web server\n    database: x\n")
+    assert single_error(text).endswith("targets.web1.database: unknown key (a key of postgres "
+                                       "targets: is 'kind: postgres' missing?)")
+
+
 def test_unknown_top_level_key():
     text = config_text() + "extra_section: {}\n"
     assert single_error(text) == \
