@@ -3,8 +3,9 @@
 What it is for: one ``JumpConnection`` per direct-tcpip channel to a configured target. The proxy
 runs an SSH server (asyncssh) directly on that channel, presenting a host certificate for TARGET; it
 lets the user in as LOGIN only under a live grant, opens its own connection to the target with a
-freshly minted user certificate (host key verified: pinned key or host CA), and bridges each session
-channel to a target channel: shell, exec, subsystem (sftp), pty and resizes, environment, signals,
+freshly minted user certificate (host key verified: pinned key or host CA; begun when the channel
+opens if the user holds one grant there, authenticated once the login is known), and bridges each
+session channel to a target channel: shell, exec, subsystem (sftp), pty and resizes, environment, signals,
 break, EOF, exit status or signal, with flow control in both directions. Terminal sessions are
 recorded as asciicast v2; every session's start and end (with byte counts, recording path and
 SHA-256) are audited. ``BatchedWrites`` sends what asyncssh writes to a client connection (its
@@ -12,7 +13,8 @@ socket, or for an inner connection the outer channel) during one event-loop iter
 the bulk path's packets cost one system call, or full outer packets, per loop turn.
 
 What it must not do: connect anywhere but the configured target, skip host key verification,
-forward agents or X11, relay port forwardings the grant's policy does not allow, or record keystrokes.
+mint a certificate for a login the user has not logged in as, forward agents or X11, relay port
+forwardings the grant's policy does not allow, or record keystrokes.
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ class JumpConnection(asyncssh.SSHServer):
         self.conn: SSHServerConnection | None = None
         self.sessions: set[BridgeSession] = set()
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self._upstream_login: str | None = None  # the login _upstream logs in as
+        self._credentials: asyncio.Future | None = None  # its key and certificate, once known
         self._closed = False
         self.outer_paused = False  # the client's direct-tcpip channel has too much unsent data
 
@@ -141,6 +145,35 @@ class JumpConnection(asyncssh.SSHServer):
         self.outer_paused = paused
         for session in list(self.sessions):
             session.update_reading()
+
+    def connect_early(self) -> None:
+        """Start the connection to the target when the channel opens, if the user holds one
+        live grant on it (whose login the inner login will almost surely name): TCP and the key
+        exchange with the target, the slowest part of ``ssh -J``'s setup, then overlap the inner
+        handshake. Authentication waits for ``begin_auth``: the certificate is minted only once
+        the inner login names that login, and a connection made for another is dropped."""
+        grants = self.service.live_grants_on(self.user, self.target_name)
+        if len(grants) == 1 and not grants[0].awaiting_first_use:
+            self._start_upstream(grants[0], grants[0].login)
+
+    def _start_upstream(self, grant: Any, login: str) -> None:
+        self._drop_upstream()
+        self._upstream_login = login
+        self._credentials = asyncio.get_running_loop().create_future()
+        self._upstream = asyncio.get_running_loop().create_task(
+            self._connect_upstream(grant, login, self._credentials))
+
+    async def _mint_credentials(self, grant: Any, credentials: asyncio.Future) -> None:
+        """A fresh key and its certificate for ``grant``, handed to the waiting connection."""
+        try:
+            key = asyncssh.generate_private_key("ssh-ed25519")
+            result = (key, await self.service.user_certificate(grant, key))
+        except Exception as exc:  # noqa: BLE001 - the connection fails with it, audited there
+            if not credentials.done():
+                credentials.set_exception(exc)
+        else:
+            if not credentials.done():
+                credentials.set_result(result)
 
     # --- asyncssh.SSHServer ----------------------------------------------------------------------
 
@@ -153,6 +186,7 @@ class JumpConnection(asyncssh.SSHServer):
             self.service.audit.emit("ssh.session.refused", self.user, target=self.target_name,
                                     login=username, peer=self.peer, why="no active grant")
             assert self.conn is not None
+            self._drop_upstream()  # (connect_early's, for the login of the user's grant)
             self.conn.send_auth_banner(
                 await self.service.describe_denial(self.user, self.target_name, username)
                 + "\n")
@@ -162,7 +196,12 @@ class JumpConnection(asyncssh.SSHServer):
         self.service.attach(grant.id, self)
         self.service.audit.emit("ssh.connection.start", self.user, target=self.target_name,
                                 login=username, grant=grant.id, peer=self.peer)
-        self._upstream = asyncio.get_running_loop().create_task(self._connect_upstream())
+        early = self._upstream  # connect_early's: kept if for this login and not given up
+        if early is None or self._upstream_login != username or early.done() and (
+                early.cancelled() or early.exception() is not None):
+            self._start_upstream(grant, username)
+        assert self._credentials is not None
+        self.service.spawn(self._mint_credentials(grant, self._credentials), drain=False)
         return False  # the outer connection already authenticated the user
 
     def public_key_auth_supported(self) -> bool:
@@ -235,20 +274,24 @@ class JumpConnection(asyncssh.SSHServer):
         assert self._upstream is not None
         return await asyncio.shield(self._upstream)
 
-    async def _connect_upstream(self) -> asyncssh.SSHClientConnection:
-        assert self.grant is not None and self.login is not None
-        key = asyncssh.generate_private_key("ssh-ed25519")
-        cert = await self.service.user_certificate(self.grant, key)
+    async def _connect_upstream(self, grant: Any, login: str, credentials: asyncio.Future
+                                ) -> asyncssh.SSHClientConnection:
+        """Log in to the target as ``login`` under ``grant`` with the key and certificate that
+        ``credentials`` gets (``_mint_credentials``); until then the connection waits."""
         try:
             return await asyncssh.connect(
-                self.target.address, self.target.port, username=self.login,
-                client_keys=[(key, cert)], known_hosts=upstream_known_hosts(self.target),
+                self.target.address, self.target.port, username=login,
+                client_factory=lambda: _UpstreamClient(credentials), client_keys=[],
+                known_hosts=upstream_known_hosts(self.target),
                 config=None, agent_path=None, preferred_auth="publickey",
                 encryption_algs=PREFERRED_CIPHERS, connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
                 keepalive_interval=60)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-            self.service.audit.emit("ssh.upstream.failed", self.user, target=self.target_name,
-                                    login=self.login, grant=self.grant.id, error=str(exc))
+            if credentials.done():  # (else connect_early's, given up before the login came:
+                # begin_auth starts anew, and audits that one)
+                self.service.audit.emit("ssh.upstream.failed", self.user,
+                                        target=self.target_name, login=login, grant=grant.id,
+                                        error=str(exc))
             raise
 
     # --- teardown (AccessService.Terminable) ------------------------------------------------------
@@ -273,6 +316,18 @@ class JumpConnection(asyncssh.SSHServer):
                 task.result().close()
         else:
             task.cancel()
+
+
+class _UpstreamClient(asyncssh.SSHClient):
+    """The proxy's side of a connection to a target: offers the one key and certificate
+    ``credentials`` gets, when it gets them (``JumpConnection.connect_early``), and no other."""
+
+    def __init__(self, credentials: asyncio.Future):
+        self._credentials: asyncio.Future | None = credentials
+
+    async def public_key_auth_requested(self) -> Any:
+        credentials, self._credentials = self._credentials, None
+        return [await credentials] if credentials is not None else None
 
 
 class BridgeSession(asyncssh.SSHServerSession):

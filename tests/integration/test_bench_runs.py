@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,11 @@ def test_bench_ssh_parts_write_every_path_and_ratio(tmp_path):
     md = (tmp_path / "RESULTS-latency-ssh.md").read_text()
     assert "| ssh | bulk up 2 MiB (cat > /dev/null) | MiB/s | higher |" in md
     assert "pg_seconds" not in md  # only the arguments of the parts that ran
+
+
+def test_the_relay_floor_runs_and_prints_its_figures():
+    r = subprocess.run([sys.executable, "-m", "bench.floor", "--mib", "8"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.match(r"relay floor: ([0-9.]+) s CPU per GiB .* 8 MiB in", r.stdout)
+    assert m and float(m.group(1)) > 0, r.stdout  # (every packet came through: else it fails)
