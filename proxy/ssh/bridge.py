@@ -5,16 +5,16 @@ runs an SSH server (asyncssh) directly on that channel, presenting a host certif
 lets the user in as LOGIN only under a live grant, opens its own connection to the target with a
 freshly minted user certificate (host key verified: pinned key or host CA; begun when the channel
 opens if the user holds one grant there, authenticated once the login is known), and bridges each
-session channel to a target channel: shell, exec, subsystem (sftp), pty and resizes, environment, signals,
-break, EOF, exit status or signal, with flow control in both directions. Terminal sessions are
-recorded as asciicast v2; every session's start and end (with byte counts, recording path and
+session channel to a target channel: shell, exec, subsystem (sftp), pty and resizes, environment,
+signals, break, EOF, exit status or signal, with flow control in both directions. Terminal sessions
+are recorded as asciicast v2; every session's start and end (with byte counts, recording path and
 SHA-256) are audited. ``BatchedWrites`` sends what asyncssh writes to a client connection (its
 socket, or for an inner connection the outer channel) during one event-loop iteration as one write:
 the bulk path's packets cost one system call, or full outer packets, per loop turn.
 
-What it must not do: connect anywhere but the configured target, skip host key verification,
-mint a certificate for a login the user has not logged in as, forward agents or X11, relay port
-forwardings the grant's policy does not allow, or record keystrokes.
+What it must not do: connect anywhere but the configured target, skip host key verification, mint a
+certificate for a login the user has not logged in as, forward agents or X11, relay port forwardings
+the grant's policy does not allow, or record keystrokes.
 """
 
 from __future__ import annotations
