@@ -119,6 +119,9 @@ class AccessService:
     hooks: list[GrantHooks] = field(default_factory=list)
     live_sessions: dict[int, LiveSession] = field(default_factory=dict)
     request_listeners: set[asyncio.Queue] = field(default_factory=set)  # requests --watch
+    # (user, target) of the ssh -J connections to targets begun before their login claimed
+    # them (proxy.ssh.bridge.JumpConnection.connect_early): one each at most
+    early_upstreams: set[tuple[str, str]] = field(default_factory=set)
     webhook: Any = None
     ssh_port: int = 22  # set by the listener once bound
     postgres: Any = None  # the PostgreSQL front door (db-login, its CA) when configured

@@ -41,6 +41,11 @@ PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                      "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
 
 UPSTREAM_CONNECT_TIMEOUT = 15.0
+# a connection to a target begun when the channel opened (JumpConnection.connect_early) is
+# dropped unless the inner login claims it within this many seconds (clients take milliseconds;
+# one at a prompt gets a fresh connection at its login), and at most this many wait at once
+EARLY_CLAIM_WITHIN = 5.0
+EARLY_UPSTREAMS_MAX = 32
 # the target-side session channel: a bigger window and packets than asyncssh's defaults (2 MiB,
 # 32 KiB) mean fewer packets to decrypt and fewer window adjustments per byte from the target;
 # the client side stays bounded by the client's own window (flow control pauses reading here;
@@ -136,6 +141,8 @@ class JumpConnection(asyncssh.SSHServer):
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._upstream_login: str | None = None  # the login _upstream logs in as
         self._credentials: asyncio.Future | None = None  # its key and certificate, once known
+        self._claimed = False  # begin_auth took _upstream for the login (else connect_early's)
+        self._early: asyncio.TimerHandle | None = None  # connect_early's, until claimed
         self._closed = False
         self.outer_paused = False  # the client's direct-tcpip channel has too much unsent data
 
@@ -146,39 +153,11 @@ class JumpConnection(asyncssh.SSHServer):
         for session in list(self.sessions):
             session.update_reading()
 
-    def connect_early(self) -> None:
-        """Start the connection to the target when the channel opens, if the user holds one
-        live grant on it (whose login the inner login will almost surely name): TCP and the key
-        exchange with the target, the slowest part of ``ssh -J``'s setup, then overlap the inner
-        handshake. Authentication waits for ``begin_auth``: the certificate is minted only once
-        the inner login names that login, and a connection made for another is dropped."""
-        grants = self.service.live_grants_on(self.user, self.target_name)
-        if len(grants) == 1 and not grants[0].awaiting_first_use:
-            self._start_upstream(grants[0], grants[0].login)
-
-    def _start_upstream(self, grant: Any, login: str) -> None:
-        self._drop_upstream()
-        self._upstream_login = login
-        self._credentials = asyncio.get_running_loop().create_future()
-        self._upstream = asyncio.get_running_loop().create_task(
-            self._connect_upstream(grant, login, self._credentials))
-
-    async def _mint_credentials(self, grant: Any, credentials: asyncio.Future) -> None:
-        """A fresh key and its certificate for ``grant``, handed to the waiting connection."""
-        try:
-            key = asyncssh.generate_private_key("ssh-ed25519")
-            result = (key, await self.service.user_certificate(grant, key))
-        except Exception as exc:  # noqa: BLE001 - the connection fails with it, audited there
-            if not credentials.done():
-                credentials.set_exception(exc)
-        else:
-            if not credentials.done():
-                credentials.set_result(result)
-
     # --- asyncssh.SSHServer ----------------------------------------------------------------------
 
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
+        self.connect_early()  # (the channel is open: connection_lost will come)
 
     async def begin_auth(self, username: str) -> bool:
         grant = self.service.live_grant(self.user, self.target_name, username)
@@ -196,10 +175,10 @@ class JumpConnection(asyncssh.SSHServer):
         self.service.attach(grant.id, self)
         self.service.audit.emit("ssh.connection.start", self.user, target=self.target_name,
                                 login=username, grant=grant.id, peer=self.peer)
-        early = self._upstream  # connect_early's: kept if for this login and not given up
-        if early is None or self._upstream_login != username or early.done() and (
-                early.cancelled() or early.exception() is not None):
-            self._start_upstream(grant, username)
+        early = self._upstream  # connect_early's: kept if for this login and still going (it
+        if early is None or self._upstream_login != username or early.done():  # cannot be done
+            self._start_upstream(username)  # before it has a certificate: it failed)
+        self._claim()
         assert self._credentials is not None
         self.service.spawn(self._mint_credentials(grant, self._credentials), drain=False)
         return False  # the outer connection already authenticated the user
@@ -271,13 +250,70 @@ class JumpConnection(asyncssh.SSHServer):
     # --- upstream ---------------------------------------------------------------------------------
 
     async def upstream(self) -> asyncssh.SSHClientConnection:
-        assert self._upstream is not None
+        """The connection to the target. Raises ConnectionError once it has been dropped (the
+        client left, the grant ended), or what connecting raised."""
+        if self._upstream is None:
+            raise ConnectionError("the connection to the target has been closed")
         return await asyncio.shield(self._upstream)
 
-    async def _connect_upstream(self, grant: Any, login: str, credentials: asyncio.Future
+    def connect_early(self) -> None:
+        """Begin the connection to the target as the channel opens, if the user holds one live
+        grant on it (whose login the inner login will almost surely name) and has no such early
+        connection waiting already: TCP and the key exchange with the target, the slowest part
+        of ``ssh -J``'s setup, then overlap the inner handshake. It authenticates only once
+        ``begin_auth`` claims it for that login (the certificate is minted then), and is dropped
+        for any other login, unclaimed after ``EARLY_CLAIM_WITHIN``, or past
+        ``EARLY_UPSTREAMS_MAX`` waiting (it holds one of the target's unauthenticated
+        connection slots, MaxStartups, meanwhile: opening channels must not fill them)."""
+        waiting = self.service.early_upstreams
+        key = (self.user, self.target_name)
+        grants = self.service.live_grants_on(self.user, self.target_name)
+        if (len(grants) != 1 or grants[0].awaiting_first_use or key in waiting
+                or len(waiting) >= EARLY_UPSTREAMS_MAX):
+            return
+        self._start_upstream(grants[0].login)
+        waiting.add(key)
+        self._early = asyncio.get_running_loop().call_later(EARLY_CLAIM_WITHIN,
+                                                            self._drop_upstream)
+
+    def _claim(self) -> None:
+        """The upstream connection is now the login's own (no longer connect_early's)."""
+        self._release_early()
+        self._claimed = True
+
+    def _release_early(self) -> None:
+        if self._early is not None:
+            self._early.cancel()
+            self._early = None
+            self.service.early_upstreams.discard((self.user, self.target_name))
+
+    def _start_upstream(self, login: str) -> None:
+        self._drop_upstream()
+        self._upstream_login = login
+        self._credentials = asyncio.get_running_loop().create_future()
+        self._upstream = asyncio.get_running_loop().create_task(
+            self._connect_upstream(login, self._credentials))
+
+    async def _mint_credentials(self, grant: Any, credentials: asyncio.Future) -> None:
+        """A fresh key and its certificate for ``grant``, handed to the waiting connection;
+        none once the connection is gone or the grant has ended meanwhile."""
+        if credentials.done() or not self.live():
+            return
+        try:
+            key = asyncssh.generate_private_key("ssh-ed25519")
+            result = (key, await self.service.user_certificate(grant, key))
+        except Exception as exc:  # noqa: BLE001 - the connection fails with it
+            if not credentials.done():
+                credentials.set_exception(exc)
+        else:
+            if not credentials.done():
+                credentials.set_result(result)
+
+    async def _connect_upstream(self, login: str, credentials: asyncio.Future
                                 ) -> asyncssh.SSHClientConnection:
-        """Log in to the target as ``login`` under ``grant`` with the key and certificate that
-        ``credentials`` gets (``_mint_credentials``); until then the connection waits."""
+        """Log in to the target as ``login`` with the key and certificate that ``credentials``
+        gets (``_mint_credentials``); until then the connection waits. A failure is audited
+        once the login has claimed the connection (connect_early's are dropped silently)."""
         try:
             return await asyncssh.connect(
                 self.target.address, self.target.port, username=login,
@@ -287,11 +323,11 @@ class JumpConnection(asyncssh.SSHServer):
                 encryption_algs=PREFERRED_CIPHERS, connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
                 keepalive_interval=60)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-            if credentials.done():  # (else connect_early's, given up before the login came:
-                # begin_auth starts anew, and audits that one)
+            if self._claimed and asyncio.current_task() is self._upstream:
                 self.service.audit.emit("ssh.upstream.failed", self.user,
-                                        target=self.target_name, login=login, grant=grant.id,
-                                        error=str(exc))
+                                        target=self.target_name, login=login,
+                                        grant=self.grant.id if self.grant else None,
+                                        error=str(exc) or type(exc).__name__)
             raise
 
     # --- teardown (AccessService.Terminable) ------------------------------------------------------
@@ -308,7 +344,10 @@ class JumpConnection(asyncssh.SSHServer):
             asyncio.get_running_loop().call_later(CLOSE_GRACE, self.conn.close)
 
     def _drop_upstream(self) -> None:
-        task = self._upstream
+        self._release_early()
+        task, self._upstream = self._upstream, None
+        self._upstream_login = self._credentials = None
+        self._claimed = False
         if task is None:
             return
         if task.done():

@@ -239,7 +239,6 @@ class FrontDoor:
     async def _inner(self, user: str, target: str, peer: str) -> "ChannelTransportSession":
         cert = await self.service.host_certificate(f"target:{target}", [target])
         jump = JumpConnection(self.service, user, target, peer)
-        jump.connect_early()
         options = asyncssh.SSHServerConnectionOptions(
             self._inner_base, server_factory=lambda: jump,
             server_host_keys=[(self.service.host_key, cert)])

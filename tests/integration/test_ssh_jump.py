@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,43 @@ def test_a_grant_for_another_login_or_target_does_not_open(env, granted):
     r = env.jump("alice", "true", target="web2")  # alice's grant is for web1
     assert r.returncode == 255
     assert "alice has no active grant for web2" in r.stderr.decode()
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:``port`` (the proxy's, to the target)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, _, remote, state = line.split()[:4]
+        count += state == "01" and remote == f"0100007F:{port:04X}"
+    return count
+
+
+def test_the_connection_to_the_target_begins_early_but_one_per_user_and_only_for_a_while(
+        env, granted):
+    """connect_early: a channel opened with nothing sent on it begins at most one connection
+    to the target per user and target (opening channels must not fill the target's
+    MaxStartups), and one not claimed by a login within EARLY_CLAIM_WITHIN is dropped; a
+    client that logs in later still gets in, on a fresh connection, with no failure reported."""
+    hold = [subprocess.Popen(["sh", "-c", f"sleep 3 | ssh -F {env.ssh_config} -W web1:22 "
+                                          f"alice@jit-proxy"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for _ in range(6)]
+    try:
+        deadline = time.monotonic() + 10
+        while _connections_to(env.target.port) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # every channel is open by now
+        assert _connections_to(env.target.port) == 1
+    finally:
+        for p in hold:
+            p.kill()
+            p.wait()
+    before = len(env.audit_events())
+    hop = f"sh -c '(sleep 5.5; cat) | ssh -F {env.ssh_config} -W %h:%p alice@jit-proxy'"
+    r = env.run(["ssh", "-F", str(env.ssh_config), "-o", f"ProxyCommand={hop}",
+                 f"{env.login}@web1", "echo late-$((6*7))"], stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and b"late-42" in r.stdout, r.stderr
+    events = env.audit_events()[before:]
+    assert not [e for e in events if e["type"] == "ssh.upstream.failed"], events
 
 
 def test_exit_status_passes_through(env, granted):
