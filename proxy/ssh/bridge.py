@@ -166,11 +166,13 @@ class JumpConnection(asyncssh.SSHServer):
                                     login=username, peer=self.peer, why="no active grant")
             assert self.conn is not None
             self._drop_upstream()  # (connect_early's, for the login of the user's grant)
-            self.conn.send_auth_banner(
-                await self.service.describe_denial(self.user, self.target_name, username)
-                + "\n")
+            text = await self.service.describe_denial(self.user, self.target_name, username)
+            if not self._closed:
+                self.conn.send_auth_banner(text + "\n")
             return True  # every method then fails: "Permission denied"
         grant = await self.service.use_grant(grant)  # a first-use window starts here
+        if self._closed:  # the client left meanwhile: nothing to attach or connect
+            return True
         self.login, self.grant = username, grant
         self.service.attach(grant.id, self)
         self.service.audit.emit("ssh.connection.start", self.user, target=self.target_name,
@@ -220,10 +222,17 @@ class JumpConnection(asyncssh.SSHServer):
 
     async def _forward(self, dest_host: str, dest_port: int) -> asyncssh.SSHForwarder:
         """A direct-tcpip channel on the upstream connection, bridged to the client's channel
-        (the target's sshd decides, by the certificate's permit-port-forwarding)."""
+        (the target's sshd decides, by the certificate's permit-port-forwarding). Raises
+        ChannelOpenError when the target cannot be reached (the channel fails, not the
+        connection)."""
         assert self.conn is not None
-        return await self.conn.forward_tunneled_connection(await self.upstream(), dest_host,
-                                                           dest_port)
+        try:
+            upstream = await self.upstream()
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED,
+                f"jit-proxy: cannot reach {self.target_name}: {exc}") from None
+        return await self.conn.forward_tunneled_connection(upstream, dest_host, dest_port)
 
     def unix_connection_requested(self, dest_path: str) -> bool:
         self.service.audit.emit("ssh.forward.refused", self.user, target=self.target_name,
@@ -262,9 +271,9 @@ class JumpConnection(asyncssh.SSHServer):
         connection waiting already: TCP and the key exchange with the target, the slowest part
         of ``ssh -J``'s setup, then overlap the inner handshake. It authenticates only once
         ``begin_auth`` claims it for that login (the certificate is minted then), and is dropped
-        for any other login, unclaimed after ``EARLY_CLAIM_WITHIN``, or past
-        ``EARLY_UPSTREAMS_MAX`` waiting (it holds one of the target's unauthenticated
-        connection slots, MaxStartups, meanwhile: opening channels must not fill them)."""
+        for any other login or unclaimed after ``EARLY_CLAIM_WITHIN``; none begins while
+        ``EARLY_UPSTREAMS_MAX`` wait (each holds one of the target's unauthenticated connection
+        slots, MaxStartups, meanwhile: opening channels must not fill them)."""
         waiting = self.service.early_upstreams
         key = (self.user, self.target_name)
         grants = self.service.live_grants_on(self.user, self.target_name)
@@ -296,8 +305,12 @@ class JumpConnection(asyncssh.SSHServer):
 
     async def _mint_credentials(self, grant: Any, credentials: asyncio.Future) -> None:
         """A fresh key and its certificate for ``grant``, handed to the waiting connection;
-        none once the connection is gone or the grant has ended meanwhile."""
-        if credentials.done() or not self.live():
+        none once the connection is dropped (``credentials`` cancelled) or the grant has ended
+        meanwhile (the connection then fails with that)."""
+        if credentials.done():
+            return
+        if not self.live():
+            credentials.set_exception(ConnectionError(f"grant {grant.id} has ended"))
             return
         try:
             key = asyncssh.generate_private_key("ssh-ed25519")
@@ -346,6 +359,8 @@ class JumpConnection(asyncssh.SSHServer):
     def _drop_upstream(self) -> None:
         self._release_early()
         task, self._upstream = self._upstream, None
+        if self._credentials is not None and not self._credentials.done():
+            self._credentials.cancel()  # (a mint not begun yet then mints nothing)
         self._upstream_login = self._credentials = None
         self._claimed = False
         if task is None:

@@ -262,6 +262,31 @@ def test_forwarding_to_anything_but_a_target_is_refused(env, granted):
     assert r.returncode == 255
 
 
+def test_a_forward_when_the_target_cannot_be_reached_fails_that_channel_only(fresh_env):
+    """A port forwarding whose target connection failed ends that channel with the reason;
+    before, the error escaped as an internal one and closed the client's whole connection."""
+    env = fresh_env
+    env.grant("alice", target="web2")  # web2's policy allows port forwarding
+    env.target.stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = env.jump_args("alice", target="web2")
+    proc = subprocess.Popen(args[:1] + ["-N", "-L", f"127.0.0.1:{port}:127.0.0.1:9"] + args[1:],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        with connect_when_listening(port) as conn:
+            conn.settimeout(10)
+            assert conn.recv(100) == b""  # the forwarded channel failed
+        time.sleep(0.5)
+        assert proc.poll() is None, "the client's connection was closed"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=10)[1]
+    assert b"jit-proxy: cannot reach web2" in err, err
+
+
 def test_local_forwarding_inside_the_target_session_is_refused(env, granted):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
