@@ -629,12 +629,14 @@ class AccessService:
 
     def _lockout_keys(self, user: str, peer: str, guessable: bool = True,
                       after_key: bool = False) -> list[tuple[str, int]]:
-        """The subjects failures of ``user`` from ``peer`` count against, each with its limit
-        (``auth.max_failures``, ``auth.max_failures_per_address``): only the address's for a
-        secret that cannot be guessed (see ``auth_failure``). A password ``after_key`` counts
-        against ``keyholder:NAME``, which only whoever holds the user's key can run up: others
-        failing passwords (``user:NAME``, e.g. on a ``client_auth: pam`` PostgreSQL port) do not
-        hold back the password step of the user's own chain."""
+        """The subjects whose lockouts hold back a login of ``user`` from ``peer`` and that its
+        failures count against, each with its limit (``auth.max_failures``,
+        ``auth.max_failures_per_address``): only the address's for a secret that cannot be
+        guessed (see ``auth_failure``). For a password ``after_key``, ``keyholder:NAME``
+        instead of ``user:NAME``: only whoever holds the user's key can run it up, so others
+        failing passwords (e.g. on a ``client_auth: pam`` PostgreSQL port) do not hold back the
+        password step of the user's own chain (its failures count against ``user:NAME`` too:
+        ``auth_failure`` adds it)."""
         cfg = self.config.auth
         address = [(f"address:{address_of(peer)}", cfg.max_failures_per_address)]
         if not guessable:
