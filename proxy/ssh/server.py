@@ -53,7 +53,7 @@ class FrontDoor:
         self._keys_config: Any = None
         self._inner_base: asyncssh.SSHServerConnectionOptions | None = None
         self.connections: set[SSHServerConnection] = set()
-
+        self._shells: dict[SSHServerConnection, int] = {}  # command sessions open per connection
 
     def user_key_blobs(self, user: str) -> list[bytes]:
         config = self.service.config
@@ -111,6 +111,24 @@ class FrontDoor:
 
     async def _process(self, process: asyncssh.SSHServerProcess) -> None:
         user = process.get_extra_info("username")
+        conn = process.get_extra_info("connection")
+        limit = self.service.config.ssh.max_sessions_per_connection
+        if self._shells.get(conn, 0) >= limit:  # (a requests --watch each: bounded, as jumps)
+            self.service.audit.emit("ssh.session.refused", user, why=f"more than {limit} "
+                                    f"sessions on one connection")
+            process.stderr.write(f"jit-proxy: at most {limit} sessions at once on one "
+                                 f"connection\n")
+            process.exit(1)
+            return
+        self._shells[conn] = self._shells.get(conn, 0) + 1
+        try:
+            await self._command_session(process, user)
+        finally:
+            left = self._shells.pop(conn) - 1
+            if left:
+                self._shells[conn] = left
+
+    async def _command_session(self, process: asyncssh.SSHServerProcess, user: str) -> None:
         try:
             if process.subsystem:
                 process.stderr.write(f"jit-proxy: no subsystem {process.subsystem!r} here\n")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import socket
 import subprocess
 import threading
 import time
+
+import asyncssh
 
 
 class _Hook(http.server.BaseHTTPRequestHandler):
@@ -91,3 +94,26 @@ def test_requests_watch_streams_new_pending_requests(env):
                 assert not s._exited(), "a resize ended the watch"
             s.send(b"\x04")
             assert s.wait(10) == 0, tty
+
+
+def test_command_sessions_on_one_connection_are_bounded(env):
+    """ssh.max_sessions_per_connection holds for the proxy's own command sessions too (each
+    requests --watch holds one): one connection cannot open them without end."""
+    async def run() -> tuple[list[int], str]:
+        async with asyncssh.connect("127.0.0.1", env.port, username="bob", known_hosts=None,
+                                    client_keys=[str(env.keys / "bob")], agent_path=None,
+                                    config=None) as conn:
+            watches = [await conn.create_process("requests --pending --watch") for _ in range(10)]
+            for w in watches:  # each is running (its list came)
+                await asyncio.wait_for(w.stdout.readline(), 10)
+            extra = await asyncio.wait_for(conn.run("whoami", check=False), 10)
+            for w in watches:
+                w.close()
+            await asyncio.sleep(0.3)
+            after = await asyncio.wait_for(conn.run("whoami", check=False), 10)
+            return [extra.exit_status, after.exit_status], extra.stderr
+    statuses, err = asyncio.run(run())
+    assert statuses == [1, 0], (statuses, err)  # the 11th refused; once they end, in again
+    assert "at most 10 sessions at once on one connection" in err
+    assert env.wait_event("ssh.session.refused", lambda e: e["actor"] == "bob"
+                          and "sessions on one connection" in e["why"])
