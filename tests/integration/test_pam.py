@@ -63,8 +63,10 @@ def type_password(env: Env, user: str, method: str, password: str, prompt: bytes
 
 
 async def asyncssh_rounds(env: Env, user: str, answers: list[str], methods=("keyboard-interactive",),
-                          key: bool = False) -> tuple[bool, list[tuple[str, list]]]:
-    """Log in with asyncssh answering each round from ``answers``; returns (ok, rounds seen)."""
+                          key: bool = False, delay: float = 0
+                          ) -> tuple[bool, list[tuple[str, list]]]:
+    """Log in with asyncssh answering each round from ``answers`` (each round with prompts
+    after ``delay`` seconds); returns (ok, rounds seen)."""
     rounds: list[tuple[str, list]] = []
     todo = list(answers)
 
@@ -72,10 +74,12 @@ async def asyncssh_rounds(env: Env, user: str, answers: list[str], methods=("key
         def kbdint_auth_requested(self):
             return ""
 
-        def kbdint_challenge_received(self, name, instructions, lang, prompts):
+        async def kbdint_challenge_received(self, name, instructions, lang, prompts):
             if len(todo) < len(prompts):
                 return None  # out of answers: give up this method
             rounds.append((instructions, list(prompts)))
+            if prompts:
+                await asyncio.sleep(delay)
             return [todo.pop(0) for _ in prompts]
 
     try:
@@ -333,27 +337,6 @@ def test_the_password_step_after_the_key_is_not_held_back_by_others_failures(pam
     jit_clear(pam_env, "user:bob")
 
 
-async def answer_late(env: Env, user: str, answer: str, delay: float) -> bool:
-    """A keyboard-interactive login that answers the first prompt after ``delay`` seconds."""
-    class Client(asyncssh.SSHClient):
-        def kbdint_auth_requested(self):
-            return ""
-
-        async def kbdint_challenge_received(self, name, instructions, lang, prompts):
-            if prompts:
-                await asyncio.sleep(delay)
-            return [answer] * len(prompts)
-
-    try:
-        conn, _ = await asyncssh.create_connection(
-            Client, "127.0.0.1", env.port, username=user, known_hosts=None, client_keys=None,
-            agent_path=None, preferred_auth="keyboard-interactive")
-    except (asyncssh.PermissionDenied, asyncssh.DisconnectError, ConnectionError):
-        return False
-    conn.close()
-    return True
-
-
 def test_an_answer_after_the_pam_time_limit_reserves_no_check(pam_env):
     """An answer that comes after ``auth.pam.timeout`` gave the conversation up used to reserve
     a check that nothing released: ``max_failures`` of them and the user's PAM logins were
@@ -369,10 +352,10 @@ def test_an_answer_after_the_pam_time_limit_reserves_no_check(pam_env):
     before = len(pam_env.audit_events())
 
     async def late_ones() -> list[bool]:
-        return list(await asyncio.gather(*[answer_late(pam_env, "bob", "late", 3.5)
-                                           for _ in range(3)]))
+        return [ok for ok, _ in await asyncio.gather(
+            *[asyncssh_rounds(pam_env, "bob", ["late"], delay=3.5) for _ in range(3)])]
     assert asyncio.run(late_ones()) == [False] * 3
-    assert asyncio.run(answer_late(pam_env, "bob", PASSWORDS["bob"], 0))
+    assert asyncio.run(asyncssh_rounds(pam_env, "bob", [PASSWORDS["bob"]]))[0]
     events = pam_env.audit_events()[before:]
     assert not [e for e in events if e["type"] in ("auth.throttled", "auth.lockout")], events
 
