@@ -593,8 +593,8 @@ class AccessService:
         # extended); the others still are (a guess that ends while only the address is locked
         # out is still a guess at the user's password)
         keys = self._lockout_keys(claimed_user, peer, guessable, after_key)
-        if guessable and after_key:
-            keys.insert(1, (f"user:{claimed_user[:64]}", cfg.max_failures))
+        if guessable and after_key:  # (the user's own subject, as for a password without key)
+            keys.insert(1, self._lockout_keys(claimed_user, peer)[0])
         keys = [(key, limit) for key, limit in keys if self._locked_until.get(key, 0) <= now]
         self.audit_unauthenticated("auth.failure", claimed_user, peer,
                                    counts_against=[key for key, _ in keys], **fields)
