@@ -1,4 +1,4 @@
-"""The least CPU a Python relay doing jit-proxy's SSH data path needs per GiB, on this machine.
+"""The least CPU a Python relay doing jit-proxy's data paths needs, on this machine.
 
 What it is for: ``python -m bench.floor`` puts a number on what the design costs before any of
 asyncssh's or the proxy's own per-packet work. Every byte of ``ssh -J`` through jit-proxy is
@@ -10,8 +10,15 @@ sockets fed and drained by threads, and the event loop thread's CPU (user, syste
 printed. Compare it with ``relay CPU per GiB`` of ``python -m bench --only ssh``: the difference
 is the per-packet Python work a leaner relay could save at most.
 
-What it must not do: pass for a measurement of jit-proxy (it relays no SSH), or reach anything
-but 127.0.0.1.
+``python -m bench.floor --pg`` does the same for the PostgreSQL path: a bare uvloop relay that
+terminates TLS from pgbench and opens TLS (verify-full) to the cluster, as jit-proxy does, and
+passes bytes through with no parsing, no audit and no authentication of its own (SCRAM goes end to
+end), alternately with pgbouncer (session pooling, TLS on both sides, as in ``--only pg``) on one
+cluster. It prints pgbench ``-S`` TPS and each relay's CPU (user, system) per transaction, and
+their ratio: the most any Python relay could reach against pgbouncer here.
+
+What it must not do: pass for a measurement of jit-proxy (it relays no SSH and audits no SQL), or
+reach anything but 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,9 +27,15 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import socket
+import ssl
+import statistics
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -109,16 +122,179 @@ async def measure(mib: int) -> dict[str, float]:
             "system": (after.ru_stime - before.ru_stime) / gib, "wall": wall}
 
 
+class _Pump(asyncio.Protocol):
+    """One side of the bare PostgreSQL relay: what arrives is written to ``peer`` as it comes;
+    when this side's own transport cannot take more, ``peer`` stops reading."""
+
+    def __init__(self) -> None:
+        self.peer: asyncio.Transport | None = None
+        self.early: list[bytes] = []  # what came before ``attach``
+        self.handshake: asyncio.StreamWriter | None = None  # dropped, it would close the socket
+
+    def attach(self, peer: asyncio.Transport) -> None:
+        self.peer = peer
+        for data in self.early:
+            peer.write(data)
+        self.early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self.early.append(data)
+        else:
+            self.peer.write(data)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None:
+            self.peer.close()
+
+
+async def _bare_pg_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          server_tls: ssl.SSLContext, upstream_tls: ssl.SSLContext,
+                          upstream_port: int) -> None:
+    """SSLRequest from the client, TLS to the cluster, TLS from the client, then bytes."""
+    from proxy.pgwire import SSLRequest
+    loop = asyncio.get_running_loop()
+    try:
+        if await reader.readexactly(8) != SSLRequest().encode():
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        up_writer.write(SSLRequest().encode())
+        if await up_reader.readexactly(1) != b"S":
+            raise ConnectionError("the cluster refused TLS")
+        from_upstream, from_client = _Pump(), _Pump()
+        from_upstream.handshake, from_client.handshake = up_writer, writer
+        upstream = await loop.start_tls(up_writer.transport, from_upstream, upstream_tls,
+                                        server_hostname="127.0.0.1")
+        from_client.attach(upstream)
+        writer.write(b"S")
+        client = await loop.start_tls(writer.transport, from_client, server_tls,
+                                      server_side=True)
+        from_upstream.attach(client)
+    except (OSError, asyncio.IncompleteReadError):
+        writer.close()
+
+
+def _thread_cpu(tid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of this process's thread ``tid`` (proc(5))."""
+    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _process_cpu(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def measure_pg(seconds: int, rounds: int, scale: int) -> dict[str, dict[str, float]]:
+    """pgbench -S (8 clients, 2 threads) through the bare relay and through pgbouncer,
+    alternately ``rounds`` times for ``seconds`` each, on a cluster of pgbench scale ``scale``:
+    for each, the median ``tps`` and the relay's ``user`` and ``system`` CPU µs per
+    transaction. Raises RuntimeError when a tool is missing or pgbench fails."""
+    from bench.env import PG_DB, PG_PASSWORD, PG_USER, PgPeers, descendants, require_tools
+    from bench.pg import run_pgbench
+    require_tools(pg=True)
+    d = Path(tempfile.mkdtemp(prefix="jit-floor-"))
+    os.chmod(d, 0o711)
+    peers = PgPeers(d / "pg", scale, max_connections=100)
+    ready, port, stop = threading.Event(), [0], [None]
+
+    def serve() -> None:
+        server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        (d / "cert.pem").write_bytes(peers.cert.chain_pem)
+        (d / "key.pem").write_bytes(peers.cert.key_pem)
+        os.chmod(d / "key.pem", 0o600)
+        server_tls.load_cert_chain(d / "cert.pem", d / "key.pem")
+        upstream_tls = ssl.create_default_context(cafile=str(peers.ca_file))
+
+        async def relay() -> None:
+            server = await asyncio.start_server(
+                lambda r, w: _bare_pg_client(r, w, server_tls, upstream_tls, peers.port),
+                "127.0.0.1", 0)
+            port[0] = server.sockets[0].getsockname()[1]
+            stop[0] = (asyncio.get_running_loop(), asyncio.Event())
+            ready.set()
+            await stop[0][1].wait()
+            server.close()
+        _event_loop()(relay())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    try:
+        peers.start()
+        thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the bare relay did not start")
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        environ.update(PGPASSWORD=PG_PASSWORD, PGSSLMODE="require")
+        assert peers.bouncer is not None
+        bouncer = (descendants(peers.bouncer.pid) or [peers.bouncer.pid])[0]
+        paths = {"bare relay": (port[0], lambda: _thread_cpu(thread.native_id)),
+                 "pgbouncer": (peers.bouncer_port, lambda: _process_cpu(bouncer))}
+        got: dict[str, dict[str, list[float]]] = {p: {"tps": [], "user": [], "system": []}
+                                                  for p in paths}
+        for _ in range(rounds):
+            for name, (p, cpu) in paths.items():
+                before = cpu()
+                tps, done = run_pgbench(["-h", "127.0.0.1", "-p", str(p), "-U", PG_USER, PG_DB],
+                                        environ, seconds, via=name)
+                after = cpu()
+                got[name]["tps"].append(tps)
+                got[name]["user"].append((after[0] - before[0]) / max(done, 1) * 1e6)
+                got[name]["system"].append((after[1] - before[1]) / max(done, 1) * 1e6)
+        return {name: {k: statistics.median(v) for k, v in figures.items()}
+                for name, figures in got.items()}
+    finally:
+        if stop[0] is not None:
+            loop, event = stop[0]
+            loop.call_soon_threadsafe(event.set)
+            thread.join(10)
+        peers.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _event_loop():
+    """uvloop.run when uvloop is installed (as the proxy runs), else asyncio.run."""
+    try:
+        import uvloop
+        return uvloop.run
+    except ImportError:  # (asyncio's own loop: a higher floor)
+        return asyncio.run
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=512, help="payload to relay (MiB)")
+    p.add_argument("--pg", action="store_true",
+                   help="the PostgreSQL path instead: a bare TLS relay against pgbouncer")
+    p.add_argument("--seconds", type=int, default=8, help="length of each pgbench run (--pg)")
+    p.add_argument("--rounds", type=int, default=3, help="alternated pgbench runs (--pg)")
+    p.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (--pg)")
     args = p.parse_args()
-    try:
-        import uvloop
-        run = uvloop.run
-    except ImportError:  # (asyncio's own loop: a higher floor)
-        run = asyncio.run
-    r = run(measure(args.mib))
+    if args.pg:
+        try:
+            r = measure_pg(args.seconds, args.rounds, args.scale)
+        except RuntimeError as exc:
+            print(f"bench.floor: {exc}", file=sys.stderr)
+            return 1
+        for name, f in r.items():
+            print(f"{name}: {f['tps']:.0f} TPS, {f['user'] + f['system']:.1f} µs CPU per "
+                  f"transaction (user {f['user']:.1f}, system {f['system']:.1f})")
+        ratio = r["bare relay"]["tps"] / r["pgbouncer"]["tps"]
+        print(f"pg relay floor: {ratio:.2f}x pgbouncer's pgbench -S TPS for a Python relay that "
+              f"only terminates and opens TLS (medians of {args.rounds} alternated "
+              f"{args.seconds} s runs)")
+        return 0
+    r = _event_loop()(measure(args.mib))
     print(f"relay floor: {r['user'] + r['system']:.2f} s CPU per GiB (user {r['user']:.2f}, "
           f"system {r['system']:.2f}) for two AES-GCM opens, one seal and a socket in and out "
           f"per {PAYLOAD // 1024} KiB; {args.mib} MiB in {r['wall']:.1f} s")

@@ -34,25 +34,34 @@ def conn_env(env: BenchEnv, peer: str, secret: str) -> tuple[dict, list[str]]:
             ["-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB])
 
 
+def run_pgbench(target: list[str], environ: dict, seconds: int, connect_each: bool = False,
+                clients: int = 8, threads: int = 2, via: str = "") -> tuple[float, int]:
+    """One ``pgbench -S`` run of ``seconds`` against ``target`` (its -h, -p, -U and database
+    arguments) with ``environ``: (TPS, transactions done). Raises RuntimeError, naming ``via``,
+    when pgbench fails or prints no TPS."""
+    argv = ["pgbench", "-n", "-S", "-c", str(clients), "-j", str(threads), "-T", str(seconds)]
+    if connect_each:
+        argv.append("-C")
+    r = subprocess.run(argv + target, env=environ, capture_output=True, text=True,
+                       timeout=seconds + 120)
+    m = re.search(r"tps = ([\d.]+) \((without|excluding)", r.stdout) or \
+        re.search(r"tps = ([\d.]+)", r.stdout)
+    if r.returncode != 0 or not m:
+        raise RuntimeError(f"pgbench via {via} failed: {r.stderr.strip()[-1000:]}")
+    done = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
+    return float(m.group(1)), int(done.group(1)) if done else 0
+
+
 def pgbench(env: BenchEnv, peer: str, secret: str, seconds: int, connect_each: bool,
             clients: int = 8, threads: int = 2, cpu: dict | None = None) -> float:
     """pgbench's TPS through ``peer``; with ``cpu``, also appends to ``cpu[peer]`` the CPU
     microseconds the relay (jit-proxy or pgbouncer) spent per transaction."""
     e, target = conn_env(env, peer, secret)
-    argv = ["pgbench", "-n", "-S", "-c", str(clients), "-j", str(threads), "-T", str(seconds)]
-    if connect_each:
-        argv.append("-C")
     with env.relay_cpu(peer) as meter:
-        r = subprocess.run(argv + target, env=e, capture_output=True, text=True,
-                           timeout=seconds + 120)
-    m = re.search(r"tps = ([\d.]+) \((without|excluding)", r.stdout) or \
-        re.search(r"tps = ([\d.]+)", r.stdout)
-    if r.returncode != 0 or not m:
-        raise RuntimeError(f"pgbench via {peer} failed: {r.stderr.strip()[-1000:]}")
-    done = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
-    if cpu is not None and meter is not None and done and int(done.group(1)):
-        cpu.setdefault(peer, []).append(meter.used / int(done.group(1)) * 1e6)
-    return float(m.group(1))
+        tps, done = run_pgbench(target, e, seconds, connect_each, clients, threads, via=peer)
+    if cpu is not None and meter is not None and done:
+        cpu.setdefault(peer, []).append(meter.used / done * 1e6)
+    return tps
 
 
 def run(env: BenchEnv, results: Results, rounds: int, seconds: int) -> None:
