@@ -37,7 +37,7 @@ from proxy.access.duration import format_duration
 from proxy.access.model import Grant
 from proxy.config import NAME_PATTERN, PostgresTarget
 from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE,
-                          INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD,
+                          INTERNAL_ERROR, INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD,
                           AuthenticationCleartextPassword, AuthenticationMD5Password,
                           AuthenticationOk, AuthenticationSASL, AuthenticationSASLContinue,
                           AuthenticationSASLFinal, BackendKeyData, Bind, CancelRequest, Close,
@@ -337,6 +337,17 @@ class PgClient:
                                   "jit-proxy: login timed out")
             else:
                 self.end_reason = self.ending_reason if self.ending else "timeout"
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            raise  # the client or the server went away
+        except Exception as exc:  # e.g. a store error: this connection only, said and audited
+            log.exception("PostgreSQL connection from %s failed", self.peer)
+            error = str(exc)[:500] or type(exc).__name__
+            self.service.audit.emit("db.session.failed", self.user or "", peer=self.peer,
+                                    target=self.target_name or None,
+                                    grant=self.grant.id if self.grant else None,
+                                    session=self.session_id, error=error)
+            self.end_reason = f"proxy error: {error}"[:200]
+            await self._fatal(INTERNAL_ERROR, f"jit-proxy: internal error: {error}")
         finally:
             await self._finish()
 

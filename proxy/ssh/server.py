@@ -255,7 +255,18 @@ class FrontDoor:
             " ".join((await self.service.describe_denial(user, target, None)).split()))
 
     async def _inner(self, user: str, target: str, peer: str) -> "ChannelTransportSession":
-        cert = await self.service.host_certificate(f"target:{target}", [target])
+        """The inner server for ``ssh -J``, presenting the proxy's host certificate for
+        ``target``. Raises ChannelOpenError (that channel fails, audited as
+        ``ssh.session.refused``) when the certificate cannot be minted, e.g. a store error."""
+        try:
+            cert = await self.service.host_certificate(f"target:{target}", [target])
+        except Exception as exc:  # noqa: BLE001 - else asyncssh closes the whole connection
+            why = f"the proxy could not mint its host certificate for {target}: {exc}"
+            self.service.audit.emit("ssh.session.refused", user, target=target, peer=peer,
+                                    why=why[:300])
+            raise asyncssh.ChannelOpenError(  # (OpenSSH shows about 100 characters of it)
+                asyncssh.OPEN_CONNECT_FAILED,
+                f"jit-proxy: cannot open a session to {target}: {exc}"[:300]) from None
         jump = JumpConnection(self.service, user, target, peer)
         options = asyncssh.SSHServerConnectionOptions(
             self._inner_base, server_factory=lambda: jump,

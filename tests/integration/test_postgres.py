@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -737,3 +738,25 @@ def test_sync_inside_copy_data_is_refused(pg_env):
             c.close()
     asyncio.run(scenario())
     assert pg_env.wait_event("db.protocol.error", lambda e: "inside COPY data" in e["error"])
+
+
+def test_a_store_failure_during_login_gets_a_fatal_and_is_audited(fresh_pg_env):
+    """The store cannot record the session (its database stays locked past its busy timeout):
+    the client gets a FATAL saying so (XX000), the failure is audited as db.session.failed, and
+    the next login works; before, the connection just dropped with nothing audited."""
+    env = fresh_pg_env
+    grant = db_grant(env)
+    login = db_login(env)
+    db = sqlite3.connect(env.state / "jit-proxy.db", timeout=10)
+    try:
+        db.execute("BEGIN EXCLUSIVE")  # until the proxy's busy timeout (5 s) has passed
+        r = psql(env, login, "SELECT 1")
+    finally:
+        db.rollback()
+        db.close()
+    assert r.returncode == 2
+    assert "FATAL:  jit-proxy: internal error: database is locked" in r.stderr, r.stderr
+    failed = env.wait_event("db.session.failed", lambda e: e.get("grant") == grant["id"])
+    assert failed["error"] == "database is locked" and failed["target"] == "orders"
+    r = psql(env, db_login(env), "SELECT 41 + 1")
+    assert r.returncode == 0 and r.stdout.strip() == "42", r.stderr

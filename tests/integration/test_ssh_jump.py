@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -414,3 +415,37 @@ def test_local_forwarding_when_the_policy_allows_it_and_revoke_ends_it(env):
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
         server.shutdown()
+
+
+def test_a_certificate_that_cannot_be_minted_fails_the_jump_and_is_audited(fresh_env):
+    """The store cannot record a certificate's serial (here its database stays locked past its
+    busy timeout). For the proxy's host certificate (the first ``ssh -J`` to a target) that
+    channel fails with the reason, audited as ssh.session.refused; before, the client's whole
+    connection closed with nothing said or audited. For the certificate the proxy logs in to
+    the target with, the user is told the target cannot be reached and why, audited as
+    ssh.upstream.failed; before, that was audited only for errors of the connection itself."""
+    env = fresh_env
+    grant = env.grant("alice")
+
+    def jump_while_the_store_is_locked() -> subprocess.CompletedProcess:
+        db = sqlite3.connect(env.state / "jit-proxy.db", timeout=10)
+        try:
+            db.execute("BEGIN EXCLUSIVE")  # until the proxy's busy timeout (5 s) has passed
+            return env.jump("alice", "true")
+        finally:
+            db.rollback()
+            db.close()
+
+    r = jump_while_the_store_is_locked()
+    assert r.returncode == 255
+    assert b"jit-proxy: cannot open a session to web1: database is locked" in r.stderr, r.stderr
+    refused = env.wait_event("ssh.session.refused", lambda e: e.get("target") == "web1")
+    assert refused["why"] == ("the proxy could not mint its host certificate for web1: "
+                              "database is locked")
+    assert env.jump("alice", "echo back").stdout == b"back\n"  # (the host certificate is kept)
+    r = jump_while_the_store_is_locked()
+    assert r.returncode == 255
+    assert b"jit-proxy: cannot reach web1: database is locked" in r.stderr, r.stderr
+    failed = env.wait_event("ssh.upstream.failed", lambda e: e.get("grant") == grant["id"])
+    assert failed["error"] == "database is locked" and failed["login"] == env.login
+    assert env.jump("alice", "echo again").stdout == b"again\n"
