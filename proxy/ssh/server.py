@@ -148,7 +148,16 @@ class FrontDoor:
 
     async def _run(self, process: asyncssh.SSHServerProcess, user: str, line: str,
                    interactive: bool = False) -> int:
-        result = await run_command(self.service, user, line)
+        try:
+            result = await run_command(self.service, user, line)
+        except Exception as exc:  # noqa: BLE001 - e.g. a store error: this command only fails
+            log.exception("a command of %s failed", user)
+            error = str(exc)[:300] or type(exc).__name__
+            self.service.audit.emit("command.failed", user, command=line[:1000], error=error)
+            (process.stdout if interactive else process.stderr).write(
+                f"jit-proxy: internal error: {error}; try again, or tell the operator if it "
+                f"persists\n")
+            return 1
         self.service.audit.emit("command.run", user, command=line[:1000], status=result.status)
         process.stdout.write(result.out)
         # at the prompt, errors go in order with the rest (and get the terminal's line endings)
