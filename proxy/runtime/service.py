@@ -122,6 +122,9 @@ class AccessService:
     # (user, target) of the ssh -J connections to targets begun before their login claimed
     # them (proxy.ssh.bridge.JumpConnection.connect_early): one each at most
     early_upstreams: set[tuple[str, str]] = field(default_factory=set)
+    # and until when (loop time) none begins again for a (user, target) whose last one was
+    # dropped unclaimed: each is a connection the target accepts and the audit log never sees
+    early_cooldown: dict[tuple[str, str], float] = field(default_factory=dict)
     webhook: Any = None
     ssh_port: int = 22  # set by the listener once bound
     postgres: Any = None  # the PostgreSQL front door (db-login, its CA) when configured

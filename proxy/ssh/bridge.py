@@ -46,6 +46,10 @@ UPSTREAM_CONNECT_TIMEOUT = 15.0
 # one at a prompt gets a fresh connection at its login), and at most this many wait at once
 EARLY_CLAIM_WITHIN = 5.0
 EARLY_UPSTREAMS_MAX = 32
+# after one was dropped unclaimed, none begins for that user and target for this many seconds
+# (their logins connect at the login meanwhile): opening and closing channels over and over must
+# not make the target accept a stream of connections nobody logs in on
+EARLY_COOLDOWN = 30.0
 # the target-side session channel: a bigger window and packets than asyncssh's defaults (2 MiB,
 # 32 KiB) mean fewer packets to decrypt and fewer window adjustments per byte from the target;
 # the client side stays bounded by the client's own window (flow control pauses reading here;
@@ -273,9 +277,13 @@ class JumpConnection(asyncssh.SSHServer):
         ``begin_auth`` claims it for that login (the certificate is minted then), and is dropped
         for any other login or unclaimed after ``EARLY_CLAIM_WITHIN``; none begins while
         ``EARLY_UPSTREAMS_MAX`` wait (each holds one of the target's unauthenticated connection
-        slots, MaxStartups, meanwhile: opening channels must not fill them)."""
-        waiting = self.service.early_upstreams
+        slots, MaxStartups, meanwhile: opening channels must not fill them), nor for
+        ``EARLY_COOLDOWN`` after the user's last one on the target went unclaimed."""
+        waiting, cooldown = self.service.early_upstreams, self.service.early_cooldown
         key = (self.user, self.target_name)
+        now = asyncio.get_running_loop().time()
+        if cooldown.get(key, 0.0) > now:
+            return
         grants = self.service.live_grants_on(self.user, self.target_name)
         if (len(grants) != 1 or grants[0].awaiting_first_use or key in waiting
                 or len(waiting) >= EARLY_UPSTREAMS_MAX):
@@ -357,6 +365,11 @@ class JumpConnection(asyncssh.SSHServer):
             asyncio.get_running_loop().call_later(CLOSE_GRACE, self.conn.close)
 
     def _drop_upstream(self) -> None:
+        if self._early is not None:  # connect_early's, never claimed
+            cooldown, now = self.service.early_cooldown, asyncio.get_running_loop().time()
+            for key in [k for k, until in cooldown.items() if until <= now]:
+                del cooldown[key]
+            cooldown[(self.user, self.target_name)] = now + EARLY_COOLDOWN
         self._release_early()
         task, self._upstream = self._upstream, None
         if self._credentials is not None and not self._credentials.done():

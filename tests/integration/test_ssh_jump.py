@@ -154,6 +154,40 @@ def test_the_connection_to_the_target_begins_early_but_one_per_user_and_only_for
     assert not [e for e in events if e["type"] == "ssh.upstream.failed"], events
 
 
+def test_after_an_early_connection_went_unclaimed_none_begins_for_a_while(fresh_env):
+    """Opening and closing channels over and over must not make the target accept a stream of
+    connections nobody logs in on (none of them is audited): after one went unclaimed, the
+    next channel begins none (EARLY_COOLDOWN), and a login then connects at its login."""
+    env = fresh_env
+    env.grant("alice")
+
+    def open_channel_for(seconds: float) -> subprocess.Popen:
+        return subprocess.Popen(["sh", "-c", f"sleep {seconds} | ssh -F {env.ssh_config} "
+                                             f"-W web1:22 alice@jit-proxy"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    first = open_channel_for(1)
+    deadline = time.monotonic() + 10
+    while _connections_to(env.target.port) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _connections_to(env.target.port) == 1  # connect_early at work
+    first.wait(timeout=15)
+    deadline = time.monotonic() + 10
+    while _connections_to(env.target.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = open_channel_for(2)
+    try:
+        seen = 0
+        for _ in range(30):  # while the second channel is open
+            seen = max(seen, _connections_to(env.target.port))
+            time.sleep(0.05)
+        assert seen == 0
+    finally:
+        second.wait(timeout=15)
+    r = env.jump("alice", "echo in-$((6*7))")
+    assert r.returncode == 0 and r.stdout == b"in-42\n", r.stderr
+
+
 def test_exit_status_passes_through(env, granted):
     assert env.jump("alice", "exit 3").returncode == 3
     r = env.jump("alice", "echo out; echo err >&2; exit 0")
