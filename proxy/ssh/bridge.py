@@ -132,8 +132,10 @@ def upstream_known_hosts(target: SSHTarget) -> tuple[list, list, list]:
 class JumpConnection(asyncssh.SSHServer):
     """The inner SSH server of one jump connection, and the upstream connection it owns."""
 
-    def __init__(self, service: AccessService, user: str, target_name: str, peer: str):
+    def __init__(self, service: AccessService, user: str, target_name: str, peer: str,
+                 client: Any = None):
         self.service = service
+        self.client = client  # the client's connection (server.ProxyServer), if known
         self.user = user
         self.target_name = target_name
         self.target: SSHTarget = service.config.targets[target_name]
@@ -161,7 +163,26 @@ class JumpConnection(asyncssh.SSHServer):
 
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
+        if self.client is not None:
+            self.client.jumps.add(self)
         self.connect_early()  # (the channel is open: connection_lost will come)
+
+    def client_socket_full(self, full: bool) -> None:
+        """The client's socket backed up (or drained): stop (or resume) reading from the
+        target altogether, whatever the channels' windows allow (sessions and forwards)."""
+        task = self._upstream
+        if task is not None and task.done() and not task.cancelled() \
+                and task.exception() is None:
+            self._follow_client_socket(task.result())
+
+    def _follow_client_socket(self, upstream: asyncssh.SSHClientConnection) -> None:
+        transport = getattr(upstream, "_transport", None)  # (asyncssh never pauses it itself)
+        if transport is None or transport.is_closing():
+            return
+        if self.client is not None and self.client.socket_full:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     async def begin_auth(self, username: str) -> bool:
         grant = self.service.live_grant(self.user, self.target_name, username)
@@ -254,6 +275,8 @@ class JumpConnection(asyncssh.SSHServer):
         if self._closed:
             return
         self._closed = True
+        if self.client is not None:
+            self.client.jumps.discard(self)
         if self.grant is not None:
             self.service.detach(self.grant.id, self)
             self.service.audit.emit("ssh.connection.end", self.user, target=self.target_name,
@@ -336,13 +359,16 @@ class JumpConnection(asyncssh.SSHServer):
         gets (``_mint_credentials``); until then the connection waits. A failure is audited
         once the login has claimed the connection (connect_early's are dropped silently)."""
         try:
-            return await asyncssh.connect(
+            upstream = await asyncssh.connect(
                 self.target.address, self.target.port, username=login,
                 client_factory=lambda: _UpstreamClient(credentials), client_keys=[],
                 known_hosts=upstream_known_hosts(self.target),
                 config=None, agent_path=None, preferred_auth="publickey",
                 encryption_algs=PREFERRED_CIPHERS, connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
                 keepalive_interval=60)
+            if self.client is not None and self.client.socket_full:
+                self._follow_client_socket(upstream)
+            return upstream
         except Exception as exc:  # the connection, or minting its certificate (a store error)
             if self._claimed and asyncio.current_task() is self._upstream:
                 self.service.audit.emit("ssh.upstream.failed", self.user,

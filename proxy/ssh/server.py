@@ -231,8 +231,10 @@ class FrontDoor:
 
     # --- jump connections ------------------------------------------------------------------------
 
-    def open_jump(self, user: str, dest_host: str, dest_port: int, peer: str) -> Any:
-        """Check a direct-tcpip request and return the coroutine that builds its inner server.
+    def open_jump(self, user: str, dest_host: str, dest_port: int, peer: str,
+                  client: "ProxyServer | None" = None) -> Any:
+        """Check a direct-tcpip request and return the coroutine that builds its inner server;
+        ``client`` is the connection it came on (whose socket backing up pauses the target).
 
         Raises:
             asyncssh.ChannelOpenError: not a configured target/port, or no live grant on it.
@@ -255,7 +257,7 @@ class FrontDoor:
             service.audit.emit("ssh.session.refused", user, target=dest_host, peer=peer,
                                why="no active grant")
             return self._no_grant(user, dest_host)
-        return self._inner(user, dest_host, peer)
+        return self._inner(user, dest_host, peer, client)
 
     async def _no_grant(self, user: str, target: str) -> Any:
         """Refuse the channel, saying which grant is missing and how to get it."""
@@ -263,7 +265,8 @@ class FrontDoor:
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             " ".join((await self.service.describe_denial(user, target, None)).split()))
 
-    async def _inner(self, user: str, target: str, peer: str) -> "ChannelTransportSession":
+    async def _inner(self, user: str, target: str, peer: str,
+                     client: "ProxyServer | None" = None) -> "ChannelTransportSession":
         """The inner server for ``ssh -J``, presenting the proxy's host certificate for
         ``target``. Raises ChannelOpenError (that channel fails, audited as
         ``ssh.session.refused``) when the certificate cannot be minted, e.g. a store error."""
@@ -276,7 +279,7 @@ class FrontDoor:
             raise asyncssh.ChannelOpenError(  # (OpenSSH shows about 100 characters of it)
                 asyncssh.OPEN_CONNECT_FAILED,
                 f"jit-proxy: cannot open a session to {target}: {exc}"[:300]) from None
-        jump = JumpConnection(self.service, user, target, peer)
+        jump = JumpConnection(self.service, user, target, peer, client)
         options = asyncssh.SSHServerConnectionOptions(
             self._inner_base, server_factory=lambda: jump,
             server_host_keys=[(self.service.host_key, cert)])
@@ -333,10 +336,17 @@ class ProxyServer(asyncssh.SSHServer):
         self.attempts = 0  # PAM attempts, each audited (and counted) by itself
         self.tries = 0  # failed attempts of any method, for ssh.max_auth_tries
         self._closing = False
+        self.socket_full = False  # the client's socket is past its transport's high water mark
+        self.jumps: set[JumpConnection] = set()  # the ssh -J connections it carries
 
     def connection_made(self, conn: SSHServerConnection) -> None:
         self.conn = conn
         batch_writes(conn)
+        # asyncssh ignores its transport's flow control: without this, a client that stops
+        # reading its socket while announcing huge windows has the proxy buffer all a target
+        # sends
+        conn.pause_writing = lambda: self._socket_backed_up(True)  # type: ignore[method-assign]
+        conn.resume_writing = lambda: self._socket_backed_up(False)  # type: ignore[method-assign]
         self._original_send_success = conn.send_userauth_success
         conn.send_userauth_success = self._send_success  # type: ignore[method-assign]
         self.door.connections.add(conn)
@@ -491,10 +501,17 @@ class ProxyServer(asyncssh.SSHServer):
         service.audit.emit("auth.success", self.username or "", method=",".join(self.completed),
                            peer=self.peer)
 
+    def _socket_backed_up(self, full: bool) -> None:
+        """The client's socket cannot take more (or has drained): every connection to a
+        target this client is fed from stops (or resumes) reading."""
+        self.socket_full = full
+        for jump in list(self.jumps):
+            jump.client_socket_full(full)
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:
         assert self.username is not None
-        return self.door.open_jump(self.username, dest_host, dest_port, self.peer)
+        return self.door.open_jump(self.username, dest_host, dest_port, self.peer, self)
 
     def unix_connection_requested(self, dest_path: str) -> bool:
         self.door.service.audit.emit("ssh.forward.refused", self.username or "",

@@ -127,11 +127,14 @@ def _connections_to(port: int) -> int:
 
 
 def test_the_connection_to_the_target_begins_early_but_one_per_user_and_only_for_a_while(
-        env, granted):
+        fresh_env):
     """connect_early: a channel opened with nothing sent on it begins at most one connection
     to the target per user and target (opening channels must not fill the target's
     MaxStartups), and one not claimed by a login within EARLY_CLAIM_WITHIN is dropped; a
-    client that logs in later still gets in, on a fresh connection, with no failure reported."""
+    client that logs in later still gets in, on a fresh connection, with no failure reported.
+    (A proxy of its own: an earlier test's unclaimed early connection starts a cooldown.)"""
+    env = fresh_env
+    env.grant("alice")
     hold = [subprocess.Popen(["sh", "-c", f"sleep 3 | ssh -F {env.ssh_config} -W web1:22 "
                                           f"alice@jit-proxy"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL) for _ in range(6)]
@@ -408,6 +411,64 @@ def test_a_client_that_stops_reading_cannot_grow_the_proxy(env, granted):
 
     before, peak = asyncio.run(scenario())
     assert peak - before < 64 * 1024, f"proxy RSS grew by {(peak - before) // 1024} MiB"
+
+
+def test_a_client_that_stops_reading_its_socket_cannot_grow_the_proxy(env, granted):
+    """As above, but the client announces a huge window on its outer channel too and stops
+    reading the TCP socket itself: asyncssh ignores its transport's pause_writing, so the
+    proxy must stop reading from the target while the client's socket is backed up (before,
+    it buffered 950 MiB in 6 s), and carry on once it drains: every byte arrives."""
+    import asyncio
+
+    import asyncssh
+
+    size = 300_000_000
+
+    def rss_kib() -> int:
+        for line in open(f"/proc/{env.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    class HugeWindowTunnel:
+        def __init__(self, conn):
+            self.conn = conn
+
+        async def create_connection(self, session_factory, host, port):
+            return await self.conn.create_connection(session_factory, host, port,
+                                                     window=2**31 - 1)
+
+    class Counting(asyncssh.SSHClientSession):
+        received = 0
+
+        def data_received(self, data, datatype):
+            Counting.received += len(data)
+
+    async def scenario() -> tuple[int, int]:
+        outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
+                                       client_keys=[str(env.keys / "alice")], known_hosts=None,
+                                       config=None, agent_path=None)
+        inner = await asyncssh.connect("web1", 22, tunnel=HugeWindowTunnel(outer),
+                                       username=env.login, known_hosts=None, config=None,
+                                       agent_path=None, client_keys=None)
+        chan, _ = await inner.create_session(Counting, f"read x; head -c {size} /dev/zero",
+                                             window=2**31 - 1)
+        await asyncio.sleep(0.5)
+        before = rss_kib()
+        outer._transport.pause_reading()  # the socket: nothing more is read from the proxy
+        chan.write("go\n")
+        peak = before
+        for _ in range(25):
+            await asyncio.sleep(0.2)
+            peak = max(peak, rss_kib())
+        outer._transport.resume_reading()
+        await asyncio.wait_for(chan.wait_closed(), 60)
+        outer.close()
+        return before, peak
+
+    before, peak = asyncio.run(scenario())
+    assert peak - before < 64 * 1024, f"proxy RSS grew by {(peak - before) // 1024} MiB"
+    assert Counting.received == size
 
 
 def test_local_forwarding_when_the_policy_allows_it_and_revoke_ends_it(env):
