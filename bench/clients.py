@@ -27,8 +27,9 @@ class Clients:
         self.key = asyncssh.read_private_key(str(env.keys / "alice"))
 
     async def proxy(self, user: str) -> asyncssh.SSHClientConnection:
+        key = self.env.storm_keys.get(user, self.key)
         return await asyncssh.connect("127.0.0.1", self.env.port, username=user,
-                                      client_keys=[self.key], known_hosts=None, config=None,
+                                      client_keys=[key], known_hosts=None, config=None,
                                       agent_path=None)
 
     async def command(self, user: str, command: str, conn=None) -> dict | list:

@@ -207,6 +207,9 @@ class BenchEnv:
         for u in ("bob", "carol"):
             write_private_key(self.keys / u, asyncssh.generate_private_key("ssh-ed25519"))
         self.storm_users = [f"s{i:04d}" for i in range(storm_users)]
+        # a key each (one key under two user names is refused): in memory only
+        self.storm_keys = {u: asyncssh.generate_private_key("ssh-ed25519")
+                           for u in self.storm_users}
         self.ca = SSHCertificateAuthority.open(d / "state" / "ca")
         # a certificate for the anchors' paths (the target trusts only the CA)
         key = asyncssh.import_private_key((self.keys / "alice").read_bytes())
@@ -233,7 +236,8 @@ class BenchEnv:
         users = {"alice": {"keys": [self.alice_pub]},
                  "bob": {"keys": [(self.keys / "bob.pub").read_text().strip()]},
                  "carol": {"keys": [(self.keys / "carol.pub").read_text().strip()]}}
-        users.update({u: {"keys": [self.alice_pub]} for u in self.storm_users})
+        users.update({u: {"keys": [k.export_public_key().decode().strip()]}
+                      for u, k in self.storm_keys.items()})
         config: dict = {
             "state_dir": str(self.d / "state"),
             "ssh": {"listen_address": "127.0.0.1", "listen_port": free_port(),

@@ -712,6 +712,16 @@ def _reference_problems(config: Config) -> list[tuple[Path_, str]]:
             if not user.keys:
                 problems.append((("users", uname, "keys"),
                                  "no keys, but every auth.methods chain needs publickey"))
+    holder: dict[bytes, str] = {}  # a key's blob: the user it first appears under
+    for uname, user in config.users.items():
+        for i, key in enumerate(user.keys):
+            blob = asyncssh.import_public_key(key).public_data  # (the comment aside)
+            other = holder.setdefault(blob, uname)
+            if other != uname:
+                problems.append((("users", uname, "keys", i),
+                                 f"the same key as user {other!r}: one key is one person "
+                                 f"(under two names, one person could approve their own "
+                                 f"requests)"))
     for gname, group in config.groups.items():
         for i, member in enumerate(group.members):
             if member not in users and not system:

@@ -16,13 +16,14 @@ from proxy.config import parse_config
 from proxy.runtime.service import AccessService
 from proxy.store.sqlite import SQLiteStore
 
-KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+KEY, BOB_KEY = (asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+                for _ in range(2))
 CONFIG = f"""
 state_dir: STATE
 ca: {{clock_skew: 90s}}
 users:
   alice: {{keys: ["{KEY}"]}}
-  bob: {{keys: ["{KEY}"]}}
+  bob: {{keys: ["{BOB_KEY}"]}}
 targets:
   web1: {{address: 127.0.0.1, host_key: "{KEY}"}}
 policies:

@@ -126,10 +126,11 @@ def test_a_login_waits_for_the_alter_role_of_the_same_grant_before_it(pg_cluster
     from proxy.runtime.service import AccessService
     from proxy.store.sqlite import SQLiteStore
 
-    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    alice, bob = (asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+                  .strip() for _ in range(2))
     config = parse_config(yaml.safe_dump({
         "state_dir": str(tmp_path),
-        "users": {"alice": {"keys": [key]}, "bob": {"keys": [key]}},
+        "users": {"alice": {"keys": [alice]}, "bob": {"keys": [bob]}},
         "postgres": {"listen_address": "127.0.0.1", "listen_port": 0, "role_prefix": "jit_w_"},
         "targets": {"orders": _orders_target(pg_cluster, {"read": ["app_reader"]})},
         "policies": [{"name": "db", "targets": ["orders"], "roles": ["read"],

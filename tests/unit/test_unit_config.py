@@ -217,6 +217,18 @@ def test_policy_reference_of_unknown_kind():
     assert "'role:admin'" in m
 
 
+def test_one_key_under_two_users_is_refused():
+    """With the same key, the requester alice could log in as the approver bob and approve
+    her own request; the comment after the key does not make it another key."""
+    alice_key = public_key("alice")
+    text = replace_once(config_text(), f"      - {public_key('bob')}",
+                        f"      - {alice_key.split()[0]} {alice_key.split()[1]} bob@laptop")
+    assert single_error(text) == (
+        f"{FILENAME}:{line_of(text, 'bob@laptop')}: users.bob.keys[0]: the same key as user "
+        f"'alice': one key is one person (under two names, one person could approve their "
+        f"own requests)")
+
+
 def test_group_names_unknown_user():
     text = replace_once(config_text(), "members: [bob]", "members: [bobby]")
     assert single_error(text) == (
