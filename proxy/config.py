@@ -569,7 +569,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
                        f"{', '.join(TARGET_KINDS)})")
             messages.append(f"{filename}:{_line_for(loc, lines)}: {format_path(loc)}: {msg}")
         raise ConfigError(messages) from None
-    for loc, msg in _reference_problems(config):
+    for loc, msg in _reference_problems(config) + _secret_file_problems(config):
         messages.append(f"{filename}:{_line_for(loc, lines)}: {format_path(loc)}: {msg}")
     if messages:
         raise ConfigError(messages)
@@ -696,6 +696,31 @@ def config_warnings(path: Path | str, config: Config) -> list[str]:
         builder.build(root)
     return [f"{path}:{_line_for(loc, builder.lines)}: {format_path(loc)}: warning: {msg}"
             for loc, msg in warnings(config)]
+
+
+def _secret_file_problems(config: Config) -> list[tuple[Path_, str]]:
+    """Secret files that group or others may read or write: ``ca.passphrase_file`` and each
+    PostgreSQL target's ``admin.password_file`` must be 0600 or stricter, as sshd wants of a
+    private key and libpq of a password file. (A missing or unreadable one is only warned
+    about, see ``warnings``: check-config may run as another account or on another host.)"""
+    files: list[tuple[Path_, Path]] = []
+    if config.ca.passphrase_file is not None:
+        files.append((("ca", "passphrase_file"), config.ca.passphrase_file))
+    for name, target in config.targets.items():
+        if isinstance(target, PostgresTarget):
+            files.append((("targets", name, "admin", "password_file"),
+                          target.admin.password_file))
+    problems: list[tuple[Path_, str]] = []
+    for loc, path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISREG(st.st_mode) and mode & 0o077:
+            problems.append((loc, f"{path} is accessible by group or others (mode {mode:04o}); "
+                                  f"run 'chmod 600 {path}'"))
+    return problems
 
 
 def _reference_problems(config: Config) -> list[tuple[Path_, str]]:

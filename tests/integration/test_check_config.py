@@ -113,8 +113,14 @@ def test_requests_nobody_may_approve_and_an_unreadable_admin_password_are_warned
     assert f"password_file: warning: {password}: not a regular file" in r.stderr, r.stderr
     password.unlink()
     password.write_text("secret\n")
+    password.chmod(0o644)  # a secret others may read: an error, as libpq says of a .pgpass
     r = check(f)
-    assert "password_file" not in r.stderr, r.stderr
+    assert r.returncode != 0
+    assert (f"{f}:{line}: targets.orders.admin.password_file: {password} is accessible by "
+            f"group or others (mode 0644); run 'chmod 600 {password}'" in r.stderr), r.stderr
+    password.chmod(0o600)
+    r = check(f)
+    assert r.returncode == 0 and "password_file" not in r.stderr, r.stderr
 
 
 def test_requesters_the_policy_approves_by_itself_are_not_warned_about(tmp_path):

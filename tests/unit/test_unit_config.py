@@ -506,3 +506,16 @@ def test_committed_json_schema_matches_the_models():
     path = Path(__file__).resolve().parents[2] / "config" / "jit-proxy.schema.json"
     assert json.loads(path.read_text()) == Config.model_json_schema(), (
         "config/jit-proxy.schema.json is stale: regenerate it from proxy.config.Config")
+
+
+def test_a_ca_passphrase_file_others_may_read_is_refused(tmp_path):
+    passphrase = tmp_path / "ca.passphrase"
+    passphrase.write_text("correct horse\n")
+    passphrase.chmod(0o640)
+    text = replace_once(config_text(), "  clock_skew: 2m\n",
+                        f"  clock_skew: 2m\n  passphrase_file: {passphrase}\n")
+    assert single_error(text) == (
+        f"{FILENAME}:{line_of(text, 'passphrase_file')}: ca.passphrase_file: {passphrase} is "
+        f"accessible by group or others (mode 0640); run 'chmod 600 {passphrase}'")
+    passphrase.chmod(0o600)
+    assert parse_config(text, FILENAME).ca.passphrase_file == passphrase
