@@ -53,6 +53,7 @@ from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
 from proxy.postgres.scram import ScramError, ScramServer
 from proxy.postgres.secrets import OneTimeSecrets, dummy_verifier
+from proxy.postgres.sql import redact_passwords
 from proxy.postgres.statements import (MAX_ALTERNATIVES, PORTAL, STATEMENT, PreparedStatements,
                                        TooManyPending)
 from proxy.runtime.service import AccessService, LiveSession
@@ -761,8 +762,11 @@ class PgClient:
     def _audit_sql(self, kind: str, sql: str, statement: str | None,
                    params: list | None = None, refused: str | None = None,
                    instead: list[str] | None = None, more: bool = False) -> None:
+        shown = redact_passwords(sql)  # secrets never reach the audit log
         fields: dict = {"session": self.session_id, "target": self.target_name,
-                        "role": self.role, "kind": kind, "sql": sql[:AUDIT_SQL_LIMIT]}
+                        "role": self.role, "kind": kind, "sql": shown[:AUDIT_SQL_LIMIT]}
+        if shown is not sql:
+            fields["sql_redacted"] = "password literals"
         if statement is not None:
             fields["statement"] = statement
         if params:
@@ -770,7 +774,7 @@ class PgClient:
         if refused:
             fields["refused"] = refused
         if instead:  # messages of earlier batches are still unanswered
-            fields["sql_if_earlier_failed"] = [s[:AUDIT_SQL_LIMIT] for s in
+            fields["sql_if_earlier_failed"] = [redact_passwords(s)[:AUDIT_SQL_LIMIT] for s in
                                                instead[:MAX_ALTERNATIVES]]
         if more:  # and yet more alternatives than those listed
             fields["sql_if_earlier_failed_truncated"] = True
@@ -780,9 +784,9 @@ class PgClient:
                 "names the proxy does not follow" if self._sql_level_names else
                 "a simple Query after unsynced extended-query messages met an error, so "
                 "the server may have skipped it")
-        if len(sql) > AUDIT_SQL_LIMIT:
+        if len(shown) > AUDIT_SQL_LIMIT:  # (the hash of what is shown: never of a password)
             fields["sql_truncated"] = True
-            fields["sql_sha256"] = hashlib.sha256(sql.encode()).hexdigest()
+            fields["sql_sha256"] = hashlib.sha256(shown.encode()).hexdigest()
         self.service.audit.emit("db.query", self.user, **fields)
 
     async def _upstream_to_client(self) -> None:

@@ -193,6 +193,22 @@ def test_every_statement_is_audited_in_order(pg_env):
     assert v.returncode == 0, v.stderr
 
 
+def test_password_literals_never_reach_the_audit_log(pg_env):
+    """psql's \\password, or ALTER ROLE ... PASSWORD by hand, sends the password (or its SCRAM
+    verifier) in the SQL: the audit log keeps the statement with the literal redacted."""
+    grant = db_grant(pg_env)
+    r = psql(pg_env, db_login(pg_env),
+             "ALTER ROLE nobody_here PASSWORD 'hunter2-correct-horse' VALID UNTIL 'infinity'")
+    assert r.returncode == 1 and "nobody_here" in r.stderr  # the server still got it
+    start = pg_env.wait_event("db.session.start", lambda e: e["grant"] == grant["id"])
+    event = pg_env.wait_event("db.query", lambda e: e["session"] == start["session"])
+    assert event["sql"] == ("ALTER ROLE nobody_here PASSWORD '<redacted>' VALID UNTIL "
+                            "'infinity'")
+    assert event["sql_redacted"] == "password literals"
+    assert "hunter2" not in (pg_env.state / "audit.jsonl").read_text()
+    assert "hunter2" not in (pg_env.root / "proxy.log").read_text()
+
+
 def _psql_args(env, login):
     return ["psql", "-X", "-v", "ON_ERROR_STOP=1",
             f"host=127.0.0.1 port={env.pg_port} user={login['user']} dbname=orders "
