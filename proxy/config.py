@@ -20,7 +20,7 @@ import asyncssh
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
                       PrivateAttr, ValidationError,
-                      model_validator)
+                      field_validator, model_validator)
 
 from proxy.access.duration import MAX_DURATION, parse_duration
 
@@ -79,6 +79,19 @@ class SSHListener(_Model):
     # "chacha20-poly1305@openssh.com" or "aes128-ctr" for clients without AES-GCM.
     ciphers: list[str] = Field(default_factory=lambda: ["aes128-gcm@openssh.com",
                                                         "aes256-gcm@openssh.com"], min_length=1)
+
+    @field_validator("ciphers")
+    @classmethod
+    def _known_ciphers(cls, value: list[str]) -> list[str]:
+        """Only what asyncssh enables by default (AEAD and CTR): CBC, 3DES, Blowfish, CAST
+        and RC4 are refused, as OpenSSH no longer offers them either."""
+        from asyncssh.encryption import get_default_encryption_algs
+        known = [a.decode() for a in get_default_encryption_algs()]
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown or weak cipher {name!r} (choose from: "
+                                 f"{', '.join(known)})")
+        return value
 
 
 class DaemonSettings(_Model):

@@ -519,3 +519,18 @@ def test_a_ca_passphrase_file_others_may_read_is_refused(tmp_path):
         f"accessible by group or others (mode 0640); run 'chmod 600 {passphrase}'")
     passphrase.chmod(0o600)
     assert parse_config(text, FILENAME).ca.passphrase_file == passphrase
+
+
+def test_an_unknown_or_weak_cipher_is_refused_before_the_daemon_starts():
+    """check-config said ok to any name; serve then died with a traceback (an unknown name) or
+    offered CBC alone (a weak one)."""
+    for name in ("foo-cipher", "aes128-cbc", "3des-cbc"):
+        text = replace_once(config_text(), "  login_grace_time: 30s\n",
+                            f"  login_grace_time: 30s\n  ciphers: [aes128-gcm@openssh.com, {name}]\n")
+        m = single_error(text)
+        assert m.startswith(f"{FILENAME}:{line_of(text, 'ciphers')}: ssh.ciphers: unknown or weak "
+                            f"cipher {name!r} (choose from: "), m
+        assert "aes128-gcm@openssh.com" in m and "aes128-ctr" in m
+    text = replace_once(config_text(), "  login_grace_time: 30s\n",
+                        "  login_grace_time: 30s\n  ciphers: [chacha20-poly1305@openssh.com]\n")
+    assert parse_config(text, FILENAME).ssh.ciphers == ["chacha20-poly1305@openssh.com"]
