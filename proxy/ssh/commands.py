@@ -179,6 +179,15 @@ def _grant_dict(g: Any) -> dict[str, Any]:
     return d
 
 
+def _until(g: Any) -> str:
+    """How long ``g`` gives access: "until T", or for a first-use grant not started yet, its
+    window and the deadline to start it (its ends_at until then)."""
+    if g.awaiting_first_use:
+        return (f"for {format_duration(g.duration or 0)} from its first use (start by "
+                f"{rfc3339(g.ends_at)})")
+    return f"until {rfc3339(g.ends_at)}"
+
+
 def printable(text: object) -> str:
     """``text`` with every control or invisible character shown as ``\\xNN``/``\\uNNNN``, so
     that nothing a user typed (a command line, an old reason) can move an approver's cursor."""
@@ -304,7 +313,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
                     f"request {g.request_id}: approval {g.approvals} of {g.needed} recorded; "
                     f"it needs another approver\n")
         return _grant_dict(g), (f"request {args.id} approved: grant {g.id} gives {g.user} "
-                                f"{g.login}@{g.target} until {rfc3339(g.ends_at)}\n")
+                                f"{g.login}@{g.target} {_until(g)}\n")
     if args.command == "deny":
         r = await service.deny(actor, args.id, args.reason)
         return _request_dict(r), f"request {r.id} denied\n"
@@ -314,8 +323,10 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
     if args.command == "grants":
         grants = await service.list_grants(actor, not args.all)
         rows = [[str(g.id), g.status.value, g.user, f"{g.login}@{g.target}",
-                 rfc3339(g.ended_at if g.ended_at is not None else g.ends_at), str(g.request_id)]
-                for g in grants]
+                 rfc3339(g.ended_at) if g.ended_at is not None else
+                 f"{format_duration(g.duration or 0)} from first use, start by "
+                 f"{rfc3339(g.ends_at)}" if g.awaiting_first_use else rfc3339(g.ends_at),
+                 str(g.request_id)] for g in grants]
         return [_grant_dict(g) for g in grants], _table(
             rows, ["ID", "STATUS", "USER", "ACCESS", "ENDS/ENDED", "REQUEST"])
     if args.command == "extend":
@@ -323,8 +334,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         if isinstance(x, AccessRequest):
             return _request_dict(x), (f"request {x.id} to extend grant {args.grant_id} by "
                                       f"{format_duration(x.duration)} waits for approval\n")
-        return _grant_dict(x), (f"grant {x.id} extended: {x.login}@{x.target} until "
-                                f"{rfc3339(x.ends_at)}\n")
+        return _grant_dict(x), (f"grant {x.id} extended: {x.login}@{x.target} {_until(x)}\n")
     if args.command == "revoke":
         g = await service.revoke(actor, args.grant_id)
         return _grant_dict(g), f"grant {g.id} revoked; its sessions are closed\n"
@@ -350,11 +360,12 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
                  t["description"] or ""] for t in out]
         return out, _table(rows, ["TARGET", "KIND", "LOGINS/ROLES", "MAX", "DESCRIPTION"])
     if args.command == "whoami":
-        grants = [_grant_dict(g) for g in service.active.values() if g.user == actor]
+        mine = [g for g in service.active.values() if g.user == actor]
+        grants = [_grant_dict(g) for g in mine]
         data = {"user": actor, "groups": sorted(cfg.groups_of(actor)), "active_grants": grants}
         text = f"user: {actor}\ngroups: {', '.join(data['groups']) or '(none)'}\n"
-        text += "".join(f"grant {g['id']}: {g['login']}@{g['target']} until {g['ends_at']}\n"
-                        for g in grants) or "no active grants\n"
+        text += "".join(f"grant {g.id}: {g.login}@{g.target} {_until(g)}\n"
+                        for g in mine) or "no active grants\n"
         return data, text
     if args.command == "recordings":
         return await _recordings(service, actor, args)
