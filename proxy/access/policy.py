@@ -50,8 +50,8 @@ def reason_problem(reason: str, policy: Policy | None = None) -> str | None:
         return problem
     if policy is not None and policy.reason_pattern and not re.search(policy.reason_pattern,
                                                                       reason):
-        return (f"the reason must match {policy.reason_pattern!r} (policy {policy.name}), "
-                f"e.g. a ticket id")
+        return (f"the reason (--reason TEXT) must match {policy.reason_pattern!r} (policy "
+                f"{policy.name}), e.g. a ticket id")
     return None
 
 

@@ -400,10 +400,17 @@ async def _db_login(service: AccessService, actor: str, args: argparse.Namespace
                           f"  psql \"host={cfg.host_names[0]} port={door.port} user={actor} "
                           f"dbname={args.target} sslmode=verify-full sslrootcert=jit-ca.pem\"\n"
                           f"(CA certificate: ssh jit-proxy ca --pg > jit-ca.pem)")
-    grants = [g for g in service.live_grants_on(actor, args.target)
-              if args.role is None or g.login == args.role]
+    live = service.live_grants_on(actor, args.target)
+    grants = [g for g in live if args.role is None or g.login == args.role]
     if not grants:
-        service.audit.emit("db.login.refused", actor, target=args.target, why="no active grant")
+        service.audit.emit("db.login.refused", actor, target=args.target, why="no active grant",
+                           role=args.role)
+        if live:  # a grant there, for another role
+            held = sorted({g.login for g in live})
+            raise AccessError(f"{actor} holds {', '.join(held)} on {args.target}, not "
+                              f"{args.role}: 'db-login {args.target} --role {held[0]}', or "
+                              f"request {args.role} with: ssh jit-proxy request {args.target} "
+                              f"--role {args.role} --for 30m --reason \"...\"")
         raise AccessError(f"{actor} has no active grant for {args.target}. Request one with: "
                           f"ssh jit-proxy request {args.target} --role ROLE --for 30m "
                           f"--reason \"...\"")

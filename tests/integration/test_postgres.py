@@ -126,6 +126,16 @@ def test_a_role_not_requestable_is_refused_with_the_roles_that_are(pg_env):
             b"(--role) alice may request there: read, write)") in r.stderr, r.stderr
 
 
+def test_db_login_for_a_role_not_held_names_the_roles_held(pg_env):
+    db_grant(pg_env, role="read")
+    r = pg_env.ssh("alice", "db-login orders --role write")
+    assert r.returncode == 1
+    assert (b"jit-proxy: alice holds read on orders, not write: 'db-login orders --role read', "
+            b"or request write with: ssh jit-proxy request orders --role write --for 30m "
+            b"--reason") in r.stderr, r.stderr
+    assert pg_env.wait_event("db.login.refused", lambda e: e.get("role") == "write")
+
+
 def test_a_secret_is_single_use(pg_env):
     db_grant(pg_env)
     login = db_login(pg_env)
