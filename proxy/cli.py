@@ -210,7 +210,7 @@ def cmd_recordings(args: argparse.Namespace) -> int:
     if args.id is None:
         print(f"jit-proxy: recordings {args.action} needs a session id", file=sys.stderr)
         return 2
-    answer = _admin(args, "recordings.get", id=args.id)
+    answer = _admin(args, "recordings.get", id=args.id, play=args.action == "play")
     if answer is None:
         return 1
     if not answer["intact"]:

@@ -161,7 +161,8 @@ class AdminServer:
             return {"recordings": await list_recordings(service, request)}
         if command == "recordings.get":
             from proxy.runtime.recordings import get_recording
-            return await get_recording(service, actor, _id(request))
+            return await get_recording(service, actor, _id(request),
+                                       play=request.get("play") is True)
         raise AccessError(f"unknown command {command!r}")
 
 

@@ -63,8 +63,10 @@ async def list_recordings(service: AccessService, filters: dict,
 
 
 async def get_recording(service: AccessService, actor: str, session_id: int,
-                        visible_to: tuple[str, list[str]] | None = None) -> dict:
-    """The recording of ``session_id`` and its session's audit events.
+                        visible_to: tuple[str, list[str]] | None = None,
+                        play: bool = False) -> dict:
+    """The recording of ``session_id`` and its session's audit events; audited as
+    ``recording.played`` (``play``: shown at the caller's terminal) or ``recording.exported``.
 
     Raises:
         AccessError: no such recording (or not visible to the caller).
@@ -83,7 +85,8 @@ async def get_recording(service: AccessService, actor: str, session_id: int,
                 event = json.loads(line)
                 if event.get("session") == session_id:
                     events.append(event)
-    service.audit.emit("recording.exported", actor, session=session_id, intact=intact)
+    service.audit.emit("recording.played" if play else "recording.exported", actor,
+                       session=session_id, intact=intact)
     return {"session": session_id, "user": session.user, "target": session.target,
             "recording_path": session.recording, "sha256": session.recording_sha256,
             "intact": intact, "cast": data.decode("utf-8", "replace"), "audit_events": events}

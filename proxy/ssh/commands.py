@@ -465,7 +465,8 @@ async def _recordings(service: AccessService, actor: str, args: argparse.Namespa
         return rows, recordings.summary_table(rows)
     if args.id is None:
         raise AccessError(f"recordings {args.action} needs a session id")
-    bundle = await recordings.get_recording(service, actor, args.id, visible)
+    bundle = await recordings.get_recording(service, actor, args.id, visible,
+                                            play=args.action == "play")
     if args.action == "export":
         return bundle, json.dumps(bundle, indent=2) + "\n"
     try:

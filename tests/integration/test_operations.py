@@ -113,6 +113,12 @@ def test_status_kill_revoke_metrics_and_recordings(ops_env):
     # and approvers over SSH
     r = env.ssh("bob", f"recordings play {sid} --speed 50")
     assert r.returncode == 0 and b"OPS-42" in r.stdout, r.stderr
+    # each audited as what it was: two plays (the operator's, bob's) and one export
+    seen = [(e["type"], e["actor"]) for e in env.audit_events("recording.")
+            if e.get("session") == sid]
+    assert sorted(seen) == sorted([("recording.played", "local:root"),
+                                   ("recording.exported", "local:root"),
+                                   ("recording.played", "bob")]), seen
     r = env.ssh("alice", "recordings list")
     assert r.returncode == 1 and b"approvers" in r.stderr
 
