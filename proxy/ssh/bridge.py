@@ -147,6 +147,7 @@ class JumpConnection(asyncssh.SSHServer):
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._upstream_login: str | None = None  # the login _upstream logs in as
         self._credentials: asyncio.Future | None = None  # its key and certificate, once known
+        self._asked: asyncio.Future | None = None  # done once the target asked for the login
         self._claimed = False  # begin_auth took _upstream for the login (else connect_early's)
         self._early: asyncio.TimerHandle | None = None  # connect_early's, until claimed
         self._closed = False
@@ -195,9 +196,6 @@ class JumpConnection(asyncssh.SSHServer):
             if not self._closed:
                 self.conn.send_auth_banner(text + "\n")
             return True  # every method then fails: "Permission denied"
-        grant = await self.service.use_grant(grant)  # a first-use window starts here
-        if self._closed:  # the client left meanwhile: nothing to attach or connect
-            return True
         self.login, self.grant = username, grant
         self.service.attach(grant.id, self)
         self.service.audit.emit("ssh.connection.start", self.user, target=self.target_name,
@@ -206,8 +204,9 @@ class JumpConnection(asyncssh.SSHServer):
         if early is None or self._upstream_login != username or early.done():  # cannot be done
             self._start_upstream(username)  # before it has a certificate: it failed)
         self._claim()
-        assert self._credentials is not None
-        self.service.spawn(self._mint_credentials(grant, self._credentials), drain=False)
+        assert self._credentials is not None and self._asked is not None
+        self.service.spawn(self._mint_credentials(grant, self._credentials, self._asked),
+                           drain=False)
         return False  # the outer connection already authenticated the user
 
     def public_key_auth_supported(self) -> bool:
@@ -217,9 +216,10 @@ class JumpConnection(asyncssh.SSHServer):
         return False
 
     def live(self) -> bool:
-        """Whether this connection's grant still covers new sessions and channels, now."""
-        return (self.grant is not None and self.grant.id in self.service.active
-                and self.grant.is_live(self.service.clock.now()))
+        """Whether this connection's grant still covers new sessions and channels, now (as it
+        stands now: extended, or its first-use window started, since the login)."""
+        current = self.service.active.get(self.grant.id) if self.grant is not None else None
+        return current is not None and current.is_live(self.service.clock.now())
 
     def session_requested(self) -> "BridgeSession | bool":
         if not self.live():
@@ -330,14 +330,28 @@ class JumpConnection(asyncssh.SSHServer):
     def _start_upstream(self, login: str) -> None:
         self._drop_upstream()
         self._upstream_login = login
-        self._credentials = asyncio.get_running_loop().create_future()
-        self._upstream = asyncio.get_running_loop().create_task(
-            self._connect_upstream(login, self._credentials))
+        loop = asyncio.get_running_loop()
+        self._credentials, self._asked = loop.create_future(), loop.create_future()
+        self._upstream = loop.create_task(
+            self._connect_upstream(login, self._credentials, self._asked))
 
-    async def _mint_credentials(self, grant: Any, credentials: asyncio.Future) -> None:
+    async def _mint_credentials(self, grant: Any, credentials: asyncio.Future,
+                                asked: asyncio.Future) -> None:
         """A fresh key and its certificate for ``grant``, handed to the waiting connection;
-        none once the connection is dropped (``credentials`` cancelled) or the grant has ended
-        meanwhile (the connection then fails with that)."""
+        none once the connection is dropped or failed (``credentials`` cancelled) or the grant
+        has ended meanwhile (the connection then fails with that). A first-use grant's window
+        starts here, once the target has been reached and ``asked`` for the login: an attempt
+        that never gets there (the target down) leaves the window unstarted."""
+        if grant.awaiting_first_use:
+            await asyncio.wait({credentials, asked}, return_when=asyncio.FIRST_COMPLETED)
+            if credentials.done():
+                return
+            try:
+                grant = await self.service.use_grant(grant)
+            except Exception as exc:  # noqa: BLE001 - e.g. a store error: the connection fails
+                if not credentials.done():
+                    credentials.set_exception(exc)
+                return
         if credentials.done():
             return
         if not self.live():
@@ -353,15 +367,15 @@ class JumpConnection(asyncssh.SSHServer):
             if not credentials.done():
                 credentials.set_result(result)
 
-    async def _connect_upstream(self, login: str, credentials: asyncio.Future
-                                ) -> asyncssh.SSHClientConnection:
+    async def _connect_upstream(self, login: str, credentials: asyncio.Future,
+                                asked: asyncio.Future) -> asyncssh.SSHClientConnection:
         """Log in to the target as ``login`` with the key and certificate that ``credentials``
         gets (``_mint_credentials``); until then the connection waits. A failure is audited
         once the login has claimed the connection (connect_early's are dropped silently)."""
         try:
             upstream = await asyncssh.connect(
                 self.target.address, self.target.port, username=login,
-                client_factory=lambda: _UpstreamClient(credentials), client_keys=[],
+                client_factory=lambda: _UpstreamClient(credentials, asked), client_keys=[],
                 known_hosts=upstream_known_hosts(self.target),
                 config=None, agent_path=None, preferred_auth="publickey",
                 encryption_algs=PREFERRED_CIPHERS, connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
@@ -370,6 +384,8 @@ class JumpConnection(asyncssh.SSHServer):
                 self._follow_client_socket(upstream)
             return upstream
         except Exception as exc:  # the connection, or minting its certificate (a store error)
+            if not credentials.done():  # none is minted for a connection that failed
+                credentials.cancel()
             if self._claimed and asyncio.current_task() is self._upstream:
                 self.service.audit.emit("ssh.upstream.failed", self.user,
                                         target=self.target_name, login=login,
@@ -400,7 +416,7 @@ class JumpConnection(asyncssh.SSHServer):
         task, self._upstream = self._upstream, None
         if self._credentials is not None and not self._credentials.done():
             self._credentials.cancel()  # (a mint not begun yet then mints nothing)
-        self._upstream_login = self._credentials = None
+        self._upstream_login = self._credentials = self._asked = None
         self._claimed = False
         if task is None:
             return
@@ -415,11 +431,14 @@ class _UpstreamClient(asyncssh.SSHClient):
     """The proxy's side of a connection to a target: offers the one key and certificate
     ``credentials`` gets, when it gets them (``JumpConnection.connect_early``), and no other."""
 
-    def __init__(self, credentials: asyncio.Future):
+    def __init__(self, credentials: asyncio.Future, asked: asyncio.Future):
         self._credentials: asyncio.Future | None = credentials
+        self._asked = asked  # set once the target asks for the login (it has been reached)
 
     async def public_key_auth_requested(self) -> Any:
         credentials, self._credentials = self._credentials, None
+        if not self._asked.done():
+            self._asked.set_result(None)
         return [await credentials] if credentials is not None else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 import json
 import os
 import re
@@ -544,3 +545,32 @@ def test_a_certificate_that_cannot_be_minted_fails_the_jump_and_is_audited(fresh
     failed = env.wait_event("ssh.upstream.failed", lambda e: e.get("grant") == grant["id"])
     assert failed["error"] == "database is locked" and failed["login"] == env.login
     assert env.jump("alice", "echo again").stdout == b"again\n"
+
+
+def test_a_first_use_window_starts_only_once_the_target_is_reached(fresh_env):
+    """window_starts: first_use. An ssh -J while the target is down fails and leaves the window
+    unstarted (before, that attempt started it: the user lost the time the target was down);
+    the first login that reaches the target starts it, and the certificate ends with it."""
+    env = fresh_env
+    config = env.config()
+    config["policies"][1]["window_starts"] = "first_use"
+    env.reload(config)
+    grant = env.grant("alice", duration="10m")
+    assert grant["awaiting_first_use"] is True
+    env.target.stop()
+    r = env.jump("alice", "true")
+    assert r.returncode == 255 and b"jit-proxy: cannot reach web1" in r.stderr, r.stderr
+    assert env.json("alice", "grants")[0]["awaiting_first_use"] is True
+    assert not env.audit_events("access.grant.started")
+    env.target.start()
+    before = time.time()
+    r = env.jump("alice", "echo reached")
+    assert r.returncode == 0 and r.stdout == b"reached\n", r.stderr
+    started = env.wait_event("access.grant.started", lambda e: e["grant"] == grant["id"])
+    (now,) = env.json("alice", "grants")
+    assert now["awaiting_first_use"] is False
+    ends = datetime.fromisoformat(now["ends_at"].replace("Z", "+00:00")).timestamp()
+    assert before - 1 < ends - 600 < time.time() + 1
+    issued = [e for e in env.audit_events("ca.certificate.issued") if e.get("grant") == grant["id"]]
+    assert len(issued) == 1  # and valid until the window's end (to the second)
+    assert issued[0]["valid_before"][:19] == started["ends_at"][:19], (issued, started)
