@@ -684,6 +684,15 @@ def warnings(config: Config) -> list[tuple[Path_, str]]:
                 out.append((("policies", p, "allow", what),
                             f"the certificate will permit it, but the proxy never relays "
                             f"{what.replace('_', ' ')}"))
+    group = config.daemon.admin_group
+    if group is not None:
+        import grp
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            out.append((("daemon", "admin_group"),
+                        f"no group {group!r} on this host: only root could use the admin "
+                        f"socket (check it on the proxy's host)"))
     for name, target in config.targets.items():
         if isinstance(target, PostgresTarget):
             problem = _file_problem(target.admin.password_file)

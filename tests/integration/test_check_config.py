@@ -123,6 +123,20 @@ def test_requests_nobody_may_approve_and_an_unreadable_admin_password_are_warned
     assert r.returncode == 0 and "password_file" not in r.stderr, r.stderr
 
 
+def test_an_admin_group_missing_on_this_host_is_warned_about(tmp_path):
+    text = EXAMPLE.read_text()
+    f = tmp_path / "admin.yaml"
+    for group, warned in (("no-such-group-here", True), ("root", False)):
+        f.write_text(text + f"\ndaemon:\n  admin_group: {group}\n"
+                     if "\ndaemon:" not in text else
+                     re.sub(r"(?m)^  admin_group: .*$", f"  admin_group: {group}", text))
+        r = check(f)
+        assert r.returncode == 0, r.stderr  # valid, but
+        line = _line_of(f.read_text(), f"admin_group: {group}")
+        assert (f"{f}:{line}: daemon.admin_group: warning: no group {group!r} on this host: "
+                f"only root could use the admin socket" in r.stderr) is warned, r.stderr
+
+
 def test_requesters_the_policy_approves_by_itself_are_not_warned_about(tmp_path):
     text = EXAMPLE.read_text().replace("    approvals: 1", "    approvals: 3", 1)
     text = text.replace('      requesters: ["group:sre"]', '      requesters: ["group:dev"]', 1)
