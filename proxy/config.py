@@ -673,12 +673,15 @@ def warnings(config: Config) -> list[tuple[Path_, str]]:
             stuck = [u for u in config.users if config.matches(u, policy.requesters)
                      and len(approvers - {u}) < policy.approvals
                      and not (rule and all(rule.covers(config, u, t) for t in policy.targets))]
-            if stuck:
-                may = (f"only {', '.join(sorted(approvers))} may approve" if approvers
+            by_others: dict[frozenset[str], list[str]] = {}  # (nobody approves their own)
+            for u in stuck:
+                by_others.setdefault(frozenset(approvers - {u}), []).append(u)
+            for others, users in by_others.items():
+                may = (f"only {', '.join(sorted(others))} may approve" if others
                        else "nobody may approve")
                 out.append((("policies", p, "approvers"),
-                            f"requests of {', '.join(stuck)} need {policy.approvals} approver(s) "
-                            f"other than the requester, but {may}"))
+                            f"requests of {', '.join(users)} need {policy.approvals} "
+                            f"approver(s) other than the requester, but {may}"))
         for what in ("agent_forwarding", "x11_forwarding"):
             if getattr(policy.allow, what):
                 out.append((("policies", p, "allow", what),

@@ -534,3 +534,13 @@ def test_an_unknown_or_weak_cipher_is_refused_before_the_daemon_starts():
     text = replace_once(config_text(), "  login_grace_time: 30s\n",
                         "  login_grace_time: 30s\n  ciphers: [chacha20-poly1305@openssh.com]\n")
     assert parse_config(text, FILENAME).ssh.ciphers == ["chacha20-poly1305@openssh.com"]
+
+
+def test_the_warning_about_too_few_approvers_names_those_besides_the_requester():
+    from proxy.config import warnings
+    text = replace_once(config_text(), "    approvers: [group:sre, user:carol]\n",
+                        "    approvers: [group:sre, user:carol]\n    approvals: 2\n")
+    # alice has bob and carol; carol, who may approve too, only bob
+    assert warnings(parse_config(text, FILENAME)) == [
+        (("policies", 0, "approvers"), "requests of carol need 2 approver(s) other than the "
+                                       "requester, but only bob may approve")]
