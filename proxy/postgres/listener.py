@@ -261,6 +261,7 @@ class PgClient:
         self._copy_announced = False  # the server sent CopyInResponse since then
         self._copy_in = False         # the client is sending COPY data
         self._sql_level_names = False  # SQL-level PREPARE, DEALLOCATE, DISCARD or cursors seen
+        self._standard_strings = True  # the server's standard_conforming_strings (redaction)
         self.bytes_up = self.bytes_down = 0
         self.ending: str | None = None
         self.ending_reason = "grant ended"
@@ -603,6 +604,8 @@ class PgClient:
             elif isinstance(msg, AuthenticationOk):
                 pass
             elif isinstance(msg, (ParameterStatus, NoticeResponse, NegotiateProtocolVersion)):
+                if isinstance(msg, ParameterStatus):
+                    self._follow_parameter(msg)
                 to_client.append(frame.encode())
             elif isinstance(msg, BackendKeyData):
                 ours = (secrets.randbits(31) or 1, secrets.randbits(32) - 2**31)
@@ -759,10 +762,15 @@ class PgClient:
                                 "interface; call the function with SELECT",
                                 sqlstate="0A000")
 
+    def _follow_parameter(self, status: ParameterStatus) -> None:
+        """Settings the server reports that change how the proxy reads SQL."""
+        if status.name == "standard_conforming_strings":
+            self._standard_strings = status.value != "off"
+
     def _audit_sql(self, kind: str, sql: str, statement: str | None,
                    params: list | None = None, refused: str | None = None,
                    instead: list[str] | None = None, more: bool = False) -> None:
-        shown = redact_passwords(sql)  # secrets never reach the audit log
+        shown = redact_passwords(sql, self._standard_strings)  # no secret in the audit log
         fields: dict = {"session": self.session_id, "target": self.target_name,
                         "role": self.role, "kind": kind, "sql": shown[:AUDIT_SQL_LIMIT]}
         if shown is not sql:
@@ -774,8 +782,9 @@ class PgClient:
         if refused:
             fields["refused"] = refused
         if instead:  # messages of earlier batches are still unanswered
-            fields["sql_if_earlier_failed"] = [redact_passwords(s)[:AUDIT_SQL_LIMIT] for s in
-                                               instead[:MAX_ALTERNATIVES]]
+            fields["sql_if_earlier_failed"] = [
+                redact_passwords(s, self._standard_strings)[:AUDIT_SQL_LIMIT]
+                for s in instead[:MAX_ALTERNATIVES]]
         if more:  # and yet more alternatives than those listed
             fields["sql_if_earlier_failed_truncated"] = True
         if kind == "execute" and (self._sql_level_names or self.statements.uncertain):
@@ -816,6 +825,8 @@ class PgClient:
                     self._copy_announced = True
                     continue
                 status = decode_backend(frame)
+                if isinstance(status, ParameterStatus):
+                    self._follow_parameter(status)
                 if (isinstance(status, ParameterStatus) and status.name == "client_encoding"
                         and not safe_encoding(status.value)):
                     self.service.audit.emit("db.session.refused", self.user,
