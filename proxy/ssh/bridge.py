@@ -41,6 +41,7 @@ PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                      "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
 
 UPSTREAM_CONNECT_TIMEOUT = 15.0
+UPSTREAM_KEEPALIVE = 60  # seconds between keepalives to a target while it is read
 # a connection to a target begun when the channel opened (JumpConnection.connect_early) is
 # dropped unless the inner login claims it within this many seconds (clients take milliseconds;
 # one at a prompt gets a fresh connection at its login), and at most this many wait at once
@@ -152,13 +153,18 @@ class JumpConnection(asyncssh.SSHServer):
         self._early: asyncio.TimerHandle | None = None  # connect_early's, until claimed
         self._closed = False
         self.outer_paused = False  # the client's direct-tcpip channel has too much unsent data
+        self._forwarded = False  # a port forwarding was opened on this connection
 
     def outer_writing_paused(self, paused: bool) -> None:
         """The outer channel's send buffer crossed its high (or low) water mark: stop (or
-        resume) reading from the target, so nothing piles up in the proxy."""
+        resume) reading from the target, so nothing piles up in the proxy (sessions stop
+        reading their channel; port forwardings, which asyncssh bridges itself, only stop
+        when the connection to the target stops reading altogether)."""
         self.outer_paused = paused
         for session in list(self.sessions):
             session.update_reading()
+        if self._forwarded:  # (sessions alone need not pay for it: bulk transfers toggle often)
+            self.client_socket_full(paused)
 
     # --- asyncssh.SSHServer ----------------------------------------------------------------------
 
@@ -169,21 +175,30 @@ class JumpConnection(asyncssh.SSHServer):
         self.connect_early()  # (the channel is open: connection_lost will come)
 
     def client_socket_full(self, full: bool) -> None:
-        """The client's socket backed up (or drained): stop (or resume) reading from the
-        target altogether, whatever the channels' windows allow (sessions and forwards)."""
+        """The client's socket (or the outer channel) backed up, or drained: stop (or resume)
+        reading from the target altogether, whatever the channels' windows allow (sessions
+        and forwards)."""
         task = self._upstream
         if task is not None and task.done() and not task.cancelled() \
                 and task.exception() is None:
-            self._follow_client_socket(task.result())
+            self._follow_client(task.result())
 
-    def _follow_client_socket(self, upstream: asyncssh.SSHClientConnection) -> None:
+    def _client_backed_up(self) -> bool:
+        return ((self.outer_paused and self._forwarded)
+                or (self.client is not None and self.client.socket_full))
+
+    def _follow_client(self, upstream: asyncssh.SSHClientConnection) -> None:
+        """Read from the target only while the client takes what it sends. Its keepalive
+        pauses meanwhile: unanswered while nothing is read, it would end the connection."""
         transport = getattr(upstream, "_transport", None)  # (asyncssh never pauses it itself)
         if transport is None or transport.is_closing():
             return
-        if self.client is not None and self.client.socket_full:
+        if self._client_backed_up():
             transport.pause_reading()
+            upstream.set_keepalive(0)
         else:
             transport.resume_reading()
+            upstream.set_keepalive(UPSTREAM_KEEPALIVE)
 
     async def begin_auth(self, username: str) -> bool:
         grant = self.service.live_grant(self.user, self.target_name, username)
@@ -257,6 +272,7 @@ class JumpConnection(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED,
                 f"jit-proxy: cannot reach {self.target_name}: {exc}") from None
+        self._forwarded = True
         return await self.conn.forward_tunneled_connection(upstream, dest_host, dest_port)
 
     def unix_connection_requested(self, dest_path: str) -> bool:
@@ -379,9 +395,9 @@ class JumpConnection(asyncssh.SSHServer):
                 known_hosts=upstream_known_hosts(self.target),
                 config=None, agent_path=None, preferred_auth="publickey",
                 encryption_algs=PREFERRED_CIPHERS, connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
-                keepalive_interval=60)
-            if self.client is not None and self.client.socket_full:
-                self._follow_client_socket(upstream)
+                keepalive_interval=UPSTREAM_KEEPALIVE)
+            if self._client_backed_up():
+                self._follow_client(upstream)
             return upstream
         except Exception as exc:  # the connection, or minting its certificate (a store error)
             if not credentials.done():  # none is minted for a connection that failed

@@ -472,6 +472,79 @@ def test_a_client_that_stops_reading_its_socket_cannot_grow_the_proxy(env, grant
     assert Counting.received == size
 
 
+def test_a_forwarding_whose_client_stops_reading_its_channel_cannot_grow_the_proxy(fresh_env):
+    """A port forwarding (asyncssh bridges it, not the proxy's sessions) to a server that
+    sends 300 MB, while the client keeps reading its socket but stops taking data from the
+    outer channel (no window adjusts) and announces a huge window on the forward: the proxy
+    must stop reading from the target, as it does for sessions (before, it buffered 1 GiB in
+    6 s), and carry on once the client reads again: every byte arrives."""
+    import asyncio
+    import socketserver
+    import threading
+
+    import asyncssh
+
+    size = 300 << 20
+
+    class Blast(socketserver.BaseRequestHandler):
+        def handle(self):
+            chunk = bytes(1 << 20)
+            try:
+                for _ in range(size >> 20):
+                    self.request.sendall(chunk)
+            except OSError:
+                pass
+
+    class Counting(asyncssh.SSHTCPSession):
+        received = 0
+
+        def data_received(self, data, datatype):
+            Counting.received += len(data)
+
+    def rss_kib() -> int:
+        for line in open(f"/proc/{env.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    env = fresh_env
+    env.grant("alice", target="web2")  # its policy allows port forwarding
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Blast)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def scenario() -> tuple[int, int]:
+        outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
+                                       client_keys=[str(env.keys / "alice")], known_hosts=None,
+                                       config=None, agent_path=None)
+        inner = await asyncssh.connect("web2", 22, tunnel=outer, username=env.login,
+                                       known_hosts=None, config=None, agent_path=None,
+                                       client_keys=None)
+        await asyncio.sleep(0.3)
+        before = rss_kib()
+        chan, _ = await inner.create_connection(Counting, "127.0.0.1", server.server_address[1],
+                                                window=2**31 - 1)
+        await asyncio.sleep(0.05)
+        inner._transport.pause_reading()  # the outer channel: nothing taken, no window adjust
+        peak = before
+        for _ in range(25):
+            await asyncio.sleep(0.2)
+            peak = max(peak, rss_kib())
+        inner._transport.resume_reading()
+        deadline = asyncio.get_running_loop().time() + 60
+        while Counting.received < size and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        outer.close()
+        return before, peak
+
+    try:
+        before, peak = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert peak - before < 64 * 1024, f"proxy RSS grew by {(peak - before) // 1024} MiB"
+    assert Counting.received == size
+
+
 def test_local_forwarding_when_the_policy_allows_it_and_revoke_ends_it(env):
     import socketserver
     import threading
