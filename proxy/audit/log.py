@@ -116,6 +116,7 @@ class AuditLog:
         self._ts_second, self._ts_prefix = -1, ""
         try:
             self._prev, repair = _recover(self.path)
+            self._size = os.fstat(fd).st_size  # where the next line starts
         except BaseException:
             self._file.close()
             raise
@@ -158,11 +159,30 @@ class AuditLog:
         marker = f',"hash":"{_PLACEHOLDER}"'
         digest = hashlib.sha256(line.replace(marker, "", 1).encode()).hexdigest()
         event["hash"] = digest
-        self._file.write(line.replace(_PLACEHOLDER, digest, 1).encode() + b"\n")
+        self._append(line.replace(_PLACEHOLDER, digest, 1).encode() + b"\n")
         self._prev = digest
         for observer in self.observers:
             observer(event)
         return event
+
+    def _append(self, data: bytes) -> None:
+        """Write ``data`` whole, or raise with the file as it was: a write cut short (a full
+        disk) is taken back, so the chain never holds half a line.
+
+        Raises:
+            OSError: the write failed (then the event is not in the log)."""
+        fd, done = self._file.fileno(), 0
+        try:
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError:
+            if done:
+                try:
+                    os.ftruncate(fd, self._size)
+                except OSError:  # then the next start repairs the torn last line
+                    pass
+            raise
+        self._size += len(data)
 
     def _rfc3339(self, now: float) -> str:
         """``rfc3339(now)``, with the part up to the second formatted once per second."""

@@ -281,3 +281,34 @@ def test_reopen_after_missing_final_newline(tmp_path):
     lines = path.read_bytes().split(b"\n")
     assert len(lines) == 4, "the new event must be on its own line"
     assert json.loads(lines[1])["type"] == "access.request.created"
+
+
+def test_a_full_disk_fails_the_event_and_leaves_the_chain_whole(tmp_path):
+    """On a full filesystem a write is cut short, then fails: the event is refused (OSError)
+    and the half line taken back, so the log still verifies and goes on once there is room.
+    Before, the half line stayed and every later line made the log fail to verify for good."""
+    import os
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    log = None
+    try:
+        (disk / "ballast").write_bytes(bytes(16 << 10))
+        log = AuditLog(disk / "audit.jsonl", ManualClock(T0))
+        with pytest.raises(OSError):
+            for i in range(10_000):
+                log.emit("test.filler", "system", i=i, pad="x" * 200)
+        written = verify_log(disk / "audit.jsonl")
+        assert written.ok and written.lines == i, written  # every whole event, nothing else
+        (disk / "ballast").unlink()  # an operator makes room
+        log.emit("test.after", "system", pad="y" * 4000)
+        after = verify_log(disk / "audit.jsonl")
+        assert after.ok and after.lines == i + 1, after
+    finally:
+        if log is not None:
+            log._file.close()  # (an open file keeps the mount busy)
+        subprocess.run(["umount", str(disk)])
