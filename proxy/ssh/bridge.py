@@ -509,9 +509,15 @@ class BridgeSession(asyncssh.SSHServerSession):
         """Open the target side; whatever happens, a session that got a record gets its end."""
         try:
             await self._open_target()
-        except Exception as exc:  # e.g. no file descriptor left for the recording
+        except Exception as exc:  # e.g. no file descriptor left for the recording, a store error
             log.exception("opening a session of %s failed", self.jump.user)
             self.end_reason = f"proxy error: {exc}"[:200]
+            if self.record is None:  # (one with a record gets its end, with this reason)
+                jump = self.jump
+                jump.service.audit.emit("ssh.session.failed", jump.user, target=jump.target_name,
+                                        login=jump.login, grant=jump.grant.id if jump.grant
+                                        else None, kind=self.kind, command=self.detail,
+                                        error=(str(exc) or type(exc).__name__)[:300])
             self._fail_client("jit-proxy: the proxy could not open this session")
         finally:
             if self._finished:  # the client left while we were opening

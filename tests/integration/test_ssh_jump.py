@@ -158,6 +158,45 @@ def test_the_connection_to_the_target_begins_early_but_one_per_user_and_only_for
     assert not [e for e in events if e["type"] == "ssh.upstream.failed"], events
 
 
+def test_a_session_the_store_cannot_record_fails_alone_and_is_audited(fresh_env):
+    """On a jump connection already open, a second session meets a store error (its database
+    locked past the busy timeout): that session fails with a message and ssh.session.failed
+    (before, nothing was audited), and the connection carries on."""
+    import asyncio
+
+    import asyncssh
+
+    env = fresh_env
+    grant = env.grant("alice")
+
+    async def scenario():
+        outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
+                                       client_keys=[str(env.keys / "alice")], known_hosts=None,
+                                       config=None, agent_path=None)
+        inner = await asyncssh.connect("web1", 22, tunnel=outer, username=env.login,
+                                       known_hosts=None, config=None, agent_path=None,
+                                       client_keys=None)
+        first = await inner.run("echo first", check=False)
+        db = sqlite3.connect(env.state / "jit-proxy.db", timeout=10)
+        try:
+            db.execute("BEGIN EXCLUSIVE")  # until the proxy's busy timeout (5 s) has passed
+            second = await inner.run("echo second", check=False)
+        finally:
+            db.rollback()
+            db.close()
+        third = await inner.run("echo third", check=False)
+        outer.close()
+        return first, second, third
+
+    first, second, third = asyncio.run(scenario())
+    assert (first.exit_status, first.stdout) == (0, "first\n")
+    assert second.exit_status == 255 and second.stdout == ""
+    assert "jit-proxy: the proxy could not open this session" in second.stderr
+    failed = env.wait_event("ssh.session.failed", lambda e: e.get("grant") == grant["id"])
+    assert (failed["command"], failed["error"]) == ("echo second", "database is locked")
+    assert (third.exit_status, third.stdout) == (0, "third\n")
+
+
 def test_after_an_early_connection_went_unclaimed_none_begins_for_a_while(fresh_env):
     """Opening and closing channels over and over must not make the target accept a stream of
     connections nobody logs in on (none of them is audited): after one went unclaimed, the
