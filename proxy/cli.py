@@ -147,13 +147,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = _admin(args, "status")
     if answer is None:
         return 1
+    from proxy.access.model import first_use_window
     text = "listeners: " + ", ".join(f"{k} {v}" for k, v in answer["listeners"].items()) + "\n"
     text += f"\nlive sessions ({len(answer['live_sessions'])}):\n" + _table(
         [[str(s["id"]), s["user"], f"{s['login']}@{s['target']}", s["kind"], s["started_at"]]
          for s in answer["live_sessions"]], ["ID", "USER", "ACCESS", "KIND", "STARTED"])
     text += f"\nactive grants ({len(answer['active_grants'])}):\n" + _table(
-        [[str(g["id"]), g["user"], f"{g['login']}@{g['target']}", g["ends_at"]]
-         for g in answer["active_grants"]], ["ID", "USER", "ACCESS", "ENDS"])
+        [[str(g["id"]), g["user"], f"{g['login']}@{g['target']}",
+          first_use_window(g["duration"] or 0, g["ends_at"]) if g.get("awaiting_first_use")
+          else g["ends_at"]] for g in answer["active_grants"]], ["ID", "USER", "ACCESS", "ENDS"])
     text += f"\npending requests ({len(answer['pending_requests'])}):\n" + _table(
         [[str(r["id"]), r["requester"], f"{r['login']}@{r['target']}", r["reason"]]
          for r in answer["pending_requests"]], ["ID", "REQUESTER", "ACCESS", "REASON"])

@@ -86,6 +86,14 @@ class AccessRequest:
                        decided_at=at, decision_comment=comment)
 
 
+def first_use_window(duration: int, start_by: str) -> str:
+    """How a first-use grant not started yet is shown: its window and the deadline to start it
+    (``duration`` seconds; ``start_by`` already formatted), e.g. "1h from first use, start by
+    2026-12-01T00:00:00.000Z"."""
+    from proxy.access.duration import format_duration
+    return f"{format_duration(duration)} from first use, start by {start_by}"
+
+
 @dataclass(frozen=True)
 class Grant:
     """Access for ``user`` as ``login`` on ``target`` during [starts_at, ends_at) (POSIX seconds)."""

@@ -132,7 +132,9 @@ class AdminServer:
                 "listeners": self.daemon.listeners(),
                 "live_sessions": [_session(s.record) for s in service.live_sessions.values()],
                 "active_grants": [{"id": g.id, "user": g.user, "target": g.target,
-                                   "login": g.login, "ends_at": rfc3339(g.ends_at)}
+                                   "login": g.login, "ends_at": rfc3339(g.ends_at),
+                                   "awaiting_first_use": g.awaiting_first_use,
+                                   "duration": g.duration}
                                   for g in service.active.values()],
                 "pending_requests": [{"id": r.id, "requester": r.requester,
                                       "target": r.target, "login": r.login,

@@ -19,7 +19,7 @@ from typing import Any
 from proxy.access import policy
 from proxy.access.duration import format_duration, parse_duration
 from proxy.clock import rfc3339
-from proxy.access.model import AccessRequest
+from proxy.access.model import AccessRequest, first_use_window
 from proxy.runtime.service import AccessError, AccessService, ApprovalProgress
 
 MAX_COMMAND_LINE = 16384  # characters
@@ -183,8 +183,7 @@ def _until(g: Any) -> str:
     """How long ``g`` gives access: "until T", or for a first-use grant not started yet, its
     window and the deadline to start it (its ends_at until then)."""
     if g.awaiting_first_use:
-        return (f"for {format_duration(g.duration or 0)} from its first use (start by "
-                f"{rfc3339(g.ends_at)})")
+        return f"for {first_use_window(g.duration or 0, rfc3339(g.ends_at))}"
     return f"until {rfc3339(g.ends_at)}"
 
 
@@ -324,8 +323,8 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         grants = await service.list_grants(actor, not args.all)
         rows = [[str(g.id), g.status.value, g.user, f"{g.login}@{g.target}",
                  rfc3339(g.ended_at) if g.ended_at is not None else
-                 f"{format_duration(g.duration or 0)} from first use, start by "
-                 f"{rfc3339(g.ends_at)}" if g.awaiting_first_use else rfc3339(g.ends_at),
+                 first_use_window(g.duration or 0, rfc3339(g.ends_at)) if g.awaiting_first_use
+                 else rfc3339(g.ends_at),
                  str(g.request_id)] for g in grants]
         return [_grant_dict(g) for g in grants], _table(
             rows, ["ID", "STATUS", "USER", "ACCESS", "ENDS/ENDED", "REQUEST"])

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.ptyrun import PtySession
 
@@ -121,6 +122,16 @@ def test_status_kill_revoke_metrics_and_recordings(ops_env):
                                    ("recording.played", "bob")]), seen
     r = env.ssh("alice", "recordings list")
     assert r.returncode == 1 and b"approvers" in r.stderr
+
+
+def test_status_shows_a_first_use_grant_as_its_window_and_deadline(ops_env):
+    env = ops_env
+    config = yaml.safe_load(env.config_path.read_text())
+    config["policies"][1]["window_starts"] = "first_use"
+    env.reload(config)
+    grant = env.grant("alice", duration="10m")
+    text = jit("status", "-c", str(env.config_path)).stdout
+    assert f"10m from first use, start by {grant['ends_at']}" in text, text
 
 
 def test_admin_socket_refuses_users_outside_the_admin_group(ops_env):

@@ -88,9 +88,9 @@ def test_a_first_use_window_starts_at_the_first_session_not_at_approval(tmp_path
             # what it says is the window and the deadline to start it, not "until" the deadline
             deadline = "2027-01-15T09:00:00.000Z"  # T0 + request_ttl
             assert r.out == (f"request 1 approved: grant 1 gives alice deploy@web1 for 10m "
-                             f"from its first use (start by {deadline})\n")
+                             f"from first use, start by {deadline}\n")
             r = await run_command(svc, "alice", "whoami")
-            assert f"grant 1: deploy@web1 for 10m from its first use (start by {deadline})" \
+            assert f"grant 1: deploy@web1 for 10m from first use, start by {deadline}" \
                 in r.out, r.out
             r = await run_command(svc, "alice", "grants")
             assert f"10m from first use, start by {deadline}" in r.out, r.out
