@@ -465,7 +465,7 @@ async def _recordings(service: AccessService, actor: str, args: argparse.Namespa
     if args.id is None:
         raise AccessError(f"recordings {args.action} needs a session id")
     bundle = await recordings.get_recording(service, actor, args.id, visible,
-                                            play=args.action == "play")
+                                            play=args.action == "play" and not args.json)
     if args.action == "export":
         return bundle, json.dumps(bundle, indent=2) + "\n"
     try:
