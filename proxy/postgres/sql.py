@@ -92,16 +92,16 @@ def _scan(sql: str, standard_strings: bool) -> Iterator[_Token]:
             i = j
         elif c == '"' or (c in "uU" and sql.startswith('&"', i + 1)):
             q = i if c == '"' else i + 2
-            j = q + 1
+            j, closed = q + 1, False
             while j < n:
                 if sql[j] == '"':
                     if sql.startswith('""', j):
                         j += 2
                         continue
-                    j += 1
+                    j, closed = j + 1, True
                     break
                 j += 1
-            name = sql[q + 1:j - 1 if sql[j - 1] == '"' and j - 1 > q else j].replace('""', '"')
+            name = sql[q + 1:j - 1 if closed else j].replace('""', '"')
             if c != '"':
                 name = _U_ESCAPE.sub(lambda m: chr(int(m[1] or m[2], 16)) if m[3] is None
                                      else "\\", name)
@@ -245,4 +245,3 @@ def quote_literal(value: str) -> str:
     if "\0" in value:
         raise ValueError("string constants cannot contain NUL")
     return "'" + value.replace("'", "''") + "'"
-
