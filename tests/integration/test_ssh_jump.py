@@ -118,6 +118,32 @@ def test_a_grant_for_another_login_or_target_does_not_open(env, granted):
     assert "alice has no active grant for web2" in r.stderr.decode()
 
 
+def _proxy_rss_kib(env) -> int:
+    for line in open(f"/proc/{env.proc.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def _jump_with_asyncssh(env, target: str = "web1", window: int | None = None):
+    """(outer, inner): alice's connection to the proxy and, through it, to ``target`` as the
+    test login; with ``window``, the outer direct-tcpip channel announces that window."""
+    import asyncssh
+
+    class Tunnel:  # asyncssh's tunnel= takes anything with create_connection
+        async def create_connection(self, session_factory, host, port):
+            extra = {} if window is None else {"window": window}
+            return await outer.create_connection(session_factory, host, port, **extra)
+
+    outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
+                                   client_keys=[str(env.keys / "alice")], known_hosts=None,
+                                   config=None, agent_path=None)
+    inner = await asyncssh.connect(target, 22, tunnel=Tunnel(), username=env.login,
+                                   known_hosts=None, config=None, agent_path=None,
+                                   client_keys=None)
+    return outer, inner
+
+
 def _connections_to(port: int) -> int:
     """Established TCP connections to 127.0.0.1:``port`` (the proxy's, to the target)."""
     count = 0
@@ -164,18 +190,11 @@ def test_a_session_the_store_cannot_record_fails_alone_and_is_audited(fresh_env)
     (before, nothing was audited), and the connection carries on."""
     import asyncio
 
-    import asyncssh
-
     env = fresh_env
     grant = env.grant("alice")
 
     async def scenario():
-        outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
-                                       client_keys=[str(env.keys / "alice")], known_hosts=None,
-                                       config=None, agent_path=None)
-        inner = await asyncssh.connect("web1", 22, tunnel=outer, username=env.login,
-                                       known_hosts=None, config=None, agent_path=None,
-                                       client_keys=None)
+        outer, inner = await _jump_with_asyncssh(env)
         first = await inner.run("echo first", check=False)
         db = sqlite3.connect(env.state / "jit-proxy.db", timeout=10)
         try:
@@ -422,30 +441,19 @@ def test_a_client_that_stops_reading_cannot_grow_the_proxy(env, granted):
 
     import asyncssh
 
-    def rss_kib() -> int:
-        for line in open(f"/proc/{env.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
     async def scenario() -> tuple[int, int]:
-        outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
-                                       client_keys=[str(env.keys / "alice")], known_hosts=None,
-                                       config=None, agent_path=None)
-        inner = await asyncssh.connect("web1", 22, tunnel=outer, username=env.login,
-                                       known_hosts=None, config=None, agent_path=None,
-                                       client_keys=None)
+        outer, inner = await _jump_with_asyncssh(env)
         chan, _ = await inner.create_session(asyncssh.SSHClientSession,
                                              "read x; head -c 1000000000 /dev/zero",
                                              window=2**31 - 1)
         await asyncio.sleep(0.5)
-        before = rss_kib()
+        before = _proxy_rss_kib(env)
         inner._transport.pause_reading()  # stop consuming the outer direct-tcpip channel
         chan.write("go\n")
         peak = before
         for _ in range(30):
             await asyncio.sleep(0.2)
-            peak = max(peak, rss_kib())
+            peak = max(peak, _proxy_rss_kib(env))
         outer.close()
         return before, peak
 
@@ -464,20 +472,6 @@ def test_a_client_that_stops_reading_its_socket_cannot_grow_the_proxy(env, grant
 
     size = 300_000_000
 
-    def rss_kib() -> int:
-        for line in open(f"/proc/{env.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    class HugeWindowTunnel:
-        def __init__(self, conn):
-            self.conn = conn
-
-        async def create_connection(self, session_factory, host, port):
-            return await self.conn.create_connection(session_factory, host, port,
-                                                     window=2**31 - 1)
-
     class Counting(asyncssh.SSHClientSession):
         received = 0
 
@@ -485,22 +479,17 @@ def test_a_client_that_stops_reading_its_socket_cannot_grow_the_proxy(env, grant
             Counting.received += len(data)
 
     async def scenario() -> tuple[int, int]:
-        outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
-                                       client_keys=[str(env.keys / "alice")], known_hosts=None,
-                                       config=None, agent_path=None)
-        inner = await asyncssh.connect("web1", 22, tunnel=HugeWindowTunnel(outer),
-                                       username=env.login, known_hosts=None, config=None,
-                                       agent_path=None, client_keys=None)
+        outer, inner = await _jump_with_asyncssh(env, window=2**31 - 1)
         chan, _ = await inner.create_session(Counting, f"read x; head -c {size} /dev/zero",
                                              window=2**31 - 1)
         await asyncio.sleep(0.5)
-        before = rss_kib()
+        before = _proxy_rss_kib(env)
         outer._transport.pause_reading()  # the socket: nothing more is read from the proxy
         chan.write("go\n")
         peak = before
         for _ in range(25):
             await asyncio.sleep(0.2)
-            peak = max(peak, rss_kib())
+            peak = max(peak, _proxy_rss_kib(env))
         outer._transport.resume_reading()
         await asyncio.wait_for(chan.wait_closed(), 60)
         outer.close()
@@ -540,12 +529,6 @@ def test_a_forwarding_whose_client_stops_reading_its_channel_cannot_grow_the_pro
         def data_received(self, data, datatype):
             Counting.received += len(data)
 
-    def rss_kib() -> int:
-        for line in open(f"/proc/{env.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
     env = fresh_env
     env.grant("alice", target="web2")  # its policy allows port forwarding
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Blast)
@@ -553,14 +536,9 @@ def test_a_forwarding_whose_client_stops_reading_its_channel_cannot_grow_the_pro
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
     async def scenario() -> tuple[int, int]:
-        outer = await asyncssh.connect("127.0.0.1", env.port, username="alice",
-                                       client_keys=[str(env.keys / "alice")], known_hosts=None,
-                                       config=None, agent_path=None)
-        inner = await asyncssh.connect("web2", 22, tunnel=outer, username=env.login,
-                                       known_hosts=None, config=None, agent_path=None,
-                                       client_keys=None)
+        outer, inner = await _jump_with_asyncssh(env, target="web2")
         await asyncio.sleep(0.3)
-        before = rss_kib()
+        before = _proxy_rss_kib(env)
         chan, _ = await inner.create_connection(Counting, "127.0.0.1", server.server_address[1],
                                                 window=2**31 - 1)
         await asyncio.sleep(0.05)
@@ -568,7 +546,7 @@ def test_a_forwarding_whose_client_stops_reading_its_channel_cannot_grow_the_pro
         peak = before
         for _ in range(25):
             await asyncio.sleep(0.2)
-            peak = max(peak, rss_kib())
+            peak = max(peak, _proxy_rss_kib(env))
         inner._transport.resume_reading()
         deadline = asyncio.get_running_loop().time() + 60
         while Counting.received < size and asyncio.get_running_loop().time() < deadline:
