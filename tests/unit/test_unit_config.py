@@ -526,7 +526,8 @@ def test_an_unknown_or_weak_cipher_is_refused_before_the_daemon_starts():
     offered CBC alone (a weak one)."""
     for name in ("foo-cipher", "aes128-cbc", "3des-cbc"):
         text = replace_once(config_text(), "  login_grace_time: 30s\n",
-                            f"  login_grace_time: 30s\n  ciphers: [aes128-gcm@openssh.com, {name}]\n")
+                            f"  login_grace_time: 30s\n"
+                            f"  ciphers: [aes128-gcm@openssh.com, {name}]\n")
         m = single_error(text)
         assert m.startswith(f"{FILENAME}:{line_of(text, 'ciphers')}: ssh.ciphers: unknown or weak "
                             f"cipher {name!r} (choose from: "), m
