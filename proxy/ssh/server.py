@@ -31,6 +31,7 @@ from proxy.ssh.bridge import JumpConnection, batch_writes
 from proxy.ssh.commands import HELP, run_command
 
 log = logging.getLogger("jit_proxy.ssh")
+DRAIN_LIMIT = 30.0  # seconds a command session's output may wait for its client to read it
 
 PROXY_CERT_NAME = "proxy"
 # seconds: stdin that ends this soon after a requests --watch starts had nothing to say (ssh -n,
@@ -162,10 +163,14 @@ class FrontDoor:
         process.stdout.write(result.out)
         # at the prompt, errors go in order with the rest (and get the terminal's line endings)
         (process.stdout if interactive else process.stderr).write(result.err)
+        if not await _drained(process):
+            return result.status
         for delay, text in result.stream or ():  # a recording, at its own pace
             if delay:
                 await asyncio.sleep(delay)
             process.stdout.write(text)
+            if not await _drained(process):  # a player that does not read is dropped
+                return 1
         if result.follow is not None:  # requests --watch: until the client goes away
             async def until_gone() -> None:
                 """Returns when the watch should end: the client left, Ctrl-C at a terminal
@@ -199,10 +204,8 @@ class FrontDoor:
                         process.stdout.write(item.result())
                     except StopAsyncIteration:
                         break
-                    try:  # a watcher that does not read is dropped, not buffered for
-                        await asyncio.wait_for(process.stdout.drain(), 30)
-                    except (asyncio.TimeoutError, ConnectionError):
-                        break
+                    if not await _drained(process):  # a watcher that does not read is dropped,
+                        break                            # not buffered for
             finally:
                 gone.cancel()
                 await result.follow.aclose()
@@ -227,6 +230,8 @@ class FrontDoor:
                 break
             if line:
                 await self._run(process, user, line, interactive=True)
+            if not await _drained(process):  # no next command before the last answer left
+                break
         process.exit(0)
 
     # --- jump connections ------------------------------------------------------------------------
@@ -287,6 +292,23 @@ class FrontDoor:
         return ChannelTransportSession(conn, jump)
 
 
+async def _drained(process: asyncssh.SSHServerProcess) -> bool:
+    """Whether what was written to ``process`` left within ``DRAIN_LIMIT`` seconds: its
+    channel's window (drain) and then the client's socket, whose flow control asyncssh ignores
+    (ProxyServer.socket_full). A command session waits here so that a client that stops
+    reading stops its commands instead of growing the proxy."""
+    async def drained() -> None:
+        await process.stdout.drain()
+        client = process.get_extra_info("connection").get_owner()
+        while getattr(client, "socket_full", False):
+            await client.socket_drained.wait()
+    try:
+        await asyncio.wait_for(drained(), DRAIN_LIMIT)
+    except (asyncio.TimeoutError, ConnectionError, asyncssh.Error):
+        return False
+    return True
+
+
 class ChannelTransportSession(asyncssh.SSHTCPSession):
     """Runs the inner SSH server connection on the client's direct-tcpip channel (the channel is
     its transport) and passes the channel's flow control on: asyncssh's connections ignore
@@ -337,6 +359,8 @@ class ProxyServer(asyncssh.SSHServer):
         self.tries = 0  # failed attempts of any method, for ssh.max_auth_tries
         self._closing = False
         self.socket_full = False  # the client's socket is past its transport's high water mark
+        self.socket_drained = asyncio.Event()  # set while it is not
+        self.socket_drained.set()
         self.jumps: set[JumpConnection] = set()  # the ssh -J connections it carries
 
     def connection_made(self, conn: SSHServerConnection) -> None:
@@ -505,6 +529,7 @@ class ProxyServer(asyncssh.SSHServer):
         """The client's socket cannot take more (or has drained): every connection to a
         target this client is fed from stops (or resumes) reading."""
         self.socket_full = full
+        (self.socket_drained.clear if full else self.socket_drained.set)()
         for jump in list(self.jumps):
             jump.client_socket_full(full)
 

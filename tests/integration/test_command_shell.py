@@ -72,6 +72,44 @@ def test_a_command_that_meets_a_store_error_fails_alone_and_is_audited(fresh_env
     assert env.json("alice", f"request web1 --login {env.login} --for 5m --reason free")["id"]
 
 
+def test_a_shell_whose_client_stops_reading_stops_running_commands(fresh_env):
+    """A client that sends commands to the proxy's shell but stops reading its socket: once the
+    answers back up past the socket's buffers, the shell stops taking commands (asyncssh
+    ignores the socket's flow control) instead of running them all and buffering every answer.
+    Before, all 6,000 ran (10 MB of answers)."""
+    import asyncio
+
+    import asyncssh
+
+    env = fresh_env
+    sent = 6000
+
+    def ran() -> int:
+        return len([e for e in env.audit_events("command.run") if e["command"] == "help"])
+
+    async def scenario() -> int:
+        conn = await asyncssh.connect("127.0.0.1", env.port, username="alice",
+                                      client_keys=[str(env.keys / "alice")], known_hosts=None,
+                                      config=None, agent_path=None)
+        proc = await conn.create_process(window=2**31 - 1)  # the shell, without a terminal
+        await proc.stdout.readuntil("jit-proxy> ")
+        conn._transport.pause_reading()  # the socket: nothing more is read from the proxy
+        proc.stdin.write("help\n" * sent)  # (about 1.7 KB of answer each)
+        last, still = -1, 0
+        for _ in range(60):  # until no command has run for 2 s
+            await asyncio.sleep(0.5)
+            now = ran()
+            still = still + 1 if now == last else 0
+            last = now
+            if still == 4 or now == sent:
+                break
+        conn.abort()
+        return last
+
+    done = asyncio.run(scenario())
+    assert 0 < done < sent, done  # stopped while the client did not read
+
+
 def test_requester_rules(env):
     r = env.ssh("alice", f"request web1 --login {env.login} --for 5h --reason too long")
     assert r.returncode == 1 and b"exceeds the maximum of 4h" in r.stderr
