@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from proxy.access.duration import format_duration
+
 
 class RequestStatus(str, Enum):
     PENDING = "pending"
@@ -90,7 +92,6 @@ def first_use_window(duration: int, start_by: str) -> str:
     """How a first-use grant not started yet is shown: its window and the deadline to start it
     (``duration`` seconds; ``start_by`` already formatted), e.g. "1h from first use, start by
     2026-12-01T00:00:00.000Z"."""
-    from proxy.access.duration import format_duration
     return f"{format_duration(duration)} from first use, start by {start_by}"
 
 

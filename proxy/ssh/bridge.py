@@ -164,7 +164,7 @@ class JumpConnection(asyncssh.SSHServer):
         for session in list(self.sessions):
             session.update_reading()
         if self._forwarded:  # (sessions alone need not pay for it: bulk transfers toggle often)
-            self.client_socket_full(paused)
+            self.follow_client()
 
     # --- asyncssh.SSHServer ----------------------------------------------------------------------
 
@@ -174,22 +174,21 @@ class JumpConnection(asyncssh.SSHServer):
             self.client.jumps.add(self)
         self.connect_early()  # (the channel is open: connection_lost will come)
 
-    def client_socket_full(self, full: bool) -> None:
-        """The client's socket (or the outer channel) backed up, or drained: stop (or resume)
-        reading from the target altogether, whatever the channels' windows allow (sessions
-        and forwards)."""
-        task = self._upstream
-        if task is not None and task.done() and not task.cancelled() \
-                and task.exception() is None:
-            self._follow_client(task.result())
-
     def _client_backed_up(self) -> bool:
         return ((self.outer_paused and self._forwarded)
                 or (self.client is not None and self.client.socket_full))
 
-    def _follow_client(self, upstream: asyncssh.SSHClientConnection) -> None:
-        """Read from the target only while the client takes what it sends. Its keepalive
-        pauses meanwhile: unanswered while nothing is read, it would end the connection."""
+    def follow_client(self, upstream: asyncssh.SSHClientConnection | None = None) -> None:
+        """Read from the target (``upstream``, by default the connection made) only while the
+        client takes what it sends: its socket, and its outer channel once a port forwarding
+        was opened (asyncssh bridges those itself), whatever the channels' windows allow. The
+        keepalive pauses meanwhile: unanswered while nothing is read, it would end the
+        connection."""
+        if upstream is None:
+            task = self._upstream
+            if task is None or not task.done() or task.cancelled() or task.exception():
+                return
+            upstream = task.result()
         transport = getattr(upstream, "_transport", None)  # (asyncssh never pauses it itself)
         if transport is None or transport.is_closing():
             return
@@ -397,7 +396,7 @@ class JumpConnection(asyncssh.SSHServer):
                 encryption_algs=PREFERRED_CIPHERS, connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
                 keepalive_interval=UPSTREAM_KEEPALIVE)
             if self._client_backed_up():
-                self._follow_client(upstream)
+                self.follow_client(upstream)
             return upstream
         except Exception as exc:  # the connection, or minting its certificate (a store error)
             if not credentials.done():  # none is minted for a connection that failed

@@ -300,7 +300,7 @@ async def _drained(process: asyncssh.SSHServerProcess) -> bool:
     async def drained() -> None:
         await process.stdout.drain()
         client = process.get_extra_info("connection").get_owner()
-        while getattr(client, "socket_full", False):
+        while client.socket_full:
             await client.socket_drained.wait()
     try:
         await asyncio.wait_for(drained(), DRAIN_LIMIT)
@@ -358,8 +358,8 @@ class ProxyServer(asyncssh.SSHServer):
         self.attempts = 0  # PAM attempts, each audited (and counted) by itself
         self.tries = 0  # failed attempts of any method, for ssh.max_auth_tries
         self._closing = False
-        self.socket_full = False  # the client's socket is past its transport's high water mark
-        self.socket_drained = asyncio.Event()  # set while it is not
+        # clear while the client's socket is past its transport's high water mark
+        self.socket_drained = asyncio.Event()
         self.socket_drained.set()
         self.jumps: set[JumpConnection] = set()  # the ssh -J connections it carries
 
@@ -525,13 +525,17 @@ class ProxyServer(asyncssh.SSHServer):
         service.audit.emit("auth.success", self.username or "", method=",".join(self.completed),
                            peer=self.peer)
 
+    @property
+    def socket_full(self) -> bool:
+        """Whether the client's socket is past its transport's high water mark."""
+        return not self.socket_drained.is_set()
+
     def _socket_backed_up(self, full: bool) -> None:
         """The client's socket cannot take more (or has drained): every connection to a
         target this client is fed from stops (or resumes) reading."""
-        self.socket_full = full
         (self.socket_drained.clear if full else self.socket_drained.set)()
         for jump in list(self.jumps):
-            jump.client_socket_full(full)
+            jump.follow_client()
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:
