@@ -416,10 +416,17 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
-def _cpu_of(stat: str) -> float:
-    """CPU seconds (user + system) in a /proc/PID/stat line (proc(5): utime, stime)."""
+def cpu_split(stat: str) -> tuple[float, float]:
+    """(user, system) CPU seconds in a /proc/PID/stat or /proc/PID/task/TID/stat line
+    (proc(5): utime, stime)."""
     fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _cpu_of(stat: str) -> float:
+    """CPU seconds (user + system) in a /proc/PID/stat line."""
+    return sum(cpu_split(stat))
 
 
 def cpu_s(pid: int) -> float:

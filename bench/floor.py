@@ -39,6 +39,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from proxy.runtime.daemon import run  # uvloop when installed, as the proxy runs
+
 PAYLOAD = 32768  # bytes: OpenSSH's channel packets
 
 
@@ -183,25 +185,13 @@ async def _bare_pg_client(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         writer.close()
 
 
-def _thread_cpu(tid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of this process's thread ``tid`` (proc(5))."""
-    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def _process_cpu(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def measure_pg(seconds: int, rounds: int, scale: int) -> dict[str, dict[str, float]]:
     """pgbench -S (8 clients, 2 threads) through the bare relay and through pgbouncer,
     alternately ``rounds`` times for ``seconds`` each, on a cluster of pgbench scale ``scale``:
     for each, the median ``tps`` and the relay's ``user`` and ``system`` CPU µs per
     transaction. Raises RuntimeError when a tool is missing or pgbench fails."""
-    from bench.env import PG_DB, PG_PASSWORD, PG_USER, PgPeers, descendants, require_tools
+    from bench.env import (PG_DB, PG_PASSWORD, PG_USER, PgPeers, cpu_split, descendants,
+                           require_tools)
     from bench.pg import run_pgbench
     require_tools(pg=True)
     d = Path(tempfile.mkdtemp(prefix="jit-floor-"))
@@ -226,7 +216,7 @@ def measure_pg(seconds: int, rounds: int, scale: int) -> dict[str, dict[str, flo
             ready.set()
             await stop[0][1].wait()
             server.close()
-        _event_loop()(relay())
+        run(relay())
 
     thread = threading.Thread(target=serve, daemon=True)
     try:
@@ -238,8 +228,10 @@ def measure_pg(seconds: int, rounds: int, scale: int) -> dict[str, dict[str, flo
         environ.update(PGPASSWORD=PG_PASSWORD, PGSSLMODE="require")
         assert peers.bouncer is not None
         bouncer = (descendants(peers.bouncer.pid) or [peers.bouncer.pid])[0]
-        paths = {"bare relay": (port[0], lambda: _thread_cpu(thread.native_id)),
-                 "pgbouncer": (peers.bouncer_port, lambda: _process_cpu(bouncer))}
+        relay_stat = Path(f"/proc/self/task/{thread.native_id}/stat")
+        bouncer_stat = Path(f"/proc/{bouncer}/stat")
+        paths = {"bare relay": (port[0], lambda: cpu_split(relay_stat.read_text())),
+                 "pgbouncer": (peers.bouncer_port, lambda: cpu_split(bouncer_stat.read_text()))}
         got: dict[str, dict[str, list[float]]] = {p: {"tps": [], "user": [], "system": []}
                                                   for p in paths}
         for _ in range(rounds):
@@ -260,15 +252,6 @@ def measure_pg(seconds: int, rounds: int, scale: int) -> dict[str, dict[str, flo
             thread.join(10)
         peers.stop()
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _event_loop():
-    """uvloop.run when uvloop is installed (as the proxy runs), else asyncio.run."""
-    try:
-        import uvloop
-        return uvloop.run
-    except ImportError:  # (asyncio's own loop: a higher floor)
-        return asyncio.run
 
 
 def main() -> int:
@@ -294,7 +277,7 @@ def main() -> int:
               f"only terminates and opens TLS (medians of {args.rounds} alternated "
               f"{args.seconds} s runs)")
         return 0
-    r = _event_loop()(measure(args.mib))
+    r = run(measure(args.mib))
     print(f"relay floor: {r['user'] + r['system']:.2f} s CPU per GiB (user {r['user']:.2f}, "
           f"system {r['system']:.2f}) for two AES-GCM opens, one seal and a socket in and out "
           f"per {PAYLOAD // 1024} KiB; {args.mib} MiB in {r['wall']:.1f} s")

@@ -391,8 +391,9 @@ def _log_event(event: dict) -> None:
     _audit_log.log(level, json.dumps(fields, ensure_ascii=False, separators=(",", ":")))
 
 
-def run(coro) -> int:
-    """Run ``coro`` on uvloop when it is installed, else on asyncio's default loop."""
+def run(coro):
+    """Run ``coro`` on uvloop when it is installed, else on asyncio's default loop; returns
+    what ``coro`` returns."""
     try:
         import uvloop
     except ImportError:
