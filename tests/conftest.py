@@ -9,11 +9,13 @@ one test account (``jittest``) once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -285,6 +287,18 @@ class Env:
                 raise AssertionError(f"no {type_prefix} event matching; last events: "
                                      f"{self.audit_events()[-5:]}")
             time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def store_locked(self):
+        """The proxy's SQLite database held locked (an exclusive transaction of the test's) for
+        the block: each of the proxy's writes meanwhile fails after its busy timeout (5 s)."""
+        db = sqlite3.connect(self.state / "jit-proxy.db", timeout=10)
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+            yield
+        finally:
+            db.rollback()
+            db.close()
 
     def audit_events(self, type_prefix: str = "") -> list[dict]:
         path = self.state / "audit.jsonl"

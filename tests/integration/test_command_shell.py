@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 
 import pytest
@@ -48,23 +47,17 @@ def test_a_command_that_meets_a_store_error_fails_alone_and_is_audited(fresh_env
     that command fails with the reason (exit 1) and is audited as command.failed; at the prompt
     the shell carries on. Before, the client's connection just closed, nothing said or audited."""
     env = fresh_env
-    db = sqlite3.connect(env.state / "jit-proxy.db", timeout=10)
-    try:
-        db.execute("BEGIN EXCLUSIVE")  # until the proxy's busy timeout (5 s) has passed
-        r = env.ssh("alice", f"request web1 --login {env.login} --for 5m --reason locked")
-        with PtySession(["ssh", "-F", str(env.ssh_config), "-tt", "alice@jit-proxy"]) as s:
-            s.expect(b"jit-proxy> ")
+    with PtySession(["ssh", "-F", str(env.ssh_config), "-tt", "alice@jit-proxy"]) as s:
+        s.expect(b"jit-proxy> ")
+        with env.store_locked():
+            r = env.ssh("alice", f"request web1 --login {env.login} --for 5m --reason locked")
             s.send(f"request web1 --login {env.login} --for 5m --reason locked\r".encode())
             s.expect(b"jit-proxy: internal error: database is locked", timeout=20)
             s.expect(b"jit-proxy> ")
-            db.rollback()
-            s.send(b"whoami\r")
-            s.expect(b"user: alice")
-            s.send(b"exit\r")
-            assert s.wait() == 0
-    finally:
-        db.rollback()
-        db.close()
+        s.send(b"whoami\r")
+        s.expect(b"user: alice")
+        s.send(b"exit\r")
+        assert s.wait() == 0
     assert r.returncode == 1
     assert r.stderr.startswith(b"jit-proxy: internal error: database is locked"), r.stderr
     failed = env.wait_event("command.failed", lambda e: e["actor"] == "alice")

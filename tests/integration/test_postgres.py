@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -773,13 +772,8 @@ def test_a_store_failure_during_login_gets_a_fatal_and_is_audited(fresh_pg_env):
     env = fresh_pg_env
     grant = db_grant(env)
     login = db_login(env)
-    db = sqlite3.connect(env.state / "jit-proxy.db", timeout=10)
-    try:
-        db.execute("BEGIN EXCLUSIVE")  # until the proxy's busy timeout (5 s) has passed
+    with env.store_locked():
         r = psql(env, login, "SELECT 1")
-    finally:
-        db.rollback()
-        db.close()
     assert r.returncode == 2
     assert "FATAL:  jit-proxy: internal error: database is locked" in r.stderr, r.stderr
     failed = env.wait_event("db.session.failed", lambda e: e.get("grant") == grant["id"])

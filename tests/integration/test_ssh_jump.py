@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -196,13 +195,8 @@ def test_a_session_the_store_cannot_record_fails_alone_and_is_audited(fresh_env)
     async def scenario():
         outer, inner = await _jump_with_asyncssh(env)
         first = await inner.run("echo first", check=False)
-        db = sqlite3.connect(env.state / "jit-proxy.db", timeout=10)
-        try:
-            db.execute("BEGIN EXCLUSIVE")  # until the proxy's busy timeout (5 s) has passed
+        with env.store_locked():
             second = await inner.run("echo second", check=False)
-        finally:
-            db.rollback()
-            db.close()
         third = await inner.run("echo third", check=False)
         outer.close()
         return first, second, third
@@ -614,13 +608,8 @@ def test_a_certificate_that_cannot_be_minted_fails_the_jump_and_is_audited(fresh
     grant = env.grant("alice")
 
     def jump_while_the_store_is_locked() -> subprocess.CompletedProcess:
-        db = sqlite3.connect(env.state / "jit-proxy.db", timeout=10)
-        try:
-            db.execute("BEGIN EXCLUSIVE")  # until the proxy's busy timeout (5 s) has passed
+        with env.store_locked():
             return env.jump("alice", "true")
-        finally:
-            db.rollback()
-            db.close()
 
     r = jump_while_the_store_is_locked()
     assert r.returncode == 255
