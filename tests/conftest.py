@@ -89,13 +89,17 @@ class PgCluster:
         return {"host": "127.0.0.1", "port": self.port, "user": "postgres",
                 "password": self.SUPERUSER_PASSWORD, "database": database}
 
-    def sql(self, database: str, statements: str, fetch: bool = False):
+    def sql(self, database: str, statements: str, fetch: bool = False, role: str | None = None):
+        """Run ``statements`` as the superuser (``SET ROLE role`` first, if given); ``fetch``:
+        one query, whose rows are returned."""
         import asyncio
         import asyncpg
 
         async def run():
             conn = await asyncpg.connect(**self.dsn(database), ssl=False)
             try:
+                if role is not None:
+                    await conn.execute(f'SET ROLE "{role}"')
                 return await (conn.fetch(statements) if fetch else conn.execute(statements))
             finally:
                 await conn.close()

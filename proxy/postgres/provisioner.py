@@ -5,17 +5,22 @@ prefixed, unique, quoted name marked by a comment, NOLOGIN except while the prox
 (a login window that also sets a fresh password, sent only as a SCRAM-SHA-256 verifier so the
 plaintext reaches no server log: a password the user sets with ALTER ROLE is useless),
 ``VALID UNTIL`` the grant's end, member of exactly the granted roles; (2) tear it down in DESIGN.md's order — NOLOGIN, terminate its backends, in every database
-reassign what it owns to the configured owner and drop the rest, DROP ROLE — reporting each step;
+reassign what it owns to the target's leftovers role and drop the rest, DROP ROLE — reporting
+each step;
 (3) list the prefixed roles that exist, for reconciliation.
 
 What it must not do: log or audit a password; build SQL from unquoted names; keep admin connections
-open between operations.
+open between operations; hand what a user created to a role with privileges of its own (a
+SECURITY DEFINER function, a view, a rule or an index expression written under a grant runs with
+its owner's rights, so the configured ``owner`` gets the objects only as a member of the
+leftovers role, which holds nothing else).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import re
 import secrets
 import ssl
@@ -45,6 +50,7 @@ DATABASES_WITH_DEPENDENCIES = (
     " WHERE r.rolname = $1 AND (s.dbid = 0 OR d.datallowconn) ORDER BY 1")
 ADMIN_POOL_SIZE = 4  # admin connections per target, for creating and dropping roles side by side
 ROLE_MARKER = "jit-proxy ephemeral role"  # start of the comment on every role the proxy creates
+LEFTOVERS_MARKER = "jit-proxy leftovers role"  # the comment on the roles leftovers_role names
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,16 @@ def role_name(prefix: str, user: str, grant_id: int) -> str:
     tail = f"_g{grant_id}"
     safe = re.sub(r"[^a-z0-9_]", "_", user.lower())
     return (prefix + safe)[:63 - len(tail)] + tail
+
+
+def leftovers_role(prefix: str, owner: str) -> str:
+    """``{prefix}leftovers-of-{owner}``: the role that owns what ephemeral roles created, with
+    ``owner`` its member (a ``-`` no ephemeral role name holds; a hash of ``owner`` instead of
+    the name when that would pass PostgreSQL's 63 bytes)."""
+    name = f"{prefix}leftovers-of-{owner}"
+    if len(name.encode()) > 63:
+        name = f"{prefix}leftovers-{hashlib.sha256(owner.encode()).hexdigest()[:16]}"
+    return name
 
 
 def scram_verifier(password: str) -> str:
@@ -247,17 +263,41 @@ class Provisioner:
                 lambda c: c.fetch(DATABASES_WITH_DEPENDENCIES, name,
                                   self.target.admin.database))]
         self.report("db.role.backends_terminated", {"role": name, "count": killed})
+        leftovers = leftovers_role(self.prefix, self.target.owner)
+        if databases:
+            await self._with_admin(lambda c: self._ensure_leftovers_role(c, leftovers))
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:
                 async with c.transaction():
-                    await c.execute(f"REASSIGN OWNED BY {ident} TO "
-                                    f"{quote_ident(self.target.owner)}")
+                    await c.execute(f"REASSIGN OWNED BY {ident} TO {quote_ident(leftovers)}")
                     await c.execute(f"DROP OWNED BY {ident}")
             await self._with_admin(reassign, database=db)
         self.report("db.role.objects_reassigned", {"role": name, "databases": databases,
+                                                   "reassigned_to": leftovers,
                                                    "owner": self.target.owner})
         await self._with_admin(lambda c: c.execute(f"DROP ROLE IF EXISTS {ident}"))
         self.report("db.role.dropped", {"role": name})
+
+    async def _ensure_leftovers_role(self, conn: asyncpg.Connection, leftovers: str) -> None:
+        """Create ``leftovers`` if it is missing: NOLOGIN, no attribute, member of nothing, so
+        code left behind (SECURITY DEFINER functions, views, rules, index expressions run by
+        autovacuum as the table's owner) can do no more than PUBLIC may; then make the target's
+        ``owner`` its member, which gives the owner's side the objects themselves.
+
+        Raises:
+            asyncpg.PostgresError, OSError: a statement failed (the teardown is retried)."""
+        ident = quote_ident(leftovers)
+        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", leftovers):
+            try:
+                await conn.execute(f"CREATE ROLE {ident} WITH NOLOGIN NOSUPERUSER NOCREATEDB "
+                                   f"NOCREATEROLE NOREPLICATION NOBYPASSRLS")
+            except asyncpg.DuplicateObjectError:
+                pass  # another teardown (or proxy) made it meanwhile
+            else:
+                comment = (f"{LEFTOVERS_MARKER}: owns what ephemeral roles created; its "
+                           f"members (the targets' owner) may use and adopt it")
+                await conn.execute(f"COMMENT ON ROLE {ident} IS {quote_literal(comment)}")
+        await conn.execute(f"GRANT {ident} TO {quote_ident(self.target.owner)}")
 
     async def existing_roles(self) -> list[str]:
         """Roles on the cluster that the proxy created: the prefix and our comment on the role
