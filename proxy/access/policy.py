@@ -120,7 +120,36 @@ def decide_approval(config: Config, approver: str, request: AccessRequest,
         return Decision(False, f"policy {request.policy!r} of request {request.id} no longer exists")
     if not config.matches(approver, policy.approvers):
         return Decision(False, f"{approver} is not an approver for policy {policy.name}")
+    gone = _no_longer_covered(config, policy, request.requester, request.target, request.login)
+    if gone is not None:
+        return Decision(False, f"request {request.id} can no longer be approved: {gone} (the "
+                               f"configuration changed); deny it")
     return Decision(True, f"approver under policy {policy.name}", policy.name)
+
+
+def _no_longer_covered(config: Config, policy: Policy, user: str, target: str,
+                       login: str) -> str | None:
+    """Why ``policy``, as configured now, no longer lets ``user`` have ``login`` on ``target``
+    (None while it does)."""
+    if target not in config.targets or target not in policy.targets \
+            or login not in access_names(config, policy, target):
+        return f"policy {policy.name} no longer covers {login}@{target}"
+    if not config.matches(user, policy.requesters):
+        return f"{user} is no longer a requester under policy {policy.name}"
+    return None
+
+
+def grant_allowed(config: Config, grant: Grant) -> Decision:
+    """Does the configuration, as it is now (after a reload), still let the grant's user have
+    its access under its policy? A grant it no longer allows opens no new session (live ones
+    carry on until the grant ends or is revoked)."""
+    policy = policy_named(config, grant.policy)
+    if policy is None:
+        return Decision(False, f"policy {grant.policy!r} of grant {grant.id} no longer exists")
+    gone = _no_longer_covered(config, policy, grant.user, grant.target, grant.login)
+    if gone is not None:
+        return Decision(False, gone)
+    return Decision(True, f"allowed by policy {policy.name}", policy.name)
 
 
 def request_expired(config: Config, request: AccessRequest, now: float) -> bool:

@@ -425,8 +425,8 @@ class PgClient:
             if verifier is None:
                 why = "no live one-time secret (db-login)"
             else:
-                grant = service.active.get(verifier.grant_id)
-                if grant is None or not grant.is_live(now):
+                grant = service.usable(verifier.grant_id)
+                if grant is None:
                     why = "grant not live"
                 else:
                     self.grant = grant

@@ -150,6 +150,13 @@ class AccessService:
         see the system groups resolved at login when ``auth.identities`` is ``system``."""
         config.bind_system_groups(self.identities.cached_groups)
         self.config = config
+        for grant in self.active.values():  # (none at start: grants are loaded afterwards)
+            allowed = policy.grant_allowed(config, grant)
+            if not allowed:
+                log.warning("grant %s (%s, %s@%s) is no longer allowed: %s; it opens no new "
+                            "session, and its live ones carry on until it ends or is revoked "
+                            "(jit-proxy grants revoke %s)", grant.id, grant.user, grant.login,
+                            grant.target, allowed.reason, grant.id)
 
     def spawn(self, coro: Any, drain: bool = True) -> asyncio.Task:
         """Run ``coro`` in the background; ``drain`` waits for all of them (at shutdown) but
@@ -288,6 +295,8 @@ class AccessService:
             why = f"grant {grant_id} is not an active grant of yours"
         elif p is None:
             why = "the grant's policy no longer exists"
+        elif not (allowed := policy.grant_allowed(self.config, grant)):
+            why = f"grant {grant_id} is no longer allowed: {allowed.reason}"
         elif policy.reason_problem(reason, p):
             why = policy.reason_problem(reason, p)
         else:  # the whole grant, extensions included, stays within the policy's maximum
@@ -474,13 +483,25 @@ class AccessService:
         return self.active.get(grant.id, current)
 
     def live_grant(self, user: str, target: str, login: str) -> Grant | None:
-        return policy.find_live_grant(list(self.active.values()), user, target, login,
+        """The grant a new session of ``user`` as ``login`` on ``target`` runs under (live, and
+        still allowed by the configuration as it is now), or None."""
+        return policy.find_live_grant(self.live_grants_on(user, target), user, target, login,
                                       self.clock.now())
 
     def live_grants_on(self, user: str, target: str) -> list[Grant]:
+        """``user``'s grants on ``target`` that may open a new session now (as ``live_grant``)."""
         now = self.clock.now()
         return [g for g in self.active.values()
-                if g.user == user and g.target == target and g.is_live(now)]
+                if g.user == user and g.target == target and g.is_live(now)
+                and policy.grant_allowed(self.config, g)]
+
+    def usable(self, grant_id: int) -> Grant | None:
+        """Grant ``grant_id`` as it stands now, if it may open a new session (as ``live_grant``)."""
+        grant = self.active.get(grant_id)
+        if grant is None or not grant.is_live(self.clock.now()) \
+                or not policy.grant_allowed(self.config, grant):
+            return None
+        return grant
 
     async def expire_due(self) -> list[Grant]:
         """End every active grant whose end has passed, concurrently, and retry recording ends

@@ -231,9 +231,9 @@ class JumpConnection(asyncssh.SSHServer):
 
     def live(self) -> bool:
         """Whether this connection's grant still covers new sessions and channels, now (as it
-        stands now: extended, or its first-use window started, since the login)."""
-        current = self.service.active.get(self.grant.id) if self.grant is not None else None
-        return current is not None and current.is_live(self.service.clock.now())
+        stands now: extended, or its first-use window started, since the login; and still
+        allowed by the configuration, which a reload may have changed)."""
+        return self.grant is not None and self.service.usable(self.grant.id) is not None
 
     def session_requested(self) -> "BridgeSession | bool":
         if not self.live():

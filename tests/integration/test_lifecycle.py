@@ -30,6 +30,41 @@ def test_sighup_applies_a_new_policy_and_keeps_live_sessions(fresh_env):
     assert out == b"still-here\n" and proc.returncode == 0, err
 
 
+def test_sighup_taking_a_user_out_of_a_policy_stops_new_access(fresh_env):
+    """Offboarding through the configuration (found by a newcomer run-through): once a reload
+    takes alice out of the policy's requesters, her pending request can no longer be approved
+    and her grant opens no new session; her live session carries on, the operator's log names
+    the grant to revoke, and putting her back makes the grant usable again."""
+    env = fresh_env
+    grant = env.grant("alice")
+    pending = env.json("alice", "request web2 --login otherlogin --for 10m --reason pending")
+    proc = subprocess.Popen(env.jump_args("alice") + ["echo started; sleep 3; echo still-here"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"started\n"
+    config = env.config()
+    config["groups"]["dev"]["members"] = ["carol"]
+    env.reload(config)
+    r = env.jump("alice", "true")
+    assert r.returncode != 0 and b"No policy lets alice request access to web1" in r.stderr, \
+        r.stderr
+    r = env.ssh("bob", f"approve {pending['id']}")
+    assert r.returncode == 1 and (
+        f"request {pending['id']} can no longer be approved: alice is no longer a requester "
+        f"under policy web (the configuration changed); deny it").encode() in r.stderr, r.stderr
+    refused = env.wait_event("access.approval.refused")
+    assert refused["request"] == pending["id"] and "no longer a requester" in refused["why"]
+    r = env.ssh("alice", f"extend {grant['id']} --for 10m --reason more")
+    assert r.returncode == 1 and f"grant {grant['id']} is no longer allowed".encode() in r.stderr
+    out, err = proc.communicate(timeout=20)
+    assert out == b"still-here\n" and proc.returncode == 0, err
+    assert any("level=warning" in line and f"grant {grant['id']} (alice" in line
+               and "no longer allowed" in line for line in env.log_path.read_text().splitlines())
+    env.reload(env.config())
+    r = env.jump("alice", "echo back")
+    assert r.returncode == 0 and r.stdout == b"back\n", r.stderr
+
+
 def test_sighup_with_a_broken_config_keeps_the_old_one_and_logs_key_and_line(fresh_env):
     env = fresh_env
     good = env.config_path.read_text()

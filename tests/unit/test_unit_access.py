@@ -11,7 +11,7 @@ from proxy.access.model import (GRANT_TRANSITIONS, REQUEST_TRANSITIONS, AccessRe
                                 GrantStatus, InvalidTransition, RequestStatus, next_grant_status,
                                 next_request_status)
 from proxy.access.policy import (decide_approval, decide_request, decide_revoke, find_live_grant,
-                                 permissions, policy_named)
+                                 grant_allowed, permissions, policy_named)
 from proxy.config import Config, Permissions, parse_config
 
 T0 = 1_800_000_000.0
@@ -229,6 +229,45 @@ def test_db_policy_approvers(cfg):
     req = make_request(target="db1", login="postgres", policy="db-admin")
     assert decide_approval(cfg, "bob", req).allowed
     assert not decide_approval(cfg, "carol", req).allowed  # carol approves web-deploy only
+
+
+def _reloaded(cfg: Config, old: str, new: str) -> Config:
+    """``cfg``'s text with ``old`` replaced by ``new``: the configuration after a reload."""
+    text = config_text()
+    assert old in text
+    return parse_config(text.replace(old, new, 1), FILENAME)
+
+
+# what a reload may take away, and the reason each gives (found by a newcomer run-through: a
+# user taken out of a policy's group could still have a pending request approved, and their live
+# grant still opened new sessions)
+RELOADS = [
+    ("      - alice\n      - carol", "      - carol", "alice is no longer a requester under "
+                                                       "policy web-deploy"),
+    ("logins: [deploy, root]", "logins: [root]", "policy web-deploy no longer covers deploy@web1"),
+    ("targets: [web1]", "targets: [db1]", "policy web-deploy no longer covers deploy@web1"),
+    ("name: web-deploy", "name: web-renamed", "policy 'web-deploy' of grant 3 no longer exists"),
+]
+
+
+@pytest.mark.parametrize("old,new,why", RELOADS, ids=["requester", "login", "target", "policy"])
+def test_a_reload_takes_away_what_it_no_longer_allows(cfg, old, new, why):
+    assert decide_approval(cfg, "bob", make_request(), T0).allowed
+    assert grant_allowed(cfg, make_grant())
+    after = _reloaded(cfg, old, new)
+    d = decide_approval(after, "bob", make_request(), T0)
+    assert not d
+    if "of grant" not in why:  # (a vanished policy has its own message, tested above)
+        assert d.reason == (f"request 7 can no longer be approved: {why} (the configuration "
+                            f"changed); deny it")
+    g = grant_allowed(after, make_grant())
+    assert not g and g.reason == why
+
+
+def test_a_reload_keeps_what_it_still_allows(cfg):
+    after = _reloaded(cfg, "      - alice\n      - carol", "      - carol")
+    assert grant_allowed(after, make_grant(user="carol"))
+    assert decide_approval(after, "bob", make_request(requester="carol"), T0).allowed
 
 
 # --- decide_revoke / permissions -----------------------------------------------------------------
