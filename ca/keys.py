@@ -2,7 +2,8 @@
 
 What it is for: one place that reads and writes private keys so that every key the project keeps on
 disk gets the same treatment (mode 0600 from creation, PKCS#8 encryption with a passphrase when one is
-configured, and a refusal to use a file that group or others may read).
+configured, and a refusal to use a file that group or others may read). A key written in clear
+before a passphrase was configured is encrypted in place when it is next loaded with one.
 
 What it must not do: print or log key material or passphrases; create a key file with a wider mode
 even for an instant (files are opened with O_EXCL and mode 0600).
@@ -10,11 +11,14 @@ even for an instant (files are opened with O_EXCL and mode 0600).
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
 
 import asyncssh
+
+log = logging.getLogger("jit_proxy.ca")
 
 
 class CAKeyError(Exception):
@@ -66,6 +70,31 @@ def write_secret_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def replace_secret_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data``, atomically: written whole (mode 0600, fsync)
+    beside it, then renamed over it, so a crash leaves the old file or the new one.
+
+    Raises:
+        OSError: the directory cannot be written."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.unlink(missing_ok=True)  # (left by a crash)
+    write_secret_file(tmp, data)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encrypted_now(path: Path, data: bytes) -> None:
+    """``path``, a key file in clear until now, replaced by ``data`` (the same key encrypted),
+    with a warning in the log (the key was readable by anyone who could read the file)."""
+    replace_secret_file(path, data)
+    log.warning("%s was not encrypted: encrypted it now with the configured passphrase (copies "
+                "of the file taken before, e.g. in backups, still hold the key in clear)", path)
+
+
 def load_or_create_key(path: Path, passphrase: bytes | None = None,
                        algorithm: str = "ssh-ed25519") -> asyncssh.SSHKey:
     """Load the private key at ``path``, creating an ``algorithm`` key there first if it is missing.
@@ -75,6 +104,9 @@ def load_or_create_key(path: Path, passphrase: bytes | None = None,
         passphrase: bytes to encrypt a new key with and to decrypt an existing one, or None.
         algorithm: the asyncssh algorithm name for a new key.
 
+    A key found in clear while ``passphrase`` is given is encrypted with it in place (the
+    passphrase was configured after the key was made).
+
     Raises:
         CAKeyError: the file is readable by group/others, cannot be decrypted, or is not a key.
     """
@@ -83,8 +115,17 @@ def load_or_create_key(path: Path, passphrase: bytes | None = None,
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private_key(path, asyncssh.generate_private_key(algorithm), passphrase)
     check_private_mode(path)
+    data = path.read_bytes()
+    if passphrase:
+        try:  # written in clear, before a passphrase was configured?
+            key = asyncssh.import_private_key(data, None)
+        except (asyncssh.KeyImportError, ValueError):
+            pass  # encrypted (or no key: said below)
+        else:
+            encrypted_now(path, key.export_private_key("pkcs8-pem", passphrase=passphrase))
+            return key
     try:
-        return asyncssh.import_private_key(path.read_bytes(), passphrase)
+        return asyncssh.import_private_key(data, passphrase)
     except (asyncssh.KeyImportError, ValueError) as exc:
         hint = " (is the passphrase file right?)" if passphrase else \
             " (encrypted? set ca.passphrase_file)"

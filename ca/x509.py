@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ca.keys import CAKeyError, check_private_mode, write_secret_file
+from ca.keys import CAKeyError, check_private_mode, encrypted_now, write_secret_file
 
 CA_KEY_FILE = "pg_ca.key"
 CA_CERT_FILE = "pg_ca.pem"
@@ -37,11 +37,25 @@ class ServerCertificate:
 
 
 def _load_key(path: Path, passphrase: bytes | None) -> ec.EllipticCurvePrivateKey:
+    """The CA key at ``path``; one in clear while ``passphrase`` is given is encrypted with it
+    in place (as ``ca.keys.load_or_create_key`` does)."""
     check_private_mode(path)
+    data = path.read_bytes()
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), passphrase)
-    except (ValueError, TypeError) as exc:
+        key = serialization.load_pem_private_key(data, passphrase)
+    except TypeError:  # "Password was given but private key is not encrypted"
+        key = None
+    except ValueError as exc:
         raise CAKeyError(f"{path}: cannot load private key: {exc}") from None
+    if key is None:
+        try:
+            key = serialization.load_pem_private_key(data, None)
+        except (ValueError, TypeError) as exc:
+            raise CAKeyError(f"{path}: cannot load private key: {exc}") from None
+        assert passphrase
+        encrypted_now(path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase)))
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CAKeyError(f"{path}: not an EC private key")
     return key

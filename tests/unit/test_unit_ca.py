@@ -87,6 +87,25 @@ def test_encrypted_key_without_passphrase(tmp_path):
     assert str(path) in str(info.value) and "passphrase" in str(info.value)
 
 
+def test_a_key_in_clear_is_encrypted_once_a_passphrase_is_configured(tmp_path, caplog):
+    """A passphrase file added to an existing install left the keys in clear, silently (found by
+    a newcomer run-through): the next load with the passphrase encrypts the file in place."""
+    path = tmp_path / "user_ca"
+    key = load_or_create_key(path)
+    assert b"ENCRYPTED" not in path.read_bytes()
+    with caplog.at_level("WARNING", logger="jit_proxy.ca"):
+        again = load_or_create_key(path, passphrase=b"correct horse")
+    assert again.export_public_key() == key.export_public_key()
+    assert b"ENCRYPTED" in path.read_bytes() and mode(path) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["user_ca", "user_ca.pub"]
+    assert f"{path} was not encrypted: encrypted it now" in caplog.text
+    assert "correct horse" not in caplog.text
+    with pytest.raises(CAKeyError, match="passphrase"):
+        load_or_create_key(path)
+    assert load_or_create_key(path, passphrase=b"correct horse").export_public_key() == \
+        key.export_public_key()
+
+
 def test_garbage_key_file(tmp_path):
     path = tmp_path / "user_ca"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)

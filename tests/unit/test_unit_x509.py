@@ -67,6 +67,20 @@ def test_key_is_private_and_encrypted_and_reloads(tmp_path):
         X509CertificateAuthority.open(tmp_path / "ca", time.time(), passphrase=b"pw")
 
 
+def test_a_key_in_clear_is_encrypted_once_a_passphrase_is_configured(tmp_path):
+    ca = X509CertificateAuthority.open(tmp_path / "ca", time.time())
+    key = tmp_path / "ca" / "pg_ca.key"
+    assert b"ENCRYPTED" not in key.read_bytes()
+    again = X509CertificateAuthority.open(tmp_path / "ca", time.time(), passphrase=b"pw")
+    assert again.certificate_pem == ca.certificate_pem
+    assert b"ENCRYPTED PRIVATE KEY" in key.read_bytes()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(CAKeyError, match="pg_ca.key"):
+        X509CertificateAuthority.open(tmp_path / "ca", time.time())
+    assert X509CertificateAuthority.open(tmp_path / "ca", time.time(),
+                                         passphrase=b"pw").certificate_pem == ca.certificate_pem
+
+
 def test_refuses_empty_names_and_validity(tmp_path):
     ca = X509CertificateAuthority.open(tmp_path / "ca", time.time())
     with pytest.raises(ValueError):
