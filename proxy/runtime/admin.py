@@ -69,7 +69,8 @@ class AdminServer:
     async def start(self) -> None:
         cfg = self.service.config
         self.path = cfg.admin_socket_path
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        # (0755: admin_group's members must reach the socket, which is 0660 and checks peers)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         self.path.unlink(missing_ok=True)
         old = os.umask(0o117)  # created 0660: never wider, not even briefly
         try:

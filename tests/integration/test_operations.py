@@ -146,6 +146,33 @@ def test_admin_socket_refuses_users_outside_the_admin_group(ops_env):
     assert env.wait_event("proxy.admin.refused", lambda e: e["actor"] == "local:nobody")
 
 
+def test_a_member_of_the_admin_group_reaches_the_socket(fresh_env):
+    """The daemon makes the socket's directory itself (no RuntimeDirectory=): a member of
+    ``admin_group`` who is neither root nor the daemon's user must get through it (found by a
+    newcomer run-through: the shipped unit's 0750 directory kept them out)."""
+    env = fresh_env
+    group, user = "jittest-admins", "jittestadm"
+    subprocess.run(["groupadd", "-f", group], check=True)
+    subprocess.run(["useradd", "-M", "-p", "*", "-s", "/usr/sbin/nologin", "-G", group, user],
+                   capture_output=True)
+    try:
+        sock_dir = Path(tempfile.mkdtemp(prefix="jit-admin-"))
+        os.chmod(sock_dir, 0o711)
+        config = env.config()
+        config["daemon"] = {"admin_socket": str(sock_dir / "run" / "admin.sock"),
+                            "admin_group": group}
+        env.write_config(config)
+        env.restart()
+        r = subprocess.run(["runuser", "-u", user, "--", "/usr/bin/python3", "-c", RAW_CLIENT,
+                            str(sock_dir / "run" / "admin.sock")],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "live_sessions" in r.stdout, r.stdout + r.stderr
+    finally:
+        env.stop()
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", group], capture_output=True)
+
+
 def test_a_second_proxy_on_the_same_state_dir_is_refused_and_the_first_carries_on(ops_env):
     """Started by mistake on a live proxy's state_dir (a copied config, or a manual serve beside
     systemd's), a second proxy stops before it touches anything: it would replace the first
