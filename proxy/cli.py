@@ -175,6 +175,15 @@ def _admin_action(args: argparse.Namespace, command: str, describe, **fields) ->
     return 0
 
 
+def cmd_ca(args: argparse.Namespace) -> int:
+    answer = _admin(args, "ca", pg=args.pg)
+    if answer is None:
+        return 1
+    text = answer.pop("text")
+    _print(args, answer, text)
+    return 0
+
+
 def cmd_lockouts_clear(args: argparse.Namespace) -> int:
     return _admin_action(args, "lockouts.clear", lambda a: f"{a['unlocked']}: lockout ended, "
                                                            f"failures forgotten\n",
@@ -298,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         admin_options(a, given_only=True)
         a.set_defaults(func=func)
 
+    c = admin_parser("ca", "the @cert-authority line for clients and the user CA key for "
+                           "targets, as 'ssh jit-proxy ca' prints them (for a first contact)")
+    c.add_argument("--pg", action="store_true",
+                   help="the CA certificate for PostgreSQL clients (sslrootcert)")
+    c.set_defaults(func=cmd_ca)
     admin_action("sessions", "live sessions (listed by status)", "kill",
                  "end one live session now (its grant stays)", cmd_sessions_kill)
     admin_action("grants", "grants (listed by status)", "revoke",

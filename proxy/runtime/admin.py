@@ -142,6 +142,10 @@ class AdminServer:
                                       "reason": r.reason} for r in pending],
                 "lockouts": [{"subject": k, "until": rfc3339(t)} for k, t in service.lockouts()],
             }
+        if command == "ca":
+            from proxy.ssh.commands import ca_answer
+            data, text = ca_answer(service, request.get("pg") is True)
+            return {**data, "text": text}
         if command == "lockouts.clear":
             subject = request.get("subject")
             if not isinstance(subject, str):

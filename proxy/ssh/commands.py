@@ -370,20 +370,29 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         return await _recordings(service, actor, args)
     if args.command == "db-login":
         return await _db_login(service, actor, args)
-    if args.command == "ca" and args.pg:
+    if args.command == "ca":
+        return ca_answer(service, args.pg)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def ca_answer(service: AccessService, pg: bool) -> tuple[dict[str, str], str]:
+    """What ``ca`` prints (the user shell's, and ``jit-proxy ca`` on the proxy host for a first
+    contact that has nothing to check the proxy against yet): the ``@cert-authority`` line and
+    the user CA key, or with ``pg`` the PostgreSQL CA certificate; as (JSON data, text).
+
+    Raises:
+        AccessError: ``pg`` on a proxy without a PostgreSQL port."""
+    if pg:
         if service.postgres is None:
             raise AccessError("this proxy has no PostgreSQL port (no 'postgres' section)")
         pem = service.postgres.x509.certificate_pem.decode()
         return {"pg_ca_pem": pem}, pem
-    if args.command == "ca":
-        data = {"known_hosts": service.known_hosts_line(),
-                "user_ca": service.ca.user_ca_public}
-        text = ("# Clients: add this line to ~/.ssh/known_hosts to trust the proxy and every "
-                "target behind it:\n" + data["known_hosts"] + "\n"
-                "# Targets: put this line in the file named by sshd's TrustedUserCAKeys:\n"
-                + data["user_ca"] + "\n")
-        return data, text
-    raise AssertionError(f"unhandled command {args.command}")
+    data = {"known_hosts": service.known_hosts_line(), "user_ca": service.ca.user_ca_public}
+    text = ("# Clients: add this line to ~/.ssh/known_hosts to trust the proxy and every "
+            "target behind it:\n" + data["known_hosts"] + "\n"
+            "# Targets: put this line in the file named by sshd's TrustedUserCAKeys:\n"
+            + data["user_ca"] + "\n")
+    return data, text
 
 
 async def _db_login(service: AccessService, actor: str, args: argparse.Namespace

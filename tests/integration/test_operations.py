@@ -124,6 +124,20 @@ def test_status_kill_revoke_metrics_and_recordings(ops_env):
     assert r.returncode == 1 and b"approvers" in r.stderr
 
 
+def test_ca_on_the_proxy_host_prints_what_the_shell_prints(ops_env):
+    """A first contact has nothing to check the proxy against: the operator reads the
+    @cert-authority line on the proxy host instead of the client trusting the key on first use."""
+    env = ops_env
+    r = jit("ca", "-c", str(env.config_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.encode() == env.ssh("alice", "ca").stdout
+    assert env.known_hosts_line() in r.stdout
+    data = json.loads(jit("ca", "-c", str(env.config_path), "--json").stdout)
+    assert data["known_hosts"] == env.known_hosts_line() and "text" not in data
+    r = jit("ca", "--pg", "-c", str(env.config_path))
+    assert r.returncode == 1 and "no PostgreSQL port" in r.stderr, r.stderr
+
+
 def test_status_shows_a_first_use_grant_as_its_window_and_deadline(ops_env):
     env = ops_env
     config = yaml.safe_load(env.config_path.read_text())
