@@ -31,6 +31,30 @@ from proxy.ssh.bridge import JumpConnection, batch_writes
 from proxy.ssh.commands import HELP, run_command
 
 log = logging.getLogger("jit_proxy.ssh")
+
+MAX_ENV_VARS = 128            # environment variables one session channel may set (as sshd)
+MAX_ENV_BYTES = 64 * 1024     # their names and values together, bytes
+
+
+def _bounded_env_request(self: asyncssh.SSHServerChannel, packet: Any) -> bool:
+    """asyncssh's handler of the "env" channel request (RFC 4254 §6.4), with a bound: it kept
+    every variable a client sent, so one session that never started grew the proxy by what
+    the client sent (found by an attack review: 200 MB). Beyond ``MAX_ENV_VARS`` variables
+    (OpenSSH's sshd refuses past 128 too) or ``MAX_ENV_BYTES`` the request fails, which
+    OpenSSH's client, sending env without asking for a reply, never notices."""
+    name, value = packet.get_string(), packet.get_string()
+    packet.check_end()
+    env = self._env  # (asyncssh's own store, read by get_environment)
+    size = getattr(self, "_jit_env_bytes", 0) + len(name) + len(value)
+    if (name not in env and len(env) >= MAX_ENV_VARS) or size > MAX_ENV_BYTES:
+        if not getattr(self, "_jit_env_refused", False):
+            self._jit_env_refused = True  # type: ignore[attr-defined]
+            log.warning("a session channel's environment passed %d variables or %d bytes; "
+                        "its further env requests are refused", MAX_ENV_VARS, MAX_ENV_BYTES)
+        return False
+    self._jit_env_bytes = size  # type: ignore[attr-defined]
+    env[name] = value
+    return True
 DRAIN_LIMIT = 30.0  # seconds a command session's output may wait for its client to read it
 
 PROXY_CERT_NAME = "proxy"
@@ -73,6 +97,7 @@ class FrontDoor:
         """Start listening on ``ssh.listen_address:listen_port``; returns the bound address."""
         cfg = self.service.config.ssh
         tuning.apply()  # asyncssh's per-packet work the relay does not need (see the module)
+        asyncssh.SSHServerChannel._process_env_request = _bounded_env_request  # type: ignore
         # the inner server bridges bytes: no line editor (asyncssh's default wraps every session
         # in one, a call layer per packet even without a pty; measured ~10% on bulk transfers)
         self._inner_base = await asyncssh.SSHServerConnectionOptions.construct(

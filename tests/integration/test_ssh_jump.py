@@ -428,6 +428,31 @@ def test_target_saw_a_certificate_naming_user_grant_and_serial(env, granted):
     assert len(set(serials)) == len(serials)  # every session got a fresh certificate
 
 
+def test_environment_requests_cannot_grow_the_proxy(env, granted):
+    """One session channel sending env requests without end (found by an attack review: 200 MB
+    sent grew the proxy 200 MB), on the proxy's own shell and on a jump to a target: past
+    MAX_ENV_VARS variables or MAX_ENV_BYTES they are refused, and the sessions still run."""
+    import asyncio
+
+    import asyncssh
+
+    flood = {f"JIT_{i}": "x" * 30000 for i in range(1500)}  # 45 MB
+
+    async def scenario() -> tuple[int, int, str, str]:
+        outer, inner = await _jump_with_asyncssh(env)
+        before = _proxy_rss_kib(env)
+        shell = await outer.run("whoami", env=flood)
+        jumped = await inner.run("echo through", env=flood)
+        peak = _proxy_rss_kib(env)
+        inner.close()
+        outer.close()
+        return before, peak, shell.stdout, jumped.stdout
+
+    before, peak, shell, jumped = asyncio.run(scenario())
+    assert "alice" in shell and jumped == "through\n", (shell, jumped)
+    assert peak - before < 16 * 1024, f"proxy RSS grew by {(peak - before) // 1024} MiB"
+
+
 def test_a_client_that_stops_reading_cannot_grow_the_proxy(env, granted):
     """A hostile client announces a huge window, then stops reading its outer channel while the
     target sends 1 GB: the proxy must stop reading from the target, not buffer it."""
