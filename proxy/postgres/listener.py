@@ -73,9 +73,10 @@ SAFE_CLIENT_ENCODINGS = {"UTF8", "UNICODE", "SQLASCII", "AUTO"}
 # the extended-query messages a Sync ends (PostgreSQL protocol, "Extended Query"); COPY data
 EXTENDED_QUERY = frozenset((b"P", b"B", b"E", b"D", b"C", b"H"))
 COPY_DATA = frozenset((b"d", b"c", b"f"))
-# SQL that makes or drops statements or portals under names the protocol uses too
-SQL_LEVEL_NAMES = re.compile(r"\b(prepare|deallocate|discard|declare|close|fetch|move)\b",
-                             re.IGNORECASE)
+# SQL that makes or drops statements or portals under names the protocol uses too, or may do
+# so unseen: dynamic SQL (a DO block, a function's EXECUTE) can spell PREPARE from pieces
+SQL_LEVEL_NAMES = re.compile(
+    r"\b(prepare|deallocate|discard|declare|close|fetch|move|do|execute)\b", re.IGNORECASE)
 # statements that change the client encoding are refused before they reach the server (the
 # ParameterStatus watch ends the session if one gets there by another route, e.g. dynamic SQL)
 ENCODING_CHANGE = re.compile(r"client_encoding|\bset\s+names\b", re.I)
@@ -789,8 +790,9 @@ class PgClient:
             fields["sql_if_earlier_failed_truncated"] = True
         if kind == "execute" and (self._sql_level_names or self.statements.uncertain):
             fields["sql_may_differ"] = (
-                "the session used SQL-level PREPARE, DEALLOCATE, DISCARD or cursors, whose "
-                "names the proxy does not follow" if self._sql_level_names else
+                "the session used SQL-level PREPARE, DEALLOCATE, DISCARD, cursors or dynamic "
+                "SQL (DO, EXECUTE), whose names the proxy does not follow"
+                if self._sql_level_names else
                 "a simple Query after unsynced extended-query messages met an error, so "
                 "the server may have skipped it")
         if len(shown) > AUDIT_SQL_LIMIT:  # (the hash of what is shown: never of a password)

@@ -669,6 +669,31 @@ def test_execute_is_audited_with_what_each_parse_really_did(pg_env):
                    (f"s1_{marker}", f"SELECT 'd-{marker}'")]
 
 
+def test_a_statement_redefined_by_dynamic_sql_is_flagged(pg_env):
+    """A DO block that builds DEALLOCATE and PREPARE from pieces redefines a protocol-level
+    statement unseen (found by an attack review): its later executions are audited with the
+    client's Parse and, now, with sql_may_differ."""
+    db_grant(pg_env)
+    login = db_login(pg_env)
+    marker = os.urandom(4).hex()
+
+    async def scenario():
+        conn = await connect_as_alice(pg_env, login)
+        try:
+            stmt = await conn.prepare(f"SELECT 'harmless-{marker}'", name=f"s1_{marker}")
+            await conn.execute(f"DO $$ BEGIN EXECUTE 'DEALLOC' || 'ATE s1_{marker}'; "
+                               f"EXECUTE 'PREP' || 'ARE s1_{marker} AS SELECT ''other''::text';"
+                               f" END $$")
+            return await stmt.fetchval()
+        finally:
+            await conn.close()
+    assert asyncio.run(scenario()) == "other"  # what ran is not what the Parse said
+    execs = [e for e in pg_env.audit_events("db.query") if e["kind"] == "execute"
+             and e.get("statement") == f"s1_{marker}"]
+    assert len(execs) == 1 and execs[0]["sql"] == f"SELECT 'harmless-{marker}'", execs
+    assert "dynamic SQL (DO, EXECUTE)" in execs[0].get("sql_may_differ", ""), execs
+
+
 def test_asyncpg_prepare_then_a_simple_query_and_copy_work(pg_env):
     """asyncpg prepares with Parse, Describe, Flush and no Sync, then may send a simple Query;
     its COPY sends the data without waiting for CopyInResponse. Both are ordinary."""
