@@ -3,8 +3,10 @@ and replay asciicast v2 files at real or faster speed.
 
 What it is for: the shared logic behind ``jit-proxy recordings list|play|export`` (over the admin
 socket) and ``ssh jit-proxy recordings …`` (approvers, for the sessions of their policies).
-What it must not do: show a recording to someone the policy does not let see it, or trust a
-recording whose SHA-256 no longer matches the one in the audit log without saying so.
+What it must not do: show a recording to someone the policy does not let see it, trust a
+recording whose SHA-256 no longer matches the one in the audit log without saying so, or play to
+an auditor's terminal what would act on the terminal itself rather than draw on it (see
+``TerminalFilter``; an export keeps the recording as it was).
 """
 
 from __future__ import annotations
@@ -92,9 +94,79 @@ async def get_recording(service: AccessService, actor: str, session_id: int,
             "intact": intact, "cast": data.decode("utf-8", "replace"), "audit_events": events}
 
 
+ESC = "\x1b"
+STRING_STARTS = "]PX^_"            # after ESC: OSC, DCS, SOS, PM, APC (ECMA-48 control strings)
+C1_STRING_STARTS = "\x9d\x90\x98\x9e\x9f"  # their 8-bit forms
+CSI_LIMIT = 64                     # characters of one CSI sequence held back at most
+
+
+class TerminalFilter:
+    """What a recorded session wrote, minus what would act on the auditor's terminal itself: the
+    control strings (ECMA-48 8.3.89 and kin: OSC, DCS, SOS, PM, APC, in their ESC and 8-bit
+    forms, up to BEL, ST or CAN/SUB) that set the window title, write the clipboard (OSC 52),
+    make hyperlinks or reprogram the terminal, and CSI ... t (xterm's window operations, which
+    include reporting the title back as input). Colours, cursor movement and erasing, which
+    draw the session, pass unchanged. Stateful: ``feed`` the output in any pieces and the
+    result is the same."""
+
+    def __init__(self) -> None:
+        self._state = "ground"  # ground, esc, csi, string, string_esc
+        self._held = ""         # an escape or CSI sequence not finished yet
+
+    def feed(self, text: str) -> str:
+        out = []
+        for c in text:
+            state = self._state
+            if state == "string":
+                if c in "\x07\x9c\x18\x1a":  # BEL, ST, CAN, SUB end it
+                    self._state = "ground"
+                elif c == ESC:
+                    self._state = "string_esc"
+                continue
+            if state == "string_esc":
+                if c == "\\":  # ESC \ (ST)
+                    self._state = "ground"
+                    continue
+                state, self._held = "esc", ESC  # an ESC ends the string and starts anew
+            if state == "csi":
+                if " " <= c <= "?":  # parameter and intermediate bytes
+                    self._held += c
+                    if len(self._held) > CSI_LIMIT:  # no CSI is this long: dropped
+                        self._state, self._held = "ground", ""
+                    continue
+                held, self._state, self._held = self._held, "ground", ""
+                if "@" <= c <= "~":  # the final byte
+                    if c != "t":
+                        out.append(held + c)
+                    continue
+                state = "ground"  # anything else cuts the sequence (dropped): c starts anew
+            if state == "esc":
+                if c in STRING_STARTS:
+                    self._state, self._held = "string", ""
+                    continue
+                if c == "[":
+                    self._state, self._held = "csi", ESC + c
+                    continue
+                self._state, self._held = "ground", ""
+                if " " <= c <= "~":  # a two-character escape sequence
+                    out.append(ESC + c)
+                    continue
+                # anything else cuts the ESC (dropped): c starts anew
+            if c == ESC:
+                self._state, self._held = "esc", ESC
+            elif c in C1_STRING_STARTS:
+                self._state = "string"
+            elif c == "\x9b":  # the 8-bit CSI
+                self._state, self._held = "csi", c
+            else:
+                out.append(c)
+        return "".join(out)
+
+
 def frames(cast: str, speed: float = 1.0, idle_limit: float = IDLE_LIMIT
            ) -> Iterator[tuple[float, str]]:
-    """(delay in seconds, text) pairs that replay an asciicast v2 recording's output.
+    """(delay in seconds, text) pairs that replay an asciicast v2 recording's output, through
+    a ``TerminalFilter``.
 
     Raises:
         ValueError: not an asciicast v2 recording.
@@ -103,6 +175,7 @@ def frames(cast: str, speed: float = 1.0, idle_limit: float = IDLE_LIMIT
     if not lines or json.loads(lines[0]).get("version") != 2:
         raise ValueError("not an asciicast v2 recording")
     last = 0.0
+    terminal = TerminalFilter()
     for line in lines[1:]:
         if not line.strip():
             continue
@@ -111,7 +184,7 @@ def frames(cast: str, speed: float = 1.0, idle_limit: float = IDLE_LIMIT
             continue
         delay = min(max(0.0, t - last), idle_limit) / max(speed, 0.01)
         last = t
-        yield delay, data
+        yield delay, terminal.feed(data)
 
 
 def summary_table(rows: list[dict]) -> str:
