@@ -428,6 +428,20 @@ def test_target_saw_a_certificate_naming_user_grant_and_serial(env, granted):
     assert len(set(serials)) == len(serials)  # every session got a fresh certificate
 
 
+def test_a_long_command_is_audited_cut_with_its_hash(env, granted):
+    """An exec command is audited whole up to AUDIT_COMMAND_LIMIT characters; a longer one (an
+    attack review flooded the audit log with them) is cut there, with the hash of all of it."""
+    import hashlib
+
+    command = "true #" + os.urandom(60000).hex()  # 120,006 characters
+    r = env.jump("alice", command)
+    assert r.returncode == 0, r.stderr
+    event = env.wait_event("ssh.session.start", lambda e: (e.get("command") or "")
+                           .startswith(command[:100]))
+    assert event["command"] == command[:65536] and event["command_truncated"] is True
+    assert event["command_sha256"] == hashlib.sha256(command.encode()).hexdigest()
+
+
 def test_environment_requests_cannot_grow_the_proxy(env, granted):
     """One session channel sending env requests without end (found by an attack review: 200 MB
     sent grew the proxy 200 MB), on the proxy's own shell and on a jump to a target: past
