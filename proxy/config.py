@@ -65,7 +65,9 @@ class _Model(BaseModel):
 class SSHListener(_Model):
     listen_address: str = "0.0.0.0"
     listen_port: int = Field(2222, ge=0, le=65535)
-    host_names: list[str] = Field(default_factory=lambda: ["jit-proxy", "localhost"], min_length=1)
+    # the host certificate's principals: the names clients use for the proxy (no "localhost":
+    # the proxy's host CA would vouch for every host a client reaches by that name)
+    host_names: list[str] = Field(default_factory=lambda: ["jit-proxy"], min_length=1)
     login_grace_time: Duration = 30
     max_sessions_per_connection: int = Field(10, ge=1, le=1000)
     # like sshd's MaxAuthTries: failed attempts (keys offered, PAM logins) before the
@@ -663,10 +665,16 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "::1"}
+
+
 def warnings(config: Config) -> list[tuple[Path_, str]]:
     """Valid but risky or ineffective settings: roles that reach beyond the target's database,
     forwarding the proxy never relays, requesters whose requests no set of approvers can
-    approve (nobody may approve their own request)."""
+    approve (nobody may approve their own request), requester groups with no members, an
+    auto_approve rule no requester meets, nothing to serve, a relative state_dir, loopback names
+    among the SSH host names, metrics or a webhook readable by the network, and PostgreSQL TLS
+    that does not verify the server."""
     out = []
     for p, policy in enumerate(config.policies):
         if config.auth.identities != "system":  # (NSS could add approvers the file cannot show)
@@ -689,6 +697,46 @@ def warnings(config: Config) -> list[tuple[Path_, str]]:
                 out.append((("policies", p, "allow", what),
                             f"the certificate will permit it, but the proxy never relays "
                             f"{what.replace('_', ' ')}"))
+        if config.auth.identities != "system":
+            for i, ref in enumerate(policy.requesters):
+                name = ref.removeprefix("group:")
+                if ref.startswith("group:") and name in config.groups \
+                        and not config.groups[name].members:
+                    out.append((("policies", p, "requesters", i),
+                                f"group {name} has no members: nobody may request through it"))
+        rule = policy.auto_approve
+        if rule is not None and rule.requesters and config.auth.identities != "system" and not [
+                u for u in config.users if config.matches(u, rule.requesters)
+                and config.matches(u, policy.requesters)]:
+            out.append((("policies", p, "auto_approve", "requesters"),
+                        "none of these may request under this policy (requesters), so the rule "
+                        "never approves anything"))
+    if not config.users or not config.targets or not config.policies:
+        missing = [k for k in ("users", "targets", "policies") if not getattr(config, k)]
+        out.append(((missing[0],), f"no {' and no '.join(missing)}: the proxy would let nobody "
+                                   f"reach anything"))
+    if not config.state_dir.is_absolute():
+        out.append((("state_dir",), f"{config.state_dir} is relative: it depends on the "
+                                    f"directory the proxy starts in; give an absolute path"))
+    for i, name in enumerate(config.ssh.host_names):
+        if name.lower() in LOOPBACK_NAMES or name.startswith("127."):
+            out.append((("ssh", "host_names", i),
+                        f"{name}: the proxy's host certificate would vouch for every host "
+                        f"clients reach by this name; keep it out unless they reach the "
+                        f"proxy so"))
+    metrics = config.daemon.metrics_listen
+    if metrics is not None:
+        host = metrics.rsplit(":", 1)[0].strip("[]")
+        if host.lower() not in LOOPBACK_NAMES and not host.startswith("127."):
+            out.append((("daemon", "metrics_listen"),
+                        f"{host} is not a loopback address: the metrics (users, targets, "
+                        f"sessions) are served to anyone who reaches it, without "
+                        f"authentication"))
+    url = config.notifications.webhook_url if config.notifications else None
+    if url is not None and url.lower().startswith("http://"):
+        out.append((("notifications", "webhook_url"),
+                    "http: who asks for what, and why, crosses the network unencrypted; use "
+                    "https"))
     group = config.daemon.admin_group
     if group is not None:
         import grp
@@ -705,6 +753,12 @@ def warnings(config: Config) -> list[tuple[Path_, str]]:
                 out.append((("targets", name, "admin", "password_file"),
                             f"{target.admin.password_file}: {problem} (the proxy could not "
                             f"create roles on {name}; check it as the proxy's account)"))
+            if target.tls.mode in ("disable", "require"):
+                out.append((("targets", name, "tls", "mode"),
+                            "the admin's password and every statement cross the network "
+                            + ("unencrypted" if target.tls.mode == "disable" else
+                               "to a server nobody checked (anyone in between can pose as "
+                               "it)") + "; use verify-full"))
             for key, members in target.roles.items():
                 for i, role in enumerate(members):
                     if role in BROAD_ROLES:

@@ -460,7 +460,8 @@ class PgClient:
             await self._fatal(INVALID_PASSWORD, self._refusal(guessable=False), hint=(
                 f"jit-proxy takes a one-time secret from db-login: it works once, within "
                 f"{ttl}, while its grant is live. Get a new one with: ssh jit-proxy db-login "
-                f"{named or 'TARGET'}"))
+                f"{named or 'TARGET'} (the database name you connect to is the target's name; "
+                f"ssh jit-proxy targets lists yours)"))
             self.grant = None
             return False
         await self._send(AuthenticationSASLFinal(server_final.encode()).encode())

@@ -187,7 +187,7 @@ def sandbox_config(d: Path, target_port: int, target_host_key: str, alice: str, 
     config: dict = {
         "state_dir": str(d / "state"),
         "ssh": {"listen_address": "127.0.0.1", "listen_port": 0,
-                "host_names": ["jit-proxy", "localhost", "127.0.0.1"]},
+                "host_names": ["jit-proxy"]},
         "users": {"alice": {"keys": [alice]}, "bob": {"keys": [bob]}},
         "groups": {"dev": {"members": ["alice"]}, "sre": {"members": ["bob"]}},
         "targets": {"web1": {"address": "127.0.0.1", "port": target_port,

@@ -93,7 +93,8 @@ def test_failed_logins_look_the_same_and_are_audited(pg_env, case):
     # the same hint in every case: nothing tells which part was wrong
     hint = ("HINT:  jit-proxy takes a one-time secret from db-login: it works once, within "
             f"10m, while its grant is live. Get a new one with: ssh jit-proxy db-login "
-            f"{conninfo_db}")
+            f"{conninfo_db} (the database name you connect to is the target's name; ssh "
+            f"jit-proxy targets lists yours)")
     assert r.stderr.count(hint) == 1 and r.stderr.count("grant") == 1, r.stderr
     assert pg_env.wait_event("auth.failure", lambda e: e["actor"] == login["user"]
                              and e.get("method") == "scram")

@@ -545,3 +545,59 @@ def test_the_warning_about_too_few_approvers_names_those_besides_the_requester()
     assert warnings(parse_config(text, FILENAME)) == [
         (("policies", 0, "approvers"), "requests of carol need 2 approver(s) other than the "
                                        "requester, but only bob may approve")]
+
+
+@pytest.mark.parametrize("old,new,where,says", [
+    ("state_dir: /tmp/jit-state\n", "state_dir: jit-state\n", ("state_dir",),
+     "jit-state is relative"),
+    ("  login_grace_time: 30s\n", "  login_grace_time: 30s\n  host_names: [jit-proxy, localhost]\n",
+     ("ssh", "host_names", 1), "localhost: the proxy's host certificate would vouch for every "
+                               "host"),
+    ("  sre:\n    members: [bob]\n", "  sre:\n    members: [bob]\n  empty:\n    members: []\n",
+     None, None),  # (a group nobody requests through: nothing to say)
+    ("    requesters: [alice]\n", "    requesters: [group:empty]\n", ("policies", 1, "requesters", 0),
+     "group empty has no members: nobody may request through it"),
+    ("    max_duration: 2h\n", "    max_duration: 2h\n    auto_approve: {requesters: [bob]}\n",
+     ("policies", 0, "auto_approve", "requesters"), "none of these may request under this policy"),
+    ("state_dir: /tmp/jit-state\n", "state_dir: /tmp/jit-state\ndaemon:\n  metrics_listen: "
+                                    "0.0.0.0:9187\n", ("daemon", "metrics_listen"),
+     "0.0.0.0 is not a loopback address"),
+    ("state_dir: /tmp/jit-state\n", "state_dir: /tmp/jit-state\nnotifications:\n  webhook_url: "
+                                    "http://hooks.example/x\n", ("notifications", "webhook_url"),
+     "http: who asks for what, and why, crosses the network unencrypted"),
+], ids=["relative-state-dir", "localhost-host-name", "unused-empty-group", "empty-requester-group",
+        "dead-auto-approve", "metrics-on-all", "http-webhook"])
+def test_risky_or_ineffective_settings_are_warned_about(old, new, where, says):
+    """Found by a newcomer run-through: each of these passed check-config without a word."""
+    from proxy.config import warnings
+    text = config_text()
+    if "group:empty" in new:
+        text = replace_once(text, "  sre:\n    members: [bob]\n",
+                            "  sre:\n    members: [bob]\n  empty:\n    members: []\n")
+    got = warnings(parse_config(replace_once(text, old, new), FILENAME))
+    if where is None:
+        assert got == []
+    else:
+        assert [w for w in got if w[0] == where and says in w[1]], got
+
+
+def test_nothing_to_serve_and_unverified_postgres_tls_are_warned_about():
+    from proxy.config import warnings
+    got = warnings(parse_config("state_dir: /tmp/x\n", FILENAME))
+    assert got == [(("users",), "no users and no targets and no policies: the proxy would let "
+                                "nobody reach anything")]
+    for mode, says in (("disable", "cross the network unencrypted; use verify-full"),
+                       ("require", "to a server nobody checked"), ("verify-full", None)):
+        text = replace_once(config_text(), "\ntargets:\n", f"""\ntargets:
+  orders:
+    kind: postgres
+    address: 127.0.0.1
+    database: orders
+    admin: {{user: jit_admin, password_file: /nonexistent}}
+    roles: {{read: [orders_reader]}}
+    owner: orders_owner
+    tls: {{mode: {mode}}}
+""")
+        got = [w for w in warnings(parse_config(text, FILENAME))
+               if w[0] == ("targets", "orders", "tls", "mode")]
+        assert [says in w[1] for w in got] == ([True] if says else []), got
