@@ -17,6 +17,7 @@ import re
 import signal
 import stat
 from pathlib import Path
+from typing import Any
 
 from ca import SSHCertificateAuthority, load_or_create_key
 from proxy.audit.log import AuditLog
@@ -118,10 +119,10 @@ class Daemon:
         if self.roles is not None:
             await self.roles.reconcile()
         self.door = FrontDoor(self.service)
-        self.address = await self.door.listen()
+        self.address = await _listening("ssh", cfg.ssh, self.door.listen())
         listening = {"ssh_listen": f"{self.address[0]}:{self.address[1]}"}
         if self.pg is not None:
-            pg_address = await self.pg.listen()
+            pg_address = await _listening("postgres", cfg.postgres, self.pg.listen())
             listening["postgres_listen"] = f"{pg_address[0]}:{pg_address[1]}"
             log.info("listening for PostgreSQL on %s:%d", *pg_address)
         audit.emit("proxy.started", "system", pid=os.getpid(), **listening)
@@ -389,6 +390,21 @@ def _log_event(event: dict) -> None:
         return
     fields = {k: v for k, v in event.items() if k not in ("prev", "hash", "ts")}
     _audit_log.log(level, json.dumps(fields, ensure_ascii=False, separators=(",", ":")))
+
+
+async def _listening(section: str, listener: Any, start: Any) -> tuple[str, int]:
+    """Await ``start`` (a listener's ``listen()``); an address in use or not ours is said with
+    the configuration keys that chose it.
+
+    Raises:
+        OSError: naming ``SECTION.listen_address`` and ``listen_port``."""
+    try:
+        return await start
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(exc.errno, f"{section}.listen_address/listen_port "
+                                 f"{listener.listen_address}:{listener.listen_port}: "
+                                 f"{why}") from None
 
 
 def run(coro):

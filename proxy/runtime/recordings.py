@@ -75,8 +75,16 @@ async def get_recording(service: AccessService, actor: str, session_id: int,
     """
     matches = [s for s in await service.store.list_sessions(live=False, visible_to=visible_to,
                                                             limit=100000) if s.id == session_id]
-    if not matches or not matches[0].recording:
+    if not matches:
         raise AccessError(f"no recording for session {session_id}")
+    if not matches[0].recording:
+        kind = matches[0].kind
+        what = ("its statements are in the audit log (db.query)" if kind == "postgres" else
+                "it is in the audit log with its bytes counted")
+        named = {"exec": "an exec", "subsystem": "a subsystem (sftp)",
+                 "postgres": "a PostgreSQL"}.get(kind, f"a {kind}")
+        raise AccessError(f"no recording for session {session_id}: only terminal sessions are "
+                          f"recorded, and this was {named} session; {what}")
     session = matches[0]
     data = Path(session.recording).read_bytes()
     intact = hashlib.sha256(data).hexdigest() == session.recording_sha256

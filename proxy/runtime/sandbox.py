@@ -375,8 +375,9 @@ async def _run_sandbox(d: Path) -> int:
 
             Recordings: {daemon.config.recording_dir}
             Audit log:  {daemon.config.audit_log_path}  (jit-proxy audit verify FILE)
-            Operator:   jit-proxy status -c {config_path}   (also: grants, sessions, lockouts,
-                        recordings play ID; the sandbox writes this file anew at each start)
+            Operator:   jit-proxy status -c {config_path}   (also with -c: grants revoke ID,
+                        sessions kill ID, lockouts clear SUBJECT, recordings list, recordings
+                        play ID; the sandbox writes this file anew at each start)
             Stop with Ctrl-C."""), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

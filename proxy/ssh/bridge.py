@@ -132,6 +132,17 @@ def upstream_known_hosts(target: SSHTarget) -> tuple[list, list, list]:
     return ([], [asyncssh.import_public_key(target.host_ca)], [])
 
 
+def unreachable(target: str, login: str | None, exc: BaseException) -> str:
+    """The line a user gets when the proxy could not log in to ``target``; a refused login is
+    the target's setup (or a missing account), which the user can only pass on."""
+    text = f"jit-proxy: cannot reach {target}: {exc}"
+    if isinstance(exc, asyncssh.PermissionDenied):
+        text += (f" (the target refused the proxy's certificate for {login}: its sshd must "
+                 f"trust the proxy's user CA, TrustedUserCAKeys with the key 'ssh jit-proxy ca' "
+                 f"prints, and have an account {login}; tell its operator)")
+    return text
+
+
 class JumpConnection(asyncssh.SSHServer):
     """The inner SSH server of one jump connection, and the upstream connection it owns."""
 
@@ -272,7 +283,7 @@ class JumpConnection(asyncssh.SSHServer):
         except Exception as exc:  # noqa: BLE001 - e.g. the certificate could not be minted
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED,
-                f"jit-proxy: cannot reach {self.target_name}: {exc}") from None
+                unreachable(self.target_name, self.login, exc)) from None
         self._forwarded = True
         return await self.conn.forward_tunneled_connection(upstream, dest_host, dest_port)
 
@@ -555,7 +566,7 @@ class BridgeSession(asyncssh.SSHServerSession):
             upstream = await jump.upstream()
         except Exception as exc:  # noqa: BLE001 - shown to the user, audited by _connect_upstream
             self.end_reason = "upstream failed"
-            self._fail_client(f"jit-proxy: cannot reach {jump.target_name}: {exc}")
+            self._fail_client(unreachable(jump.target_name, jump.login, exc))
             return
         if self._finished:
             return

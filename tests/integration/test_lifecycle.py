@@ -65,6 +65,24 @@ def test_sighup_taking_a_user_out_of_a_policy_stops_new_access(fresh_env):
     assert r.returncode == 0 and r.stdout == b"back\n", r.stderr
 
 
+def test_a_listen_port_in_use_is_named_by_its_key(fresh_env):
+    import socket
+    env = fresh_env
+    env.stop()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = env.config()
+        config["ssh"]["listen_port"] = taken.getsockname()[1]
+        env.write_config(config)
+        r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "-c", str(env.config_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert (f"jit-proxy: cannot start: [Errno 98] ssh.listen_address/listen_port "
+            f"127.0.0.1:{config['ssh']['listen_port']}: Address already in use") in r.stderr, \
+        r.stderr
+
+
 def test_sighup_with_a_broken_config_keeps_the_old_one_and_logs_key_and_line(fresh_env):
     env = fresh_env
     good = env.config_path.read_text()

@@ -442,6 +442,29 @@ def test_a_long_command_is_audited_cut_with_its_hash(env, granted):
     assert event["command_sha256"] == hashlib.sha256(command.encode()).hexdigest()
 
 
+def test_a_login_the_target_refuses_says_what_the_target_needs(env):
+    """The target has no account otherlogin: the user is told it is the target's setup, not
+    their grant (a newcomer read "Permission denied" as their own mistake)."""
+    grant = env.grant("alice", login="otherlogin", duration="10m")
+    r = env.jump("alice", "true", login="otherlogin")
+    assert env.ssh("alice", f"revoke {grant['id']}").returncode == 0  # (the env is shared)
+    assert r.returncode != 0
+    assert (b"jit-proxy: cannot reach web1: Permission denied for user otherlogin on host "
+            b"127.0.0.1 (the target refused the proxy's certificate for otherlogin: its sshd "
+            b"must trust the proxy's user CA") in r.stderr, r.stderr
+
+
+def test_playing_an_exec_session_says_why_there_is_no_recording(env, granted):
+    marker = os.urandom(4).hex()
+    assert env.jump("alice", f"echo {marker}").returncode == 0
+    start = env.wait_event("ssh.session.start", lambda e: marker in (e.get("command") or ""))
+    r = env.ssh("bob", f"recordings play {start['session']}")
+    assert r.returncode == 1 and (
+        f"no recording for session {start['session']}: only terminal sessions are recorded, and "
+        f"this was an exec session; it is in the audit log with its bytes counted").encode() \
+        in r.stderr, r.stderr
+
+
 def test_environment_requests_cannot_grow_the_proxy(env, granted):
     """One session channel sending env requests without end (found by an attack review: 200 MB
     sent grew the proxy 200 MB), on the proxy's own shell and on a jump to a target: past
