@@ -293,6 +293,10 @@ class AccessService:
         why = None
         if grant is None or grant.user != actor:
             why = f"grant {grant_id} is not an active grant of yours"
+            ended = await self.store.get_grant(grant_id) if grant is None else None
+            if ended is not None and ended.user == actor:
+                why = (f"grant {grant_id} ended at {rfc3339(ended.ended_at or ended.ends_at)} "
+                       f"({ended.status.value}): request the access anew")
         elif p is None:
             why = "the grant's policy no longer exists"
         elif not (allowed := policy.grant_allowed(self.config, grant)):
@@ -879,5 +883,16 @@ class AccessService:
         if login is not None and login not in allowed:
             return (f"{head} No policy lets {user} request {who}; logins {user} may request "
                     f"on {target}: {', '.join(allowed)}.")
+        try:
+            ended = [g for g in await self.store.list_grants(user=user, limit=20)
+                     if g.target == target and login in (None, g.login)
+                     and g.status is not GrantStatus.ACTIVE]
+        except Exception:  # the refusal goes out all the same
+            log.exception("looking up %s's grants failed", user)
+            ended = []
+        if ended:  # (the newest: list_grants gives the newest first)
+            g = ended[0]
+            head += (f" Your grant {g.id} ({g.login}@{target}) ended at "
+                     f"{rfc3339(g.ended_at or g.ends_at)} ({g.status.value}).")
         return (f"{head} Request one with:\n  ssh jit-proxy request {target} --login "
                 f"{login or allowed[0]} --for 1h --reason \"...\"")

@@ -67,8 +67,16 @@ def test_revoke_closes_sessions_at_once(fresh_env):
     proc.wait(timeout=10)
     assert time.time() - t0 < 2.0
     assert f"grant {grant['id']} was revoked by bob" in err
-    assert env.jump("alice", "true").returncode == 255
-    assert env.wait_event("access.grant.revoked", lambda e: e["grant"] == grant["id"])["actor"] == "bob"
+    r = env.jump("alice", "true")
+    assert r.returncode == 255
+    revoked = env.wait_event("access.grant.revoked", lambda e: e["grant"] == grant["id"])
+    assert revoked["actor"] == "bob"
+    # what ended is named (a newcomer read "no active grant" as never having had one)
+    assert (f"Your grant {grant['id']} ({env.login}@web1) ended at ").encode() in r.stderr \
+        and b"(revoked). Request one with" in r.stderr, r.stderr
+    r = env.ssh("alice", f"extend {grant['id']} --for 10m --reason more")
+    assert r.returncode == 1 and f"grant {grant['id']} ended at ".encode() in r.stderr \
+        and b"(revoked): request the access anew" in r.stderr, r.stderr
 
 
 def test_revoke_needs_the_owner_or_an_approver(fresh_env):
