@@ -301,7 +301,9 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         reqs = await service.list_requests(actor, args.pending)
         rows = [[str(r.id), r.status.value, r.requester, f"{r.login}@{r.target}",
                  format_duration(r.duration), rfc3339(r.created_at),
-                 (f"[extends grant {r.extends_grant}] " if r.extends_grant else "") + r.reason]
+                 (f"[extends grant {r.extends_grant}] " if r.extends_grant else "") + r.reason
+                 + (f" [{r.status.value} by {r.decided_by}: {r.decision_comment}]"
+                    if r.decision_comment and r.decided_by else "")]
                 for r in reqs]
         return [_request_dict(r) for r in reqs], _table(
             rows, ["ID", "STATUS", "REQUESTER", "ACCESS", "FOR", "CREATED", "REASON"])

@@ -115,6 +115,9 @@ def test_requester_rules(env):
     assert r.returncode == 1 and b"carol is not an approver" in r.stderr
     r = env.ssh("bob", f"deny {req['id']} --reason not today")
     assert r.returncode == 0
+    listed = [line for line in env.ssh("alice", "requests").stdout.decode().splitlines()
+              if line.startswith(f"{req['id']} ")]
+    assert listed and listed[0].endswith("self-approve? [denied by bob: not today]"), listed
     r = env.ssh("bob", f"approve {req['id']}")
     assert r.returncode == 1 and b"is denied, not pending" in r.stderr
     refused = {e["type"] for e in env.audit_events("access.") if e["type"].endswith(".refused")}
