@@ -8,6 +8,7 @@ What it must not do: I/O, or read the clock (``now`` is passed in).
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -64,7 +65,11 @@ def decide_request(config: Config, user: str, target: str, login: str, duration:
     whose ``max_duration`` covers ``duration``, decides; its name is returned in ``policy``.
     """
     if target not in config.targets:
-        return Decision(False, f"unknown target {target!r}; 'targets' lists them")
+        mine = {name.lower(): name for p in config.policies
+                if config.matches(user, p.requesters) for name in p.targets}
+        close = difflib.get_close_matches(target.lower(), list(mine), n=1)
+        near = f"; did you mean {mine[close[0]]!r}?" if close else ""
+        return Decision(False, f"unknown target {target!r}{near} ('targets' lists yours)")
     problem = reason_problem(reason)
     if problem is not None:
         return Decision(False, problem)

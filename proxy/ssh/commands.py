@@ -106,7 +106,7 @@ def _duration(text: str) -> int:
 
 
 def _parser() -> _Parser:
-    p = _Parser(prog="jit-proxy", add_help=False)
+    p = _Parser(prog="ssh jit-proxy", add_help=False)  # (how users type it)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     def cmd(name: str, **kw: Any) -> _Parser:

@@ -142,7 +142,14 @@ def test_request_at_exactly_max_duration(cfg):
 def test_request_unknown_target(cfg):
     d = decide_request(cfg, "alice", "web9", "deploy", 60, "x")
     assert not d and d.policy is None
-    assert "unknown target 'web9'" in d.reason
+    assert d.reason == "unknown target 'web9'; did you mean 'web1'? ('targets' lists yours)"
+    # a near name among the targets the user may request only (mallory may request none)
+    assert decide_request(cfg, "alice", "DB1", "postgres", 60, "x").reason == (
+        "unknown target 'DB1'; did you mean 'db1'? ('targets' lists yours)")
+    assert decide_request(cfg, "mallory", "web9", "deploy", 60, "x").reason == (
+        "unknown target 'web9' ('targets' lists yours)")
+    assert decide_request(cfg, "alice", "zzz", "deploy", 60, "x").reason == (
+        "unknown target 'zzz' ('targets' lists yours)")
 
 
 def test_request_no_policy_for_user(cfg):
