@@ -237,8 +237,8 @@ class PostgresTarget(_Model):
     # what a grant may be given: name -> existing roles the ephemeral role becomes a member of
     roles: dict[Name, list[Annotated[str, Field(min_length=1, max_length=63)]]] = \
         Field(min_length=1)
-    # who gets what an ephemeral role created: as a member of the proxy's leftovers role
-    # ({role_prefix}leftovers-of-{owner}, no privileges of its own), which owns the objects
+    # who gets what an ephemeral role created: as a member of the grant's leftovers role (the
+    # ephemeral role's name and "-left", no privileges of its own), which owns the objects
     owner: str = Field(min_length=1, max_length=63)
     tls: PostgresTLS = PostgresTLS()
     # how users log in to the proxy's port for this target: the grant's one-time secret from

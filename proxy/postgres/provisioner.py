@@ -5,14 +5,14 @@ prefixed, unique, quoted name marked by a comment, NOLOGIN except while the prox
 (a login window that also sets a fresh password, sent only as a SCRAM-SHA-256 verifier so the
 plaintext reaches no server log: a password the user sets with ALTER ROLE is useless),
 ``VALID UNTIL`` the grant's end, member of exactly the granted roles; (2) tear it down in DESIGN.md's order — NOLOGIN, terminate its backends, in every database
-reassign what it owns to the target's leftovers role and drop the rest, DROP ROLE — reporting
+reassign what it owns to the grant's leftovers role and drop the rest, DROP ROLE — reporting
 each step;
 (3) list the prefixed roles that exist, for reconciliation.
 
 What it must not do: log or audit a password; build SQL from unquoted names; keep admin connections
 open between operations; hand what a user created to a role with privileges of its own (a
 SECURITY DEFINER function, a view, a rule or an index expression written under a grant runs with
-its owner's rights, so the configured ``owner`` gets the objects only as a member of the
+its owner's rights, so the configured ``owner`` gets the objects only as a member of the grant's
 leftovers role, which holds nothing else).
 """
 
@@ -70,13 +70,14 @@ def role_name(prefix: str, user: str, grant_id: int) -> str:
     return (prefix + safe)[:63 - len(tail)] + tail
 
 
-def leftovers_role(prefix: str, owner: str) -> str:
-    """``{prefix}leftovers-of-{owner}``: the role that owns what ephemeral roles created, with
-    ``owner`` its member (a ``-`` no ephemeral role name holds; a hash of ``owner`` instead of
-    the name when that would pass PostgreSQL's 63 bytes)."""
-    name = f"{prefix}leftovers-of-{owner}"
+def leftovers_role(role: str) -> str:
+    """``{role}-left``: the role that owns what the ephemeral role ``role`` created, once it is
+    dropped, with the target's owner its member; one per ephemeral role, so code one grant left
+    behind can reach nothing another grant left (a hash of ``role`` in place of its name when
+    that would pass PostgreSQL's 63 bytes; no ephemeral role name holds a ``-``)."""
+    name = f"{role}-left"
     if len(name.encode()) > 63:
-        name = f"{prefix}leftovers-{hashlib.sha256(owner.encode()).hexdigest()[:16]}"
+        name = f"jit-left-{hashlib.sha256(role.encode()).hexdigest()[:32]}"
     return name
 
 
@@ -263,7 +264,7 @@ class Provisioner:
                 lambda c: c.fetch(DATABASES_WITH_DEPENDENCIES, name,
                                   self.target.admin.database))]
         self.report("db.role.backends_terminated", {"role": name, "count": killed})
-        leftovers = leftovers_role(self.prefix, self.target.owner)
+        leftovers = leftovers_role(name)
         if databases:
             await self._with_admin(lambda c: self._ensure_leftovers_role(c, leftovers))
         for db in databases:
@@ -294,8 +295,8 @@ class Provisioner:
             except asyncpg.DuplicateObjectError:
                 pass  # another teardown (or proxy) made it meanwhile
             else:
-                comment = (f"{LEFTOVERS_MARKER}: owns what ephemeral roles created; its "
-                           f"members (the targets' owner) may use and adopt it")
+                comment = (f"{LEFTOVERS_MARKER}: owns what an ephemeral role created; its "
+                           f"member (the target's owner) may use and adopt it")
                 await conn.execute(f"COMMENT ON ROLE {ident} IS {quote_literal(comment)}")
         await conn.execute(f"GRANT {ident} TO {quote_ident(self.target.owner)}")
 

@@ -414,7 +414,7 @@ def test_at_the_grant_end_sessions_close_and_the_role_is_dropped_everywhere(fres
     assert closed_by < 2.0
     owner = pg.sql("orders", "SELECT tableowner FROM pg_tables WHERE tablename = 'made_by_role'",
                    fetch=True)
-    assert [r["tableowner"] for r in owner] == [f"{env.role_prefix}leftovers-of-app_owner"]
+    assert [r["tableowner"] for r in owner] == [f"{role}-left"]
     steps = [e["type"] for e in env.audit_events("db.role.") if e.get("role") == role]
     assert steps == ["db.role.created", "db.role.nologin", "db.role.backends_terminated",
                      "db.role.objects_reassigned", "db.role.dropped"]

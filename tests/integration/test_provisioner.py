@@ -62,7 +62,7 @@ def test_teardown_reassigns_what_the_role_owns_and_drops_it(pg_cluster, live):
                               fetch=True)
     owner = pg_cluster.sql("orders", f"SELECT tableowner FROM pg_tables "
                                      f"WHERE tablename = '{table}'", fetch=True)
-    assert [r["tableowner"] for r in owner] == ["jit_p_leftovers-of-app_owner"]
+    assert [r["tableowner"] for r in owner] == [f"{name}-left"]
     # the target's owner has the table through its membership of the leftovers role
     pg_cluster.sql("orders", f"INSERT INTO {table} VALUES (1)", role="app_owner")
     assert pg_cluster.sql("orders", f"SELECT count(*) AS n FROM {table}", fetch=True,
@@ -74,7 +74,7 @@ def test_teardown_reassigns_what_the_role_owns_and_drops_it(pg_cluster, live):
     fields = dict(steps[2:5])
     assert fields["db.role.backends_terminated"]["count"] == (1 if live else 0)
     assert fields["db.role.objects_reassigned"] == {
-        "role": name, "databases": ["orders"], "reassigned_to": "jit_p_leftovers-of-app_owner",
+        "role": name, "databases": ["orders"], "reassigned_to": f"{name}-left",
         "owner": "app_owner"}
     assert steps[5][1] == {"role": name, "already_gone": True}
 
@@ -83,38 +83,46 @@ def test_code_left_behind_gains_no_privilege_at_teardown(pg_cluster):
     """A SECURITY DEFINER function and a view made under a grant (found by an attack review):
     reassigned to the target's owner, which owns ``items``, they let any role that could call
     them write and read ``items`` with the owner's rights after the grant ended. They now belong
-    to the leftovers role, which has no privilege of its own: a reader gets "permission denied",
-    and the owner, a member of it, adopts them with ALTER ... OWNER when it wants them."""
+    to the grant's leftovers role, which has no privilege of its own: a reader gets "permission
+    denied", also for what another grant left (a table of its own), and the owner, a member of
+    both, adopts what it wants with ALTER ... OWNER."""
     target = PostgresTarget(**_orders_target(pg_cluster, {"write": ["app_writer"]}))
     prov = Provisioner("orders", target, "jit_p_", lambda step, f: None)
-    name = "jit_p_teardown_definer"
+    first, second = "jit_p_teardown_secret", "jit_p_teardown_definer"
+    ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
+
+    async def under_grant(name: str, grant_id: int, sql: str) -> None:
+        await prov.create_role(name, ["app_writer"], time.time() + 600, grant_id=grant_id)
+        role = await prov.open_login(name)
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=name,
+                                     password=role.password, database="orders", ssl=ctx)
+        await conn.execute(sql)
+        await conn.close()
+        await prov.teardown(name)
 
     async def scenario():
         try:
-            await prov.create_role(name, ["app_writer"], time.time() + 600, grant_id=9)
-            role = await prov.open_login(name)
-            ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
-            conn = await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=name,
-                                         password=role.password, database="orders", ssl=ctx)
-            await conn.execute("""
+            await under_grant(first, 9, "CREATE TABLE left_secret AS SELECT 42 AS x")
+            await under_grant(second, 10, """
                 CREATE FUNCTION left_helper() RETURNS text SECURITY DEFINER LANGUAGE sql AS
                   'UPDATE items SET name = ''changed'' WHERE id = 1; SELECT current_user::text';
+                CREATE FUNCTION left_peek() RETURNS int SECURITY DEFINER LANGUAGE sql AS
+                  'SELECT x FROM left_secret';
                 CREATE VIEW left_view AS SELECT id, name FROM items;
                 GRANT SELECT ON left_view TO PUBLIC""")
-            await conn.close()
-            await prov.teardown(name)
         finally:
             await prov.close()
 
     asyncio.run(scenario())
     try:
-        leftovers = leftovers_role("jit_p_", "app_owner")
         assert pg_cluster.sql("orders", "SELECT p.proowner::regrole::text AS o FROM pg_proc p "
                                         "WHERE proname = 'left_helper'",
-                              fetch=True)[0]["o"] == f'"{leftovers}"'
-        for sql in ("SELECT left_helper()", "SELECT count(*) FROM left_view"):
+                              fetch=True)[0]["o"] == f'"{leftovers_role(second)}"'
+        for sql, table in (("SELECT left_helper()", "items"),
+                           ("SELECT count(*) FROM left_view", "items"),
+                           ("SELECT left_peek()", "left_secret")):
             with pytest.raises(asyncpg.InsufficientPrivilegeError,
-                               match="permission denied for table items"):
+                               match=f"permission denied for table {table}"):
                 pg_cluster.sql("orders", sql, fetch=True, role="app_reader")
         assert pg_cluster.sql("orders", "SELECT name FROM items WHERE id = 1",
                               fetch=True)[0]["name"] == "disk"
@@ -126,9 +134,13 @@ def test_code_left_behind_gains_no_privilege_at_teardown(pg_cluster):
         pg_cluster.sql("orders", "ALTER VIEW left_view OWNER TO app_owner", role="app_owner")
         assert pg_cluster.sql("orders", "SELECT count(*) AS n FROM left_view", fetch=True,
                               role="app_owner")[0]["n"] == 3
+        assert pg_cluster.sql("orders", "SELECT x FROM left_secret", fetch=True,
+                              role="app_owner")[0]["x"] == 42
     finally:
-        pg_cluster.sql("orders", "DROP VIEW IF EXISTS left_view; "
-                                 "DROP FUNCTION IF EXISTS left_helper()")
+        pg_cluster.sql("orders", "DROP VIEW IF EXISTS left_view; DROP TABLE IF EXISTS "
+                                 "left_secret; DROP FUNCTION IF EXISTS left_helper(), left_peek()")
+        pg_cluster.sql("postgres", f'DROP ROLE IF EXISTS "{leftovers_role(first)}", '
+                                   f'"{leftovers_role(second)}"')
 
 
 async def _wait_for(conn: asyncpg.Connection, sql: str, timeout: float) -> bool:
