@@ -23,7 +23,7 @@ import asyncssh
 from asyncssh.connection import SSHServerConnection
 
 from proxy.auth import address_of
-from proxy.auth.login import PAM_METHODS, KbdIntLogin, known_user, password_login
+from proxy.auth.login import KbdIntLogin, known_user, password_login
 from proxy.auth.methods import is_complete, next_methods
 from proxy.runtime.service import AccessService
 from proxy.ssh import tuning
@@ -410,8 +410,11 @@ class ProxyServer(asyncssh.SSHServer):
             return
         self.admitted = True
 
-    def begin_auth(self, username: str) -> bool:
-        """A new user name: the chains of ``auth.methods`` start again (RFC 4252 §5)."""
+    async def begin_auth(self, username: str) -> bool:
+        """A new user name: the chains of ``auth.methods`` start again (RFC 4252 §5). With
+        ``auth.identities: system`` its system groups are looked up now, before any method can
+        succeed: a channel the client opens right after its login must see them (a lookup after
+        USERAUTH_SUCCESS raced the client's first request and jump)."""
         self.username = username
         self.completed: list[str] = []
         self._succeeding: str | None = None
@@ -428,6 +431,10 @@ class ProxyServer(asyncssh.SSHServer):
             service.audit_unauthenticated("auth.locked", username, self.peer, subjects=locked)
             if self.conn is not None:  # say why, whichever method the client tries first
                 self.conn.send_auth_banner(service.lockout_text(locked) + "\n")
+        if service.config.auth.identities == "system" and username in service.config.users:
+            # (a user with keys here; PAM logins look theirs up as they check the password, and
+            # names nobody configured are not looked up before they authenticate)
+            await known_user(service, username)  # (refreshes its system groups)
         return True
 
     def _offers(self, method: str) -> bool:
@@ -542,10 +549,7 @@ class ProxyServer(asyncssh.SSHServer):
         self._leave()
         if self.kbdint is not None:
             self.kbdint.close()
-        service = self.door.service
-        if service.config.auth.identities == "system" \
-                and not PAM_METHODS.intersection(self.completed):  # else PAM's check did it
-            await known_user(service, self.username or "")  # refreshes its system groups
+        service = self.door.service  # (its system groups: looked up in begin_auth)
         service.auth_succeeded(self.username or "")
         service.audit.emit("auth.success", self.username or "", method=",".join(self.completed),
                            peer=self.peer)

@@ -485,6 +485,38 @@ def test_system_users_and_groups_through_nss(tmp_path, test_login):
         env.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a system user and group (needs root)")
+def test_a_key_users_system_groups_are_known_before_the_first_command(tmp_path, test_login):
+    """With auth.identities: system, a user with a key whose policy names a system group: the
+    groups were looked up after USERAUTH_SUCCESS, so a command sent at once raced the lookup
+    and was refused about half the time (found by an attack review). They are now looked up
+    before any method can succeed."""
+    _system_user("jitnss-key", "jitnss-dev")
+    env = Env(tmp_path, test_login)
+    cfg = env.config()
+    cfg["auth"]["identities"] = "system"
+    cfg["users"]["jitnss-key"] = {"keys": [env.pub["carol"]]}
+    del cfg["users"]["carol"]
+    cfg["policies"][1]["requesters"] = ["group:jitnss-dev"]
+    env.write_config(cfg)
+    env.start()
+    try:
+        async def request(i: int):
+            async with asyncssh.connect("127.0.0.1", env.port, username="jitnss-key",
+                                        client_keys=[str(env.keys / "carol")], known_hosts=None,
+                                        agent_path=None, config=None) as conn:
+                return await conn.run(f"request web1 --login {env.login} --for 10m "
+                                      f"--reason nss-{i} --json", check=False)
+
+        for i in range(6):  # a fresh connection each time: the proxy was restarted meanwhile
+            r = asyncio.run(request(i))
+            assert r.exit_status == 0, (i, r.stderr)
+            if i == 2:
+                env.restart()
+    finally:
+        env.close()
+
+
 def test_a_success_clears_the_users_failures(pam_env):
     configure(pam_env, pam_env.stack, ["password"], max_failures=3, lockout="1h")
     for _ in range(2):

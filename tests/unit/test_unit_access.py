@@ -271,6 +271,24 @@ def test_a_reload_takes_away_what_it_no_longer_allows(cfg, old, new, why):
     assert not g and g.reason == why
 
 
+def test_with_system_identities_group_membership_is_not_judged_again(cfg):
+    """System groups are known only from a user's own latest login (a cache that a restart
+    empties): an approval or a new session must not be refused for a membership not seen yet
+    (found by an attack review: after a restart, approvals of valid requests were refused, and
+    the first jump after a start raced the login's group lookup)."""
+    text = config_text().replace("  identities: config\n", "")
+    assert "auth:" not in text
+    after = parse_config(text.replace("users:\n", "auth:\n  identities: system\nusers:\n", 1)
+                         .replace("      - alice\n      - carol", "      - carol"), FILENAME)
+    assert after.auth.identities == "system"
+    assert grant_allowed(after, make_grant())
+    assert decide_approval(after, "bob", make_request(), T0).allowed
+    # what the file alone decides still applies
+    gone = parse_config(text.replace("users:\n", "auth:\n  identities: system\nusers:\n", 1)
+                        .replace("logins: [deploy, root]", "logins: [root]"), FILENAME)
+    assert not grant_allowed(gone, make_grant())
+
+
 def test_a_reload_keeps_what_it_still_allows(cfg):
     after = _reloaded(cfg, "      - alice\n      - carol", "      - carol")
     assert grant_allowed(after, make_grant(user="carol"))
