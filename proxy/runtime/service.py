@@ -269,7 +269,12 @@ class AccessService:
                 req = await self._pending(actor, request_id, "approval")
                 p = policy.policy_named(self.config, req.policy)
                 needed = p.approvals if p is not None else 1
-                have = len(set(await self.store.approvers_of(req.id)) | {actor})
+                prior = set(await self.store.approvers_of(req.id))
+                if p is not None and self.config.auth.identities != "system":
+                    # an approver a reload took away no longer counts (system groups are known
+                    # only from each user's own latest login: not judged again there)
+                    prior = {a for a in prior if self.config.matches(a, p.approvers)}
+                have = len(prior | {actor})
                 if have < needed:
                     await self.store.add_approval(req.id, actor, comment, self.clock.now())
                     self.audit.emit("access.request.approval_recorded", actor, request=req.id,

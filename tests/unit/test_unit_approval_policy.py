@@ -40,6 +40,26 @@ def test_two_distinct_approvers_are_needed(tmp_path, host_key):
     asyncio.run(scenario())
 
 
+def test_an_approval_by_someone_a_reload_took_away_no_longer_counts(tmp_path, host_key):
+    """Found by an attack review: bob approved (1 of 2), a reload took bob out of the approvers,
+    and carol's single approval then made the grant."""
+    from proxy.config import parse_config
+
+    async def scenario():
+        async with service_in(tmp_path, host_key, text=POLICY) as svc:
+            await run_command(svc, "alice", "request web1 --login deploy --for 10m --reason INC-9")
+            r = await run_command(svc, "bob", "approve 1")
+            assert r.status == 0 and "approval 1 of 2 recorded" in r.out
+            svc.use_config(parse_config(POLICY.replace("approvers: [group:sre, user:carol]",
+                                                       "approvers: [user:carol, user:mallory]")))
+            r = await run_command(svc, "carol", "approve 1")
+            assert r.status == 0 and "approval 1 of 2 recorded" in r.out, r.out + r.err
+            assert svc.active == {}
+            r = await run_command(svc, "mallory", "approve 1")
+            assert r.status == 0 and "grant 1 gives alice" in r.out, r.err
+    asyncio.run(scenario())
+
+
 def test_an_expired_pending_request_cannot_be_approved(tmp_path, host_key):
     clock = ManualClock(T0)
 
