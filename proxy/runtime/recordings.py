@@ -179,7 +179,7 @@ def frames(cast: str, speed: float = 1.0, idle_limit: float = IDLE_LIMIT
     Raises:
         ValueError: not an asciicast v2 recording.
     """
-    lines = cast.splitlines()
+    lines = cast.split("\n")  # (not splitlines: output may hold U+2028 or U+0085, unescaped)
     if not lines or json.loads(lines[0]).get("version") != 2:
         raise ValueError("not an asciicast v2 recording")
     last = 0.0

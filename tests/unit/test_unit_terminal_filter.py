@@ -45,6 +45,13 @@ def test_a_string_inside_a_cut_or_overlong_csi_is_still_dropped():
     assert run("a\x1b[" + "1" * 100 + "\x1b]52;c;QQ==\x07b") == "a" + "1" * 37 + "b"
 
 
+def test_a_recording_with_unicode_line_separators_plays():
+    """The recorder writes U+2028 and U+0085 as they are (valid JSON); str.splitlines broke the
+    file there, so a user could make their own session unplayable (found by an attack review)."""
+    cast = '{"version": 2, "width": 80, "height": 24}\n[0.1, "o", "a\u2028b\u0085c"]\n'
+    assert "".join(text for _, text in frames(cast)) == "a\u2028b\u0085c"
+
+
 def test_frames_filter_the_whole_recording():
     cast = "\n".join(['{"version": 2, "width": 80, "height": 24}', '[0.1, "o", "a\\u001b]0;"]',
                       '[0.2, "i", "typed"]', '[0.3, "o", "TITLE\\u0007b"]'])
