@@ -71,15 +71,23 @@ def write_secret_file(path: Path, data: bytes) -> None:
 
 
 def replace_secret_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` by a file holding ``data``, atomically: written whole (mode 0600, fsync)
-    beside it, then renamed over it, so a crash leaves the old file or the new one.
+    """Replace ``path`` by a file holding ``data``, atomically: written whole (mode 0600, fsync,
+    the old file's owner and group) beside it, then renamed over it, so a crash leaves the old
+    file or the new one.
 
     Raises:
-        OSError: the directory cannot be written."""
+        OSError: the directory cannot be written, or the owner cannot be kept (nothing changed)."""
+    st = path.stat()
     tmp = path.with_name(path.name + ".new")
     tmp.unlink(missing_ok=True)  # (left by a crash)
-    write_secret_file(tmp, data)
-    os.replace(tmp, path)
+    try:
+        write_secret_file(tmp, data)
+        if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+            os.chown(tmp, st.st_uid, st.st_gid)  # (a root start keeps the service's key its own)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -89,8 +97,19 @@ def replace_secret_file(path: Path, data: bytes) -> None:
 
 def encrypted_now(path: Path, data: bytes) -> None:
     """``path``, a key file in clear until now, replaced by ``data`` (the same key encrypted),
-    with a warning in the log (the key was readable by anyone who could read the file)."""
-    replace_secret_file(path, data)
+    with a warning in the log (the key was readable by anyone who could read the file). A
+    symbolic link, or a file that cannot be replaced, stays as it is, with a warning saying so
+    (the key still works)."""
+    if path.is_symlink():
+        log.warning("%s is not encrypted, and is a symbolic link: encrypt the key it points to "
+                    "by hand (or replace the link by the file)", path)
+        return
+    try:
+        replace_secret_file(path, data)
+    except OSError as exc:
+        log.warning("%s is not encrypted, and could not be encrypted in place: %s", path,
+                    exc.strerror or exc)
+        return
     log.warning("%s was not encrypted: encrypted it now with the configured passphrase (copies "
                 "of the file taken before, e.g. in backups, still hold the key in clear)", path)
 

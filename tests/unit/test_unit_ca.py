@@ -106,6 +106,37 @@ def test_a_key_in_clear_is_encrypted_once_a_passphrase_is_configured(tmp_path, c
         key.export_public_key()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a file to another user (needs root)")
+def test_encrypting_in_place_keeps_the_files_owner(tmp_path):
+    """Found by an attack review: a daemon started by hand as root replaced the service
+    account's key by a root-owned one, which the service then could not read."""
+    path = tmp_path / "user_ca"
+    load_or_create_key(path)
+    os.chown(path, 65534, 65534)
+    load_or_create_key(path, passphrase=b"pw")
+    assert b"ENCRYPTED" in path.read_bytes()
+    assert (path.stat().st_uid, path.stat().st_gid, mode(path)) == (65534, 65534, 0o600)
+
+
+def test_a_key_that_cannot_be_replaced_stays_usable_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "user_ca"
+    key = load_or_create_key(path)
+    clear = path.read_bytes()
+    (tmp_path / "user_ca.new").mkdir()  # where the encrypted copy would be written
+    with caplog.at_level("WARNING", logger="jit_proxy.ca"):
+        again = load_or_create_key(path, passphrase=b"pw")
+    assert again.export_public_key() == key.export_public_key() and path.read_bytes() == clear
+    assert "is not encrypted, and could not be encrypted in place" in caplog.text
+    # a symbolic link is left as it is (replacing it would leave the key it points to in clear)
+    link = tmp_path / "linked_ca"
+    link.symlink_to(path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jit_proxy.ca"):
+        load_or_create_key(link, passphrase=b"pw")
+    assert link.is_symlink() and path.read_bytes() == clear
+    assert "is a symbolic link" in caplog.text
+
+
 def test_garbage_key_file(tmp_path):
     path = tmp_path / "user_ca"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
