@@ -48,6 +48,14 @@ DATABASES_WITH_DEPENDENCIES = (
     " FROM pg_shdepend s LEFT JOIN pg_database d ON d.oid = s.dbid"
     " JOIN pg_roles r ON r.oid = s.refobjid AND s.refclassid = 'pg_authid'::regclass"
     " WHERE r.rolname = $1 AND (s.dbid = 0 OR d.datallowconn) ORDER BY 1")
+# triggers the role put on tables it does not own ($1 the role), with its own function: once the
+# function belongs to the leftovers role, a SECURITY INVOKER one would still run as whoever
+# writes the table, its owner included; they are dropped at teardown
+FOREIGN_TRIGGERS = (
+    "SELECT t.tgname, t.tgrelid::regclass::text AS tbl FROM pg_trigger t"
+    " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_class c ON c.oid = t.tgrelid"
+    " JOIN pg_roles r ON r.rolname = $1"
+    " WHERE NOT t.tgisinternal AND p.proowner = r.oid AND c.relowner <> r.oid ORDER BY 2, 1")
 ADMIN_POOL_SIZE = 4  # admin connections per target, for creating and dropping roles side by side
 ROLE_MARKER = "jit-proxy ephemeral role"  # start of the comment on every role the proxy creates
 LEFTOVERS_MARKER = "jit-proxy leftovers role"  # the comment on the roles leftovers_role names
@@ -267,15 +275,23 @@ class Provisioner:
         leftovers = leftovers_role(name)
         if databases:
             await self._with_admin(lambda c: self._ensure_leftovers_role(c, leftovers))
+        dropped: list[str] = []  # triggers, as "database: trigger ON table"
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:
                 async with c.transaction():
+                    found = []
+                    for t in await c.fetch(FOREIGN_TRIGGERS, name):
+                        await c.execute(f"DROP TRIGGER {quote_ident(t['tgname'])} ON {t['tbl']}")
+                        found.append(f"{db}: {t['tgname']} ON {t['tbl']}")
                     await c.execute(f"REASSIGN OWNED BY {ident} TO {quote_ident(leftovers)}")
                     await c.execute(f"DROP OWNED BY {ident}")
+                dropped.extend(found)  # (once the transaction committed)
             await self._with_admin(reassign, database=db)
-        self.report("db.role.objects_reassigned", {"role": name, "databases": databases,
-                                                   "reassigned_to": leftovers,
-                                                   "owner": self.target.owner})
+        fields = {"role": name, "databases": databases, "reassigned_to": leftovers,
+                  "owner": self.target.owner}
+        if dropped:
+            fields["triggers_dropped"] = dropped
+        self.report("db.role.objects_reassigned", fields)
         await self._with_admin(lambda c: c.execute(f"DROP ROLE IF EXISTS {ident}"))
         self.report("db.role.dropped", {"role": name})
 

@@ -87,8 +87,10 @@ def test_code_left_behind_gains_no_privilege_at_teardown(pg_cluster):
     denied", also for what another grant left (a table of its own), and the owner, a member of
     both, adopts what it wants with ALTER ... OWNER."""
     target = PostgresTarget(**_orders_target(pg_cluster, {"write": ["app_writer"]}))
-    prov = Provisioner("orders", target, "jit_p_", lambda step, f: None)
+    steps: list[tuple[str, dict]] = []
+    prov = Provisioner("orders", target, "jit_p_", lambda step, f: steps.append((step, f)))
     first, second = "jit_p_teardown_secret", "jit_p_teardown_definer"
+    pg_cluster.sql("orders", "GRANT TRIGGER ON items TO app_writer")  # (as GRANT ALL would)
     ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
 
     async def under_grant(name: str, grant_id: int, sql: str) -> None:
@@ -109,7 +111,11 @@ def test_code_left_behind_gains_no_privilege_at_teardown(pg_cluster):
                 CREATE FUNCTION left_peek() RETURNS int SECURITY DEFINER LANGUAGE sql AS
                   'SELECT x FROM left_secret';
                 CREATE VIEW left_view AS SELECT id, name FROM items;
-                GRANT SELECT ON left_view TO PUBLIC""")
+                GRANT SELECT ON left_view TO PUBLIC;
+                CREATE FUNCTION left_trig() RETURNS trigger LANGUAGE plpgsql AS
+                  'BEGIN GRANT ALL ON items TO PUBLIC; RETURN NEW; END';
+                CREATE TRIGGER left_trig BEFORE UPDATE ON items FOR EACH ROW
+                  EXECUTE FUNCTION left_trig()""")
         finally:
             await prov.close()
 
@@ -126,6 +132,15 @@ def test_code_left_behind_gains_no_privilege_at_teardown(pg_cluster):
                 pg_cluster.sql("orders", sql, fetch=True, role="app_reader")
         assert pg_cluster.sql("orders", "SELECT name FROM items WHERE id = 1",
                               fetch=True)[0]["name"] == "disk"
+        # a trigger it put on the owner's table would run its code as whoever writes items
+        assert not pg_cluster.sql("orders", "SELECT 1 FROM pg_trigger WHERE tgname = 'left_trig'",
+                                  fetch=True)
+        reassigned = [f for step, f in steps if step == "db.role.objects_reassigned"]
+        assert reassigned[-1]["triggers_dropped"] == ["orders: left_trig ON items"]
+        pg_cluster.sql("orders", "UPDATE items SET name = name WHERE id = 1", role="app_owner")
+        assert not pg_cluster.sql("orders", "SELECT 1 FROM information_schema.role_table_grants "
+                                            "WHERE table_name = 'items' AND grantee = 'PUBLIC'",
+                                  fetch=True)
         # even the owner's reads go through the view with the leftovers role's rights, until the
         # owner (who owns the view as a member of that role) adopts it
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -137,8 +152,10 @@ def test_code_left_behind_gains_no_privilege_at_teardown(pg_cluster):
         assert pg_cluster.sql("orders", "SELECT x FROM left_secret", fetch=True,
                               role="app_owner")[0]["x"] == 42
     finally:
-        pg_cluster.sql("orders", "DROP VIEW IF EXISTS left_view; DROP TABLE IF EXISTS "
-                                 "left_secret; DROP FUNCTION IF EXISTS left_helper(), left_peek()")
+        pg_cluster.sql("orders", "DROP TRIGGER IF EXISTS left_trig ON items; REVOKE TRIGGER ON "
+                                 "items FROM app_writer; DROP VIEW IF EXISTS left_view; DROP "
+                                 "TABLE IF EXISTS left_secret; DROP FUNCTION IF EXISTS "
+                                 "left_helper(), left_peek(), left_trig()")
         pg_cluster.sql("postgres", f'DROP ROLE IF EXISTS "{leftovers_role(first)}", '
                                    f'"{leftovers_role(second)}"')
 
