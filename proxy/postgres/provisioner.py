@@ -279,6 +279,13 @@ class Provisioner:
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:
                 async with c.transaction():
+                    if not await c.fetchval("SELECT rolsuper FROM pg_roles "
+                                            "WHERE rolname = current_user"):
+                        # REASSIGN and DROP OWNED need the privileges of both roles: an admin
+                        # with CREATEROLE (not a superuser) takes them for this transaction's
+                        # work (the ephemeral role's membership goes with the role)
+                        await c.execute(f"GRANT {ident}, {quote_ident(leftovers)} TO "
+                                        f"CURRENT_USER")
                     found = []
                     for t in await c.fetch(FOREIGN_TRIGGERS, name):
                         await c.execute(f"DROP TRIGGER {quote_ident(t['tgname'])} ON {t['tbl']}")
@@ -301,10 +308,26 @@ class Provisioner:
         autovacuum as the table's owner) can do no more than PUBLIC may; then make the target's
         ``owner`` its member, which gives the owner's side the objects themselves.
 
+        A role of that name made by someone else (no marker comment), or given a login, an
+        attribute or a membership since, is not used.
+
         Raises:
-            asyncpg.PostgresError, OSError: a statement failed (the teardown is retried)."""
+            asyncpg.PostgresError, OSError: a statement failed (the teardown is retried).
+            RuntimeError: the role exists and is not a powerless leftovers role (retried too,
+                audited each time, until an operator drops or fixes it)."""
         ident = quote_ident(leftovers)
-        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", leftovers):
+        row = await conn.fetchrow(
+            "SELECT r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolcreatedb"
+            " OR r.rolreplication OR r.rolbypassrls AS powers,"
+            " EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid) AS member_of,"
+            " coalesce(shobj_description(r.oid, 'pg_authid'), '') AS comment"
+            " FROM pg_roles r WHERE r.rolname = $1", leftovers)
+        if row is not None and (row["powers"] or row["member_of"]
+                                or not row["comment"].startswith(LEFTOVERS_MARKER)):
+            raise RuntimeError(f"role {leftovers} exists but is not a leftovers role of the "
+                               f"proxy (a login, an attribute, a membership, or no marker "
+                               f"comment): drop it, or make it NOLOGIN and member of nothing")
+        if row is None:
             try:
                 await conn.execute(f"CREATE ROLE {ident} WITH NOLOGIN NOSUPERUSER NOCREATEDB "
                                    f"NOCREATEROLE NOREPLICATION NOBYPASSRLS")

@@ -8,6 +8,7 @@ login window of a grant opening while another ALTER ROLE of its role is under wa
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 
@@ -158,6 +159,82 @@ def test_code_left_behind_gains_no_privilege_at_teardown(pg_cluster):
                                  "left_helper(), left_peek(), left_trig()")
         pg_cluster.sql("postgres", f'DROP ROLE IF EXISTS "{leftovers_role(first)}", '
                                    f'"{leftovers_role(second)}"')
+
+
+def test_teardown_by_an_admin_that_is_not_a_superuser(pg_cluster, tmp_path):
+    """The README's lesser admin (CREATEROLE, pg_signal_backend, member of the owner) tore down
+    no role that owned anything: REASSIGN OWNED needs the privileges of the role (found by an
+    attack review, retried for ever)."""
+    password = tmp_path / "padmin.password"
+    password.write_text("padmin-pw\n")
+    os.chmod(password, 0o600)
+    pg_cluster.sql("postgres", "CREATE ROLE jit_padmin LOGIN CREATEROLE PASSWORD 'padmin-pw'; "
+                               "GRANT pg_signal_backend, app_owner TO jit_padmin")
+    config = _orders_target(pg_cluster, {"write": ["app_writer"]})
+    config["admin"] = {"user": "jit_padmin", "password_file": str(password)}
+    steps: list[tuple[str, dict]] = []
+    prov = Provisioner("orders", PostgresTarget(**config), "jit_p_",
+                       lambda step, f: steps.append((step, f)))
+    name = "jit_p_teardown_padmin"
+
+    async def scenario():
+        try:
+            await prov.create_role(name, ["app_writer"], time.time() + 600, grant_id=11)
+            role = await prov.open_login(name)
+            ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
+            conn = await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=name,
+                                         password=role.password, database="orders", ssl=ctx)
+            await conn.execute("CREATE TABLE made_by_padmin_grant (x int)")
+            await conn.close()
+            await prov.teardown(name)
+        finally:
+            await prov.close()
+
+    try:
+        asyncio.run(scenario())
+        assert [s for s, _ in steps][-2:] == ["db.role.objects_reassigned", "db.role.dropped"]
+        assert pg_cluster.sql("orders", "SELECT tableowner FROM pg_tables WHERE tablename = "
+                                        "'made_by_padmin_grant'",
+                              fetch=True)[0]["tableowner"] == f"{name}-left"
+    finally:
+        pg_cluster.sql("orders", "DROP TABLE IF EXISTS made_by_padmin_grant")
+        pg_cluster.sql("postgres", f'DROP ROLE IF EXISTS "{name}-left", "{name}"; '
+                                   f"DROP ROLE IF EXISTS jit_padmin")
+
+
+def test_a_leftovers_role_made_by_someone_else_is_not_used(pg_cluster):
+    """A role of the leftovers name that was not made by the proxy, or was given privileges
+    (here: a member of app_writer), would hand what the grant left to a role with rights: the
+    teardown stops before reassigning anything, and says why (review)."""
+    target = PostgresTarget(**_orders_target(pg_cluster, {"write": ["app_writer"]}))
+    prov = Provisioner("orders", target, "jit_p_", lambda step, f: None)
+    name = "jit_p_teardown_squatted"
+    pg_cluster.sql("postgres", f'CREATE ROLE "{name}-left" NOLOGIN; '
+                               f'GRANT app_writer TO "{name}-left"')
+
+    async def scenario():
+        try:
+            await prov.create_role(name, ["app_writer"], time.time() + 600, grant_id=12)
+            role = await prov.open_login(name)
+            ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
+            conn = await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=name,
+                                         password=role.password, database="orders", ssl=ctx)
+            await conn.execute("CREATE TABLE made_by_squatted_grant (x int)")
+            await conn.close()
+            with pytest.raises(RuntimeError, match=f"role {name}-left exists but is not a "
+                                                   f"leftovers role of the proxy"):
+                await prov.teardown(name)
+        finally:
+            await prov.close()
+
+    try:
+        asyncio.run(scenario())
+        assert pg_cluster.sql("orders", "SELECT tableowner FROM pg_tables WHERE tablename = "
+                                        "'made_by_squatted_grant'",
+                              fetch=True)[0]["tableowner"] == name
+    finally:
+        pg_cluster.sql("orders", "DROP TABLE IF EXISTS made_by_squatted_grant")
+        pg_cluster.sql("postgres", f'DROP ROLE IF EXISTS "{name}-left", "{name}"')
 
 
 async def _wait_for(conn: asyncpg.Connection, sql: str, timeout: float) -> bool:
