@@ -28,6 +28,21 @@ def _orders_target(pg_cluster, roles: dict[str, list[str]]) -> dict:
             "tls": {"mode": "verify-full", "ca_file": str(pg_cluster.ca_file)}}
 
 
+async def _made_under_grant(prov: Provisioner, pg_cluster, name: str, grant_id: int,
+                            sql: str) -> None:
+    """Create the ephemeral role ``name`` (member of app_writer) through ``prov``, log in to
+    ``orders`` as it and run ``sql``: what a user leaves behind under a grant."""
+    await prov.create_role(name, ["app_writer"], time.time() + 600, grant_id=grant_id)
+    role = await prov.open_login(name)
+    conn = await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=name,
+                                 password=role.password, database="orders",
+                                 ssl=ssl.create_default_context(cafile=str(pg_cluster.ca_file)))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("live", [True, False], ids=["live-backend", "no-backend"])
 def test_teardown_reassigns_what_the_role_owns_and_drops_it(pg_cluster, live):
     target = PostgresTarget(**_orders_target(pg_cluster, {"write": ["app_writer"]}))
@@ -92,15 +107,9 @@ def test_code_left_behind_gains_no_privilege_at_teardown(pg_cluster):
     prov = Provisioner("orders", target, "jit_p_", lambda step, f: steps.append((step, f)))
     first, second = "jit_p_teardown_secret", "jit_p_teardown_definer"
     pg_cluster.sql("orders", "GRANT TRIGGER ON items TO app_writer")  # (as GRANT ALL would)
-    ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
 
     async def under_grant(name: str, grant_id: int, sql: str) -> None:
-        await prov.create_role(name, ["app_writer"], time.time() + 600, grant_id=grant_id)
-        role = await prov.open_login(name)
-        conn = await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=name,
-                                     password=role.password, database="orders", ssl=ctx)
-        await conn.execute(sql)
-        await conn.close()
+        await _made_under_grant(prov, pg_cluster, name, grant_id, sql)
         await prov.teardown(name)
 
     async def scenario():
@@ -179,13 +188,8 @@ def test_teardown_by_an_admin_that_is_not_a_superuser(pg_cluster, tmp_path):
 
     async def scenario():
         try:
-            await prov.create_role(name, ["app_writer"], time.time() + 600, grant_id=11)
-            role = await prov.open_login(name)
-            ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
-            conn = await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=name,
-                                         password=role.password, database="orders", ssl=ctx)
-            await conn.execute("CREATE TABLE made_by_padmin_grant (x int)")
-            await conn.close()
+            await _made_under_grant(prov, pg_cluster, name, 11,
+                                    "CREATE TABLE made_by_padmin_grant (x int)")
             await prov.teardown(name)
         finally:
             await prov.close()
@@ -214,13 +218,8 @@ def test_a_leftovers_role_made_by_someone_else_is_not_used(pg_cluster):
 
     async def scenario():
         try:
-            await prov.create_role(name, ["app_writer"], time.time() + 600, grant_id=12)
-            role = await prov.open_login(name)
-            ctx = ssl.create_default_context(cafile=str(pg_cluster.ca_file))
-            conn = await asyncpg.connect(host="127.0.0.1", port=pg_cluster.port, user=name,
-                                         password=role.password, database="orders", ssl=ctx)
-            await conn.execute("CREATE TABLE made_by_squatted_grant (x int)")
-            await conn.close()
+            await _made_under_grant(prov, pg_cluster, name, 12,
+                                    "CREATE TABLE made_by_squatted_grant (x int)")
             with pytest.raises(RuntimeError, match=f"role {name}-left exists but is not a "
                                                    f"leftovers role of the proxy"):
                 await prov.teardown(name)
