@@ -55,6 +55,8 @@ def _bounded_env_request(self: asyncssh.SSHServerChannel, packet: Any) -> bool:
     self._jit_env_bytes = size  # type: ignore[attr-defined]
     env[name] = value
     return True
+
+
 DRAIN_LIMIT = 30.0  # seconds a command session's output may wait for its client to read it
 
 PROXY_CERT_NAME = "proxy"
@@ -412,9 +414,9 @@ class ProxyServer(asyncssh.SSHServer):
 
     async def begin_auth(self, username: str) -> bool:
         """A new user name: the chains of ``auth.methods`` start again (RFC 4252 §5). With
-        ``auth.identities: system`` its system groups are looked up now, before any method can
-        succeed: a channel the client opens right after its login must see them (a lookup after
-        USERAUTH_SUCCESS raced the client's first request and jump)."""
+        ``auth.identities: system`` a configured user's system groups are looked up now, before
+        any method can succeed: a channel the client opens right after its login must see them
+        (a lookup after USERAUTH_SUCCESS raced the client's first request and jump)."""
         self.username = username
         self.completed: list[str] = []
         self._succeeding: str | None = None
