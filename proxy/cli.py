@@ -127,7 +127,9 @@ def _admin(args: argparse.Namespace, command: str, **fields) -> dict | None:
     path = Path(args.socket) if args.socket else None
     if path is None:
         config = _load(args.config)
-        if config is None:
+        if config is None:  # (e.g. a member of admin_group, who may not read it)
+            print("jit-proxy: or name the admin socket: --socket PATH (daemon.admin_socket; "
+                  "the unit's is /run/jit-proxy/admin.sock)", file=sys.stderr)
             return None
         path = config.admin_socket_path
     try:

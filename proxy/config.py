@@ -765,6 +765,11 @@ def warnings(config: Config) -> list[tuple[Path_, str]]:
                         out.append((("targets", name, "roles", key, i),
                                     f"{role} reaches every database of the cluster, not just "
                                     f"{target.database!r}; prefer a role granted on it alone"))
+                    elif role in (target.admin.user, "postgres"):
+                        out.append((("targets", name, "roles", key, i),
+                                    f"{role} is the proxy's admin or, usually, the cluster's "
+                                    f"superuser: a member may SET ROLE {role} and do all it "
+                                    f"may"))
     return out
 
 

@@ -125,17 +125,23 @@ class Daemon:
             pg_address = await _listening("postgres", cfg.postgres, self.pg.listen())
             listening["postgres_listen"] = f"{pg_address[0]}:{pg_address[1]}"
             log.info("listening for PostgreSQL on %s:%d", *pg_address)
-        audit.emit("proxy.started", "system", pid=os.getpid(), **listening)
         self._tasks = [asyncio.get_running_loop().create_task(self._sweep()),
                        asyncio.get_running_loop().create_task(self._renew())]
         from proxy.runtime.admin import AdminServer
         self.admin = AdminServer(self.service, self)
-        await self.admin.start()
+        try:
+            await self.admin.start()
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(exc.errno, f"daemon.admin_socket {cfg.admin_socket_path}: {why} (its "
+                                     f"directory must exist, or the proxy's account must be "
+                                     f"able to make it)") from None
         if cfg.daemon.metrics_listen:
             from proxy.runtime.metrics import start_metrics
             self.metrics = start_metrics(self.service, self, cfg.daemon.metrics_listen)
             log.info("metrics on http://%s/metrics", self.metrics.address)
             self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_metrics()))
+        audit.emit("proxy.started", "system", pid=os.getpid(), **listening)  # (all of it up)
         log.info("listening for SSH on %s:%d", *self.address)
         return self.address
 

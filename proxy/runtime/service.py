@@ -153,6 +153,9 @@ class AccessService:
         for grant in self.active.values():  # (none at start: grants are loaded afterwards)
             allowed = policy.grant_allowed(config, grant)
             if not allowed:
+                self.audit.emit("access.grant.disallowed", "system", grant=grant.id,
+                                user=grant.user, target=grant.target, login=grant.login,
+                                why=allowed.reason)
                 log.warning("grant %s (%s, %s@%s) is no longer allowed: %s; it opens no new "
                             "session, and its live ones carry on until it ends or is revoked "
                             "(jit-proxy grants revoke %s)", grant.id, grant.user, grant.login,
@@ -867,6 +870,13 @@ class AccessService:
         request for it waits for an approver, else the request command when a policy lets them
         ask for it, else which logins they may ask for."""
         who = f"{login}@{target}" if login else target
+        now = self.clock.now()
+        for g in self.active.values():  # held, but a reload took it away
+            if g.user == user and g.target == target and login in (None, g.login) \
+                    and g.is_live(now) and not (allowed := policy.grant_allowed(self.config, g)):
+                return (f"jit-proxy: {user}'s grant {g.id} for {g.login}@{target} is no longer "
+                        f"allowed: {allowed.reason} (the configuration changed); it opens no "
+                        f"new session.")
         head = f"jit-proxy: {user} has no active grant for {who}."
         try:  # (an extension of a grant that has ended can never be approved: not named)
             waiting = [r for r in await self.store.list_requests(

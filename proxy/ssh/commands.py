@@ -160,6 +160,14 @@ def _parser() -> _Parser:
 PARSER = _parser()
 
 
+def _status(cfg: Any, g: Any) -> str:
+    """A grant's status as listed: ``disallowed`` for an active grant the configuration no
+    longer allows (it opens no new session since a reload)."""
+    if g.status.value == "active" and not policy.grant_allowed(cfg, g):
+        return "disallowed"
+    return g.status.value
+
+
 def _t(ts: float | None) -> str | None:
     return rfc3339(ts) if ts is not None else None
 
@@ -323,7 +331,7 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         return _request_dict(r), f"request {r.id} cancelled\n"
     if args.command == "grants":
         grants = await service.list_grants(actor, not args.all)
-        rows = [[str(g.id), g.status.value, g.user, f"{g.login}@{g.target}",
+        rows = [[str(g.id), _status(cfg, g), g.user, f"{g.login}@{g.target}",
                  rfc3339(g.ended_at) if g.ended_at is not None else
                  first_use_window(g.duration or 0, rfc3339(g.ends_at)) if g.awaiting_first_use
                  else rfc3339(g.ends_at),
@@ -365,7 +373,9 @@ async def _dispatch(service: AccessService, actor: str, args: argparse.Namespace
         grants = [_grant_dict(g) for g in mine]
         data = {"user": actor, "groups": sorted(cfg.groups_of(actor)), "active_grants": grants}
         text = f"user: {actor}\ngroups: {', '.join(data['groups']) or '(none)'}\n"
-        text += "".join(f"grant {g.id}: {g.login}@{g.target} {_until(g)}\n"
+        text += "".join(f"grant {g.id}: {g.login}@{g.target} {_until(g)}"
+                        + ("" if _status(cfg, g) == "active" else
+                           f" (no longer allowed: {policy.grant_allowed(cfg, g).reason})") + "\n"
                         for g in mine) or "no active grants\n"
         return data, text
     if args.command == "recordings":

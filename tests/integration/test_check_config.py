@@ -139,9 +139,8 @@ def test_an_admin_group_missing_on_this_host_is_warned_about(tmp_path):
 
 def test_requesters_the_policy_approves_by_itself_are_not_warned_about(tmp_path):
     text = EXAMPLE.read_text().replace("    approvals: 1", "    approvals: 3", 1)
-    text = text.replace('      requesters: ["group:sre"]', '      requesters: ["group:dev"]', 1)
-    text = text.replace('    requesters: ["group:dev", "group:sre"]', '    requesters: ["group:dev"]',
-                        1)
+    text = text.replace('    allow:\n', '    auto_approve:\n      requesters: ["group:dev"]\n'
+                                          '    allow:\n', 1)
     f = tmp_path / "auto.yaml"
     f.write_text(text)
     r = check(f)

@@ -46,8 +46,16 @@ def test_sighup_taking_a_user_out_of_a_policy_stops_new_access(fresh_env):
     config["groups"]["dev"]["members"] = ["carol"]
     env.reload(config)
     r = env.jump("alice", "true")
-    assert r.returncode != 0 and b"No policy lets alice request access to web1" in r.stderr, \
-        r.stderr
+    assert r.returncode != 0 and (
+        f"alice's grant {grant['id']} for {env.login}@web1 is no longer allowed: alice is no "
+        f"longer a requester under policy web (the configuration changed)").encode() \
+        in r.stderr, r.stderr
+    event = env.wait_event("access.grant.disallowed", lambda e: e["grant"] == grant["id"])
+    assert event["why"] == "alice is no longer a requester under policy web"
+    rows = [line.split() for line in env.ssh("alice", "grants").stdout.decode().splitlines()]
+    assert [row[1] for row in rows if row[0] == str(grant["id"])] == ["disallowed"], rows
+    assert "no longer allowed: alice is no longer a requester" in \
+        env.ssh("alice", "whoami").stdout.decode()
     r = env.ssh("bob", f"approve {pending['id']}")
     assert r.returncode == 1 and (
         f"request {pending['id']} can no longer be approved: alice is no longer a requester "
@@ -81,6 +89,23 @@ def test_a_listen_port_in_use_is_named_by_its_key(fresh_env):
     assert (f"jit-proxy: cannot start: [Errno 98] ssh.listen_address/listen_port "
             f"127.0.0.1:{config['ssh']['listen_port']}: Address already in use") in r.stderr, \
         r.stderr
+
+
+def test_an_admin_socket_that_cannot_be_made_is_named_and_nothing_says_started(fresh_env):
+    env = fresh_env
+    env.stop()
+    blocker = env.root / "not-a-directory"
+    blocker.write_text("")
+    config = env.config()
+    config["daemon"] = {"admin_socket": str(blocker / "admin.sock")}
+    env.write_config(config)
+    started = len(env.audit_events("proxy.started"))
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "-c", str(env.config_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert (f"jit-proxy: cannot start: [Errno 17] daemon.admin_socket {blocker}/admin.sock: File "
+            f"exists (its directory must exist") in r.stderr, r.stderr
+    assert len(env.audit_events("proxy.started")) == started
 
 
 def test_sighup_with_a_broken_config_keeps_the_old_one_and_logs_key_and_line(fresh_env):

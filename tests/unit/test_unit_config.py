@@ -601,3 +601,17 @@ def test_nothing_to_serve_and_unverified_postgres_tls_are_warned_about():
         got = [w for w in warnings(parse_config(text, FILENAME))
                if w[0] == ("targets", "orders", "tls", "mode")]
         assert [says in w[1] for w in got] == ([True] if says else []), got
+    text = replace_once(config_text(), "\ntargets:\n", """\ntargets:
+  orders:
+    kind: postgres
+    address: 127.0.0.1
+    database: orders
+    admin: {user: jit_admin, password_file: /nonexistent}
+    roles: {all: [postgres], admin: [jit_admin], read: [orders_reader]}
+    owner: orders_owner
+""")
+    got = [w for w in warnings(parse_config(text, FILENAME)) if w[0][:3] == ("targets", "orders",
+                                                                             "roles")]
+    assert [w[0] for w in got] == [("targets", "orders", "roles", "all", 0),
+                                   ("targets", "orders", "roles", "admin", 0)], got
+    assert "a member may SET ROLE postgres" in got[0][1]
