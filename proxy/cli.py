@@ -223,6 +223,16 @@ def cmd_recordings(args: argparse.Namespace) -> int:
     if args.id is None:
         print(f"jit-proxy: recordings {args.action} needs a session id", file=sys.stderr)
         return 2
+    out = Path(args.out or ".")
+    if args.action == "export":  # (before asking: the export is audited when it is handed out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"jit-proxy: cannot write to {out}: {exc.strerror}", file=sys.stderr)
+            return 1
+        if not os.access(out, os.W_OK | os.X_OK):
+            print(f"jit-proxy: cannot write to {out}: Permission denied", file=sys.stderr)
+            return 1
     answer = _admin(args, "recordings.get", id=args.id, play=args.action == "play")
     if answer is None:
         return 1
@@ -233,8 +243,6 @@ def cmd_recordings(args: argparse.Namespace) -> int:
         recordings.play(answer["cast"], args.speed,
                         lambda text: (sys.stdout.write(text), sys.stdout.flush()), time.sleep)
         return 0 if answer["intact"] else 1
-    out = Path(args.out or ".")
-    out.mkdir(parents=True, exist_ok=True)
     cast = out / f"session-{args.id}.cast"
     events = out / f"session-{args.id}.audit.jsonl"
     from ca.keys import write_secret_file  # recordings are 0600 where they live; so are copies

@@ -104,6 +104,11 @@ def test_status_kill_revoke_metrics_and_recordings(ops_env):
     r = jit("recordings", "play", str(sid), "--speed", "50", "-c", str(env.config_path))
     assert r.returncode == 0 and "OPS-42" in r.stdout, r.stderr
     out = env.root / "export"
+    blocked = env.root / "a-file"
+    blocked.write_text("")
+    r = jit("recordings", "export", str(sid), "--out", str(blocked / "x"), "-c",
+            str(env.config_path))
+    assert r.returncode == 1 and f"cannot write to {blocked}/x: Not a directory" in r.stderr
     r = jit("recordings", "export", str(sid), "--out", str(out), "-c", str(env.config_path))
     assert r.returncode == 0, r.stderr
     cast = (out / f"session-{sid}.cast").read_text()
