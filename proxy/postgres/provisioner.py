@@ -56,6 +56,21 @@ FOREIGN_TRIGGERS = (
     " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_class c ON c.oid = t.tgrelid"
     " JOIN pg_roles r ON r.rolname = $1"
     " WHERE NOT t.tgisinternal AND p.proowner = r.oid AND c.relowner <> r.oid ORDER BY 2, 1")
+# the schemas of the objects the role ($1) owns other than tables (for those, REASSIGN by a
+# non-superuser checks that the new owner may create in the schema)
+OBJECT_SCHEMAS = (
+    "WITH r AS (SELECT oid FROM pg_roles WHERE rolname = $1)"
+    " SELECT nspname FROM pg_namespace WHERE oid IN ("
+    " SELECT pronamespace FROM pg_proc, r WHERE proowner = r.oid"
+    " UNION SELECT typnamespace FROM pg_type, r WHERE typowner = r.oid"
+    " UNION SELECT oprnamespace FROM pg_operator, r WHERE oprowner = r.oid"
+    " UNION SELECT collnamespace FROM pg_collation, r WHERE collowner = r.oid"
+    " UNION SELECT connamespace FROM pg_conversion, r WHERE conowner = r.oid"
+    " UNION SELECT stxnamespace FROM pg_statistic_ext, r WHERE stxowner = r.oid"
+    " UNION SELECT cfgnamespace FROM pg_ts_config, r WHERE cfgowner = r.oid"
+    " UNION SELECT dictnamespace FROM pg_ts_dict, r WHERE dictowner = r.oid"
+    " UNION SELECT opcnamespace FROM pg_opclass, r WHERE opcowner = r.oid"
+    " UNION SELECT opfnamespace FROM pg_opfamily, r WHERE opfowner = r.oid) ORDER BY 1")
 ADMIN_POOL_SIZE = 4  # admin connections per target, for creating and dropping roles side by side
 ROLE_MARKER = "jit-proxy ephemeral role"  # start of the comment on every role the proxy creates
 LEFTOVERS_MARKER = "jit-proxy leftovers role"  # the comment on the roles leftovers_role names
@@ -245,7 +260,15 @@ class Provisioner:
             except asyncpg.UndefinedObjectError:
                 self.report("db.role.dropped", {"role": name, "already_gone": True})
                 return None
-            self.report("db.role.nologin", {"role": name})
+            # and no longer a member of the granted roles: code it owns that outlives this
+            # teardown (a step that fails and is retried) then has only its own objects' rights
+            held = [r["rolname"] for r in await conn.fetch(
+                "SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid"
+                " JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = $1 ORDER BY 1", name)]
+            if held:
+                await conn.execute(f"REVOKE {', '.join(quote_ident(r) for r in held)} "
+                                   f"FROM {ident}")
+            self.report("db.role.nologin", {"role": name, "memberships_revoked": held})
             # signal every backend (not pg_terminate_backend's timeout form: it waits for each
             # backend in turn, 100 ms steps, holding this connection) and, for the usual case of
             # none left, the databases to reassign in, in the same round trip
@@ -279,19 +302,32 @@ class Provisioner:
         for db in databases:
             async def reassign(c: asyncpg.Connection) -> None:
                 async with c.transaction():
-                    if not await c.fetchval("SELECT rolsuper FROM pg_roles "
-                                            "WHERE rolname = current_user"):
-                        # REASSIGN and DROP OWNED need the privileges of both roles: an admin
-                        # with CREATEROLE (not a superuser) takes them for this transaction's
-                        # work (the ephemeral role's membership goes with the role)
+                    self_granted = not await c.fetchval(
+                        "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+                    schemas: list[str] = []
+                    if self_granted:
+                        # REASSIGN and DROP OWNED need the privileges of both roles, and, for a
+                        # function or a type, a new owner that may create in its schema: an
+                        # admin with CREATEROLE (not a superuser) takes both for this
+                        # transaction
                         await c.execute(f"GRANT {ident}, {quote_ident(leftovers)} TO "
                                         f"CURRENT_USER")
+                        schemas = [r["nspname"] for r in await c.fetch(OBJECT_SCHEMAS, name)]
+                        for schema in schemas:
+                            await c.execute(f"GRANT CREATE ON SCHEMA {quote_ident(schema)} TO "
+                                            f"{quote_ident(leftovers)}")
                     found = []
                     for t in await c.fetch(FOREIGN_TRIGGERS, name):
                         await c.execute(f"DROP TRIGGER {quote_ident(t['tgname'])} ON {t['tbl']}")
                         found.append(f"{db}: {t['tgname']} ON {t['tbl']}")
                     await c.execute(f"REASSIGN OWNED BY {ident} TO {quote_ident(leftovers)}")
                     await c.execute(f"DROP OWNED BY {ident}")
+                    if self_granted:  # (taken for this work only)
+                        for schema in schemas:
+                            await c.execute(f"REVOKE CREATE ON SCHEMA {quote_ident(schema)} "
+                                            f"FROM {quote_ident(leftovers)}")
+                        await c.execute(f"REVOKE {ident}, {quote_ident(leftovers)} FROM "
+                                        f"CURRENT_USER")
                 dropped.extend(found)  # (once the transaction committed)
             await self._with_admin(reassign, database=db)
         fields = {"role": name, "databases": databases, "reassigned_to": leftovers,

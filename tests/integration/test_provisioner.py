@@ -188,8 +188,11 @@ def test_teardown_by_an_admin_that_is_not_a_superuser(pg_cluster, tmp_path):
 
     async def scenario():
         try:
-            await _made_under_grant(prov, pg_cluster, name, 11,
-                                    "CREATE TABLE made_by_padmin_grant (x int)")
+            await _made_under_grant(
+                prov, pg_cluster, name, 11,
+                "CREATE TABLE made_by_padmin_grant (x int); CREATE FUNCTION padmin_wipe() "
+                "RETURNS void SECURITY DEFINER LANGUAGE sql AS "
+                "'UPDATE items SET name = ''wiped'''")
             await prov.teardown(name)
         finally:
             await prov.close()
@@ -200,8 +203,24 @@ def test_teardown_by_an_admin_that_is_not_a_superuser(pg_cluster, tmp_path):
         assert pg_cluster.sql("orders", "SELECT tableowner FROM pg_tables WHERE tablename = "
                                         "'made_by_padmin_grant'",
                               fetch=True)[0]["tableowner"] == f"{name}-left"
+        # a function too, which needed CREATE on its schema for the new owner (found by an
+        # attack review: teardown failed for ever, and the role kept app_writer's rights)
+        assert pg_cluster.sql("orders", "SELECT proowner::regrole::text AS o FROM pg_proc "
+                                        "WHERE proname = 'padmin_wipe'",
+                              fetch=True)[0]["o"] == f'"{name}-left"'
+        # and what it took for the work is given back: no CREATE left, no membership
+        assert not pg_cluster.sql("orders", f"SELECT 1 WHERE has_schema_privilege("
+                                            f"'{name}-left', 'public', 'CREATE')",
+                                  fetch=True)
+        assert not pg_cluster.sql("postgres", f"SELECT 1 FROM pg_auth_members m JOIN pg_roles b "
+                                              f"ON b.oid = m.roleid WHERE b.rolname = "
+                                              f"'{name}-left' AND m.member = "
+                                              f"'jit_padmin'::regrole", fetch=True)
+        assert steps[1] == ("db.role.nologin", {"role": name,
+                                                "memberships_revoked": ["app_writer"]})
     finally:
-        pg_cluster.sql("orders", "DROP TABLE IF EXISTS made_by_padmin_grant")
+        pg_cluster.sql("orders", "DROP TABLE IF EXISTS made_by_padmin_grant; "
+                                 "DROP FUNCTION IF EXISTS padmin_wipe()")
         pg_cluster.sql("postgres", f'DROP ROLE IF EXISTS "{name}-left", "{name}"; '
                                    f"DROP ROLE IF EXISTS jit_padmin")
 
