@@ -81,9 +81,14 @@ def replace_secret_file(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".new")
     tmp.unlink(missing_ok=True)  # (left by a crash)
     try:
-        write_secret_file(tmp, data)
-        if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-            os.chown(tmp, st.st_uid, st.st_gid)  # (a root start keeps the service's key its own)
+        # (by descriptor, never by name: the directory's owner could swap a link in between)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(fd)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, st.st_uid, st.st_gid)  # (a root start keeps the service's key)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
