@@ -139,11 +139,22 @@ def _no_longer_covered(config: Config, policy: Policy, user: str, target: str,
     if target not in config.targets or target not in policy.targets \
             or login not in access_names(config, policy, target):
         return f"policy {policy.name} no longer covers {login}@{target}"
-    # (with auth.identities: system, group memberships are known only from the user's own
-    # latest login, so a reload cannot tell who left a group: not judged here)
-    if config.auth.identities != "system" and not config.matches(user, policy.requesters):
+    if not may_match(config, user, policy.requesters):
         return f"{user} is no longer a requester under policy {policy.name}"
     return None
+
+
+def may_match(config: Config, user: str, refs: list[str]) -> bool:
+    """Whether ``user`` is still named by ``refs`` as far as the proxy can tell: with
+    ``auth.identities: system`` a group the file does not define is a system group, whose
+    members are known only from each user's own latest login (a cache a restart empties), so a
+    reference to one is given the benefit of the doubt; names and the file's groups are
+    judged."""
+    if config.matches(user, refs):
+        return True
+    return config.auth.identities == "system" and any(
+        ref.startswith("group:") and ref.removeprefix("group:") not in config.groups
+        for ref in refs)
 
 
 def grant_allowed(config: Config, grant: Grant) -> Decision:

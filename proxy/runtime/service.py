@@ -273,10 +273,8 @@ class AccessService:
                 p = policy.policy_named(self.config, req.policy)
                 needed = p.approvals if p is not None else 1
                 prior = set(await self.store.approvers_of(req.id))
-                if p is not None and self.config.auth.identities != "system":
-                    # an approver a reload took away no longer counts (system groups are known
-                    # only from each user's own latest login: not judged again there)
-                    prior = {a for a in prior if self.config.matches(a, p.approvers)}
+                if p is not None:  # an approver a reload took away no longer counts
+                    prior = {a for a in prior if policy.may_match(self.config, a, p.approvers)}
                 have = len(prior | {actor})
                 if have < needed:
                     await self.store.add_approval(req.id, actor, comment, self.clock.now())

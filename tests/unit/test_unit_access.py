@@ -271,7 +271,7 @@ def test_a_reload_takes_away_what_it_no_longer_allows(cfg, old, new, why):
     assert not g and g.reason == why
 
 
-def test_with_system_identities_group_membership_is_not_judged_again(cfg):
+def test_with_system_identities_only_system_groups_are_not_judged_again(cfg):
     """System groups are known only from a user's own latest login (a cache that a restart
     empties): an approval or a new session must not be refused for a membership not seen yet
     (found by an attack review: after a restart, approvals of valid requests were refused, and
@@ -281,8 +281,14 @@ def test_with_system_identities_group_membership_is_not_judged_again(cfg):
     after = parse_config(text.replace("users:\n", "auth:\n  identities: system\nusers:\n", 1)
                          .replace("      - alice\n      - carol", "      - carol"), FILENAME)
     assert after.auth.identities == "system"
-    assert grant_allowed(after, make_grant())
-    assert decide_approval(after, "bob", make_request(), T0).allowed
+    # the file's own group dev no longer holds alice: judged as with identities: config
+    assert not grant_allowed(after, make_grant())
+    # a group the file does not define is a system group: not judged
+    sysgroup = parse_config(text.replace("users:\n", "auth:\n  identities: system\nusers:\n", 1)
+                            .replace("    requesters: [group:dev]\n",
+                                     "    requesters: [group:ops]\n"), FILENAME)
+    assert grant_allowed(sysgroup, make_grant())
+    assert decide_approval(sysgroup, "bob", make_request(), T0).allowed
     # what the file alone decides still applies
     gone = parse_config(text.replace("users:\n", "auth:\n  identities: system\nusers:\n", 1)
                         .replace("logins: [deploy, root]", "logins: [root]"), FILENAME)
