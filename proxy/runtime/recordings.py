@@ -103,17 +103,27 @@ async def get_recording(service: AccessService, actor: str, session_id: int,
 
 
 ESC = "\x1b"
-STRING_STARTS = "]PX^_"            # after ESC: OSC, DCS, SOS, PM, APC (ECMA-48 control strings)
+STRING_STARTS = "]PX^_k"           # after ESC: OSC, DCS, SOS, PM, APC (ECMA-48 control
+                                   # strings), and screen's/tmux's title string (ESC k)
 C1_STRING_STARTS = "\x9d\x90\x98\x9e\x9f"  # their 8-bit forms
 CSI_LIMIT = 64                     # characters of one CSI sequence held back at most
+
+
+def _asks_the_terminal(csi: str) -> bool:
+    """A CSI sequence that acts on the window or makes the terminal type an answer into its
+    own input: window operations and reports (``t``), device status (``n``), device
+    attributes (``c``), DECRQM (``$p``), XTVERSION (``>q``)."""
+    final = csi[-1]
+    return final in "tnc" or (final == "p" and "$" in csi) or (final == "q" and ">" in csi[:3])
 
 
 class TerminalFilter:
     """What a recorded session wrote, minus what would act on the auditor's terminal itself: the
     control strings (ECMA-48 8.3.89 and kin: OSC, DCS, SOS, PM, APC, in their ESC and 8-bit
     forms, up to BEL, ST or CAN/SUB) that set the window title, write the clipboard (OSC 52),
-    make hyperlinks or reprogram the terminal, and CSI ... t (xterm's window operations, which
-    include reporting the title back as input). Colours, cursor movement and erasing, which
+    make hyperlinks or reprogram the terminal (and screen's ESC k title), and the CSI
+    sequences that operate the window or make the terminal answer into its own input (``t``,
+    ``n``, ``c``, ``$p``, ``>q``). Colours, cursor movement and erasing, which
     draw the session, pass unchanged. Stateful: ``feed`` the output in any pieces and the
     result is the same."""
 
@@ -144,7 +154,7 @@ class TerminalFilter:
                     continue
                 held, self._state, self._held = self._held, "ground", ""
                 if "@" <= c <= "~":  # the final byte
-                    if c != "t":
+                    if not _asks_the_terminal(held + c):
                         out.append(held + c)
                     continue
                 state = "ground"  # anything else cuts the sequence (dropped): c starts anew

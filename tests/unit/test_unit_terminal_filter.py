@@ -32,6 +32,8 @@ def test_control_strings_and_window_operations_are_dropped():
     assert run("a\x9d0;TITLE\x9cb\x90dcs\x9cc") == "abc"           # 8-bit forms
     assert run("a\x1b]0;never ends \x18b") == "ab"                  # CAN cuts it
     assert run("a\x1b[21tb\x1b[8;100;100tc\x9b14td") == "abcd"      # report title, resize
+    assert run("a\x1bktitle\x1b\\b") == "ab"                          # screen's title
+    assert run("a\x1b[6nb\x1b[cc\x1b[>0qd\x1b[?25$pe") == "abcde"     # queries answered as input
 
 
 def test_a_sequence_split_anywhere_is_still_dropped():
@@ -59,7 +61,8 @@ def test_frames_filter_the_whole_recording():
 
 
 ALPHABET = st.sampled_from(["a", "é", "\x1b", "[", "]", "P", "_", "^", "X", "\\", "\x07", "\x9c",
-                            "\x9d", "\x9b", "\x90", "\x18", "0", ";", "t", "m", "?", " ", "\n"])
+                            "\x9d", "\x9b", "\x90", "\x18", "0", ";", "t", "m", "?", " ", "\n",
+                            "k", "n", "c"])
 
 
 @settings(max_examples=400)
@@ -69,5 +72,5 @@ def test_any_split_gives_the_same_and_nothing_acts_on_the_terminal(text, cuts):
     points = sorted({min(c, len(text)) for c in cuts})
     pieces = [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
     assert run(*pieces) == whole
-    assert not re.search(r"\x1b[\]PX^_]|[\x9d\x90\x98\x9e\x9f]", whole), repr(whole)
-    assert not re.search(r"(\x1b\[|\x9b)[ -?]*t", whole), repr(whole)
+    assert not re.search(r"\x1b[\]PX^_k]|[\x9d\x90\x98\x9e\x9f]", whole), repr(whole)
+    assert not re.search(r"(\x1b\[|\x9b)[ -?]*[tnc]", whole), repr(whole)
