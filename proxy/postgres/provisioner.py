@@ -4,9 +4,10 @@ What it is for: on one target cluster, as its configured admin, (1) create a gra
 prefixed, unique, quoted name marked by a comment, NOLOGIN except while the proxy itself logs in
 (a login window that also sets a fresh password, sent only as a SCRAM-SHA-256 verifier so the
 plaintext reaches no server log: a password the user sets with ALTER ROLE is useless),
-``VALID UNTIL`` the grant's end, member of exactly the granted roles; (2) tear it down in DESIGN.md's order — NOLOGIN, terminate its backends, in every database
-reassign what it owns to the grant's leftovers role and drop the rest, DROP ROLE — reporting
-each step;
+``VALID UNTIL`` the grant's end, member of exactly the granted roles; (2) tear it down in
+DESIGN.md's order — NOLOGIN and out of the granted roles, terminate its backends, in every
+database drop the triggers it put on others' tables, reassign what it owns to the grant's
+leftovers role and drop the rest, DROP ROLE — reporting each step;
 (3) list the prefixed roles that exist, for reconciliation.
 
 What it must not do: log or audit a password; build SQL from unquoted names; keep admin connections
@@ -245,8 +246,9 @@ class Provisioner:
         await self._with_admin(lambda c: c.execute(f"ALTER ROLE {quote_ident(name)} NOLOGIN"))
 
     async def teardown(self, name: str) -> None:
-        """NOLOGIN, terminate backends, reassign/drop owned objects in every database where the
-        role has any (``databases`` in the audit event), DROP ROLE.
+        """NOLOGIN and out of the granted roles, terminate backends, drop the triggers it put on
+        others' tables, reassign (to its leftovers role) and drop owned objects in every
+        database where the role has any (``databases`` in the audit event), DROP ROLE.
 
         Idempotent: a role that is already gone is reported as dropped.
         Raises:
