@@ -35,6 +35,17 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 _PLACEHOLDER = os.urandom(32).hex()
 
 
+def cut_text(name: str, text: str, limit: int) -> dict[str, Any]:
+    """Event fields for ``text`` (SQL, a command line): ``{name: text}``, or, when ``text`` is
+    longer than ``limit`` characters, its first ``limit`` with ``NAME_truncated`` and
+    ``NAME_sha256`` (the SHA-256 of all of it, hex), so a long text cannot fill the log and what
+    was cut can still be matched."""
+    if len(text) <= limit:
+        return {name: text}
+    return {name: text[:limit], f"{name}_truncated": True,
+            f"{name}_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
 def canonical(event: dict[str, Any]) -> bytes:
     return _ENCODER.encode(event).encode()
 

@@ -48,6 +48,7 @@ from proxy.pgwire import (ADMIN_SHUTDOWN, AUTH_MESSAGE_LIMIT, CONNECTION_FAILURE
                           StartupDecoder, StartupMessage, Terminate, decode_backend,
                           decode_frontend, decode_password_message, decode_sasl_initial_response,
                           decode_sasl_response, error_response, gssenc_response, ssl_response)
+from proxy.audit.log import cut_text
 from proxy.auth.login import password_login
 from proxy.postgres.provisioner import upstream_ssl
 from proxy.postgres.roles import RoleManager
@@ -774,7 +775,9 @@ class PgClient:
                    instead: list[str] | None = None, more: bool = False) -> None:
         shown = redact_passwords(sql, self._standard_strings)  # no secret in the audit log
         fields: dict = {"session": self.session_id, "target": self.target_name,
-                        "role": self.role, "kind": kind, "sql": shown[:AUDIT_SQL_LIMIT]}
+                        "role": self.role, "kind": kind,
+                        # (the hash of what is shown: never of a password)
+                        **cut_text("sql", shown, AUDIT_SQL_LIMIT)}
         if shown is not sql:
             fields["sql_redacted"] = "password literals"
         if statement is not None:
@@ -796,9 +799,6 @@ class PgClient:
                 if self._sql_level_names else
                 "a simple Query after unsynced extended-query messages met an error, so "
                 "the server may have skipped it")
-        if len(shown) > AUDIT_SQL_LIMIT:  # (the hash of what is shown: never of a password)
-            fields["sql_truncated"] = True
-            fields["sql_sha256"] = hashlib.sha256(shown.encode()).hexdigest()
         self.service.audit.emit("db.query", self.user, **fields)
 
     async def _upstream_to_client(self) -> None:

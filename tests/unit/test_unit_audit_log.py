@@ -312,3 +312,13 @@ def test_a_full_disk_fails_the_event_and_leaves_the_chain_whole(tmp_path):
         if log is not None:
             log._file.close()  # (an open file keeps the mount busy)
         subprocess.run(["umount", str(disk)])
+
+
+def test_cut_text_keeps_short_text_and_cuts_long_text_with_its_hash():
+    import hashlib
+
+    from proxy.audit.log import cut_text
+    assert cut_text("sql", "SELECT 1", 8) == {"sql": "SELECT 1"}
+    assert cut_text("sql", "SELECT 10", 8) == {
+        "sql": "SELECT 1", "sql_truncated": True,
+        "sql_sha256": hashlib.sha256(b"SELECT 10").hexdigest()}
