@@ -242,7 +242,12 @@ class AccessService:
                              f"wait for a decision")
         return pending, None
 
-    async def _pending(self, actor: str, request_id: int, what: str) -> AccessRequest:
+    async def _pending(self, actor: str, request_id: int, what: str
+                       ) -> tuple[AccessRequest, tuple[str, ...]]:
+        """The pending request ``actor`` may decide, and (an approval) who approved it so far.
+
+        Raises:
+            AccessError: no such request, or the policy does not let ``actor`` decide it."""
         req = await self.store.get_request(request_id)
         if req is None:
             self.audit.emit(f"access.{what}.refused", actor, request=request_id,
@@ -254,7 +259,7 @@ class AccessService:
             self.audit.emit(f"access.{what}.refused", actor, request=request_id,
                             why=decision.reason)
             raise AccessError(decision.reason)
-        return req
+        return req, prior
 
     def _check_text(self, actor: str, text: str | None, what: str, event: str) -> None:
         problem = policy.text_problem(text, what) if text else None
@@ -269,10 +274,10 @@ class AccessService:
         lock = self._approval_locks.setdefault(request_id, asyncio.Lock())
         try:
             async with lock:  # check, count and record as one step per request
-                req = await self._pending(actor, request_id, "approval")
+                req, approved = await self._pending(actor, request_id, "approval")
                 p = policy.policy_named(self.config, req.policy)
                 needed = p.approvals if p is not None else 1
-                prior = set(await self.store.approvers_of(req.id))
+                prior = set(approved)
                 if p is not None:  # an approver a reload took away no longer counts
                     prior = {a for a in prior if policy.may_match(self.config, a, p.approvers)}
                 have = len(prior | {actor})
@@ -404,7 +409,7 @@ class AccessService:
         if problem is not None:
             self.audit.emit("access.denial.refused", actor, request=request_id, why=problem)
             raise AccessError(problem)
-        req = await self._pending(actor, request_id, "denial")
+        req, _ = await self._pending(actor, request_id, "denial")
         decided = req.decided("deny", actor, self.clock.now(), reason)
         try:
             await self.store.decide_request(decided, grant_ends_at=None, now=self.clock.now())
